@@ -1,0 +1,28 @@
+"""gemext: Gradient-EM Bayesian meta-learning on fused C++/CUDA kernels."""
+from __future__ import annotations
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "gemext's compiled module gemext._C could not be imported "
+        f"({exc}). Build it with `pip install .` from the source tree "
+        "(needs a C++17 compiler, cmake>=3.18; nvcc optional), or for development "
+        "`pip install --no-build-isolation -Ceditable.rebuild=true -e .`."
+    ) from exc
+
+__version__: str = _C.version
+
+
+def build_info() -> dict:
+    """What this build contains: version, torch, CUDA kernels compiled in, OpenMP, threads."""
+    import torch
+
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "cuda": bool(_C.cuda),
+        "openmp": bool(_C.openmp),
+        "threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }

@@ -1,0 +1,150 @@
+"""Gradient-EM learners: GEM-BML (loss L[1]), GEM-BML+ (loss L[2]) and Reptile (the delta-posterior
+special case of GEM-BML with a fixed prior variance C₀, paper §4).
+
+Per task: λ_tr = VI(Θ, D_support); λ_all = VI(λ_tr, D_query) (the support posterior is both the
+prior and the start of the second fit, i.e. sequential Bayesian updating). The meta-gradient is the
+closed form ĝ(λ_all) (GEM-BML) or ĝ(λ_all) − ĝ(λ_tr) (GEM-BML+) of the fused `gem_grad_` op:
+no back-propagation through either inner loop, so memory does not grow with the inner steps."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..gaussian import GaussianPrior, Posterior, detach_parameters
+from ..tasks import Task
+from ..vi import GaussianLikelihood, VIConfig, fit
+from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register
+
+
+class _Net(nn.Module):
+    """The model and its likelihood in one module, so likelihood parameters (a learned noise
+    scale) are covered by the prior like any weight."""
+
+    def __init__(self, model: nn.Module, likelihood: nn.Module) -> None:
+        super().__init__()
+        self.model, self.likelihood = model, likelihood
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _vi_config(inner: VIConfig | dict[str, Any] | None, **overrides: Any) -> VIConfig:
+    base = inner if isinstance(inner, VIConfig) else VIConfig(**(inner or {}))
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class GEMLearner(MetaLearner):
+    """Gradient-EM meta-learner over any nn.Module.
+
+    Options: likelihood (GaussianLikelihood(0.5) default; CategoricalLikelihood for
+    classification), sigma0 (initial prior std), inner (VIConfig or dict: optimizer, lr, steps,
+    mc_samples, beta, batch_size), inner_steps / query_steps (VI steps on support / on query,
+    default inner.steps), bayesian (which parameters the prior covers; the others stay fixed),
+    vectorize (True/False/"auto": vmap the inner loops over the tasks of a meta-batch),
+    predict_samples, seed."""
+
+    def __init__(self, model: nn.Module, variant: str = "gem-bml+", likelihood: nn.Module | None = None,
+                 sigma0: float = 0.05, inner: VIConfig | dict | None = None, inner_steps: int | None = None,
+                 query_steps: int | None = None, beta: float | None = None, lr: float | None = None,
+                 bayesian=None, vectorize: bool | str = "auto", predict_samples: int = 20,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if variant not in ("gem-bml", "gem-bml+", "reptile"):
+            raise ValueError(f"GEMLearner: unknown variant {variant!r}")
+        self.name, self.variant = variant, variant
+        self.delta = variant == "reptile"
+        self.inner = _vi_config(inner, steps=inner_steps, lr=lr, beta=0.0 if self.delta else beta)
+        self.query_steps = self.inner.steps if query_steps is None else query_steps
+        self.net = _Net(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
+        # Reptile: fixed prior variance C₀ = sigma0² (ĝ_μ₀ = (μ − μ₀)/C₀²), point posteriors.
+        self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian, learn_sigma=not self.delta)
+        # every module parameter now lives in the prior or stays fixed: parameters() = Θ only
+        detach_parameters(self.net, [n for n, _ in self.net.named_parameters()])
+        if vectorize == "auto":
+            vectorize = not has_running_stats(model)
+        self.forward_net = FunctionalNet(self.net, self.prior.names, bool(vectorize))
+        self.predict_samples = predict_samples
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # -- data terms -------------------------------------------------------------------------
+    def _nll(self, x: torch.Tensor, y: torch.Tensor):
+        names = self.prior.names
+        lik_idx = [i for i, n in enumerate(names) if n.startswith("likelihood.")]
+
+        def nll(theta: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor:
+            xs, ys = (x, y) if index is None else (x[:, index], y[:, index])
+            out = self.forward_net(theta, xs)
+            lik = {names[i]: theta[i].reshape(theta[i].shape[0], *([1] * (ys.dim() - 1))) for i in lik_idx}
+            return self.net.likelihood.nll(out, ys, lik)
+        return nll
+
+    def _start(self, tasks: int) -> Posterior:
+        prior = self.prior.expand(tasks)
+        if self.delta:
+            prior.rho = [torch.full_like(r, float("-inf")) for r in prior.rho]
+        return prior
+
+    def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None):
+        cfg = replace(self.inner, steps=steps)
+        return fit(self._nll(x, y), x.shape[1], prior, init, cfg, self.generator, self.delta, callback)
+
+    # -- meta-training ----------------------------------------------------------------------
+    def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
+        b = self._batch(tasks)
+        T = len(b)
+        prior = self.prior.expand(T)
+        tr = self._fit(b.x_support, b.y_support, prior, self._start(T), self.inner.steps)
+        all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps)
+        mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
+        g_mu0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mu0]
+        g_rho0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in rho0]
+        plus = self.variant == "gem-bml+"
+        for t in range(T):  # Θ.grad −= ĝ_t / T: descent direction for any torch.optim optimizer
+            a, s = all_.posterior.task(t), tr.posterior.task(t)
+            ops.gem_grad_(g_mu0, g_rho0, mu0, rho0, a.mu, a.rho,
+                          s.mu if plus else None, s.rho if plus else None, weight=-1.0 / T)
+        for p, g in zip(mu0 + rho0, g_mu0 + g_rho0):
+            if p.requires_grad and p.grad is None:
+                p.grad = g
+        stats = {"nll_support": tr.nll / (T * b.x_support.shape[1]),
+                 "nll_query": all_.nll / (T * b.x_query.shape[1])}
+        if not self.delta:
+            stats["kl"] = float(ops.gaussian_kl(all_.posterior.mu, all_.posterior.rho, prior.mu, prior.rho)) / T
+        return stats
+
+    # -- meta-testing -----------------------------------------------------------------------
+    def _predictor(self, posterior: Posterior, squeeze: bool) -> BayesianPredictor:
+        return BayesianPredictor(self.forward_net, self.net.likelihood, posterior, squeeze,
+                                 self.predict_samples, self.generator)
+
+    def adapt(self, support, steps: int | None = None) -> BayesianPredictor:
+        """Posterior (or point estimate) for a new task from its support set, as a predictor."""
+        x, y, squeeze = self._support_batch(support)
+        x, y = x.to(self.device), y.to(self.device)
+        T = x.shape[0]
+        res = self._fit(x, y, self.prior.expand(T), self._start(T), self.inner.steps if steps is None else steps)
+        return self._predictor(res.posterior, squeeze)
+
+    def adapt_path(self, support, steps: int) -> list[BayesianPredictor]:
+        x, y, squeeze = self._support_batch(support)
+        x, y = x.to(self.device), y.to(self.device)
+        T = x.shape[0]
+        path: list[BayesianPredictor] = []
+        self._fit(x, y, self.prior.expand(T), self._start(T), steps,
+                  callback=lambda k, post: path.append(self._predictor(post.clone(), squeeze)))
+        return path
+
+
+def _factory(variant: str):
+    def make(model: nn.Module, **options: Any) -> GEMLearner:
+        return GEMLearner(model, variant=variant, **options)
+    make.__doc__ = f"Create a {variant} learner (see GEMLearner for the options)."
+    return make
+
+
+for _v in ("gem-bml", "gem-bml+", "reptile"):
+    register(_v)(_factory(_v))

@@ -1,0 +1,99 @@
+"""Diagonal Gaussians over a module's parameters: the prior p(θ; Θ) whose (μ₀, ρ₀) are the
+meta-parameters, and posteriors q(θ; λ) as plain containers of tensors (σ = exp(ρ))."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+ParamFilter = Callable[[str, nn.Parameter], bool]
+
+
+@dataclass
+class Posterior:
+    """λ = (μ, ρ) for the prior's parameters, in the prior's order. Tensors may carry a leading
+    task dimension (one posterior per task of a meta-batch). Delta posteriors have ρ = −inf."""
+
+    names: list[str]
+    mu: list[torch.Tensor]
+    rho: list[torch.Tensor]
+
+    def detach(self) -> "Posterior":
+        return Posterior(self.names, [m.detach() for m in self.mu], [r.detach() for r in self.rho])
+
+    def clone(self) -> "Posterior":
+        return Posterior(self.names, [m.detach().clone() for m in self.mu], [r.detach().clone() for r in self.rho])
+
+    def task(self, i: int | slice) -> "Posterior":
+        """The posterior of task i (views, no copy)."""
+        return Posterior(self.names, [m[i] for m in self.mu], [r[i] for r in self.rho])
+
+    @property
+    def sigma(self) -> list[torch.Tensor]:
+        return [r.exp() for r in self.rho]
+
+    def numel(self) -> int:
+        return sum(m.numel() for m in self.mu)
+
+
+def split_parameters(module: nn.Module, bayesian: ParamFilter | Iterable[str] | None) -> list[str]:
+    """Names of the module's parameters that the prior covers.
+
+    Default: every parameter with requires_grad=True (frozen ones stay fixed). `bayesian` may be a
+    predicate (name, parameter) -> bool or an explicit collection of names."""
+    params = dict(module.named_parameters())
+    if bayesian is None:
+        names = [n for n, p in params.items() if p.requires_grad]
+    elif callable(bayesian):
+        names = [n for n, p in params.items() if bayesian(n, p)]
+    else:
+        wanted = list(bayesian)
+        unknown = [n for n in wanted if n not in params]
+        if unknown:
+            raise ValueError(f"bayesian names {unknown} are not parameters of the model; it has {list(params)}")
+        names = [n for n in params if n in set(wanted)]
+    if not names:
+        raise ValueError("the prior covers no parameter: the model has no trainable parameter selected")
+    return names
+
+
+def detach_parameters(module: nn.Module, names: list[str]) -> None:
+    """Turn the named parameters into non-persistent buffers of their modules.
+
+    Their values now live in the prior (the meta-parameters); the module keeps a placeholder so it
+    still runs on its own, and `torch.func.functional_call` supplies the real values."""
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        value = owner._parameters.pop(leaf)
+        owner.register_buffer(leaf, value.detach().clone(), persistent=False)
+
+
+class GaussianPrior(nn.Module):
+    """p(θ; Θ) = Π N(θᵢ; μ₀ᵢ, σ₀ᵢ²) over selected parameters of `module`, with μ₀ initialised to
+    the module's current values and σ₀ = `sigma0` everywhere. μ₀ and ρ₀ = log σ₀ are nn.Parameters;
+    `learn_sigma=False` keeps ρ₀ fixed (e.g. Reptile's fixed prior variance)."""
+
+    def __init__(self, module: nn.Module, sigma0: float = 0.05,
+                 bayesian: ParamFilter | Iterable[str] | None = None, learn_sigma: bool = True) -> None:
+        super().__init__()
+        if not (sigma0 > 0 and math.isfinite(sigma0)):
+            raise ValueError(f"sigma0 must be a positive finite number, got {sigma0}")
+        self.names = split_parameters(module, bayesian)
+        params = dict(module.named_parameters())
+        self.mu0 = nn.ParameterList([nn.Parameter(params[n].detach().clone()) for n in self.names])
+        self.rho0 = nn.ParameterList([
+            nn.Parameter(torch.full_like(params[n], math.log(sigma0)), requires_grad=learn_sigma)
+            for n in self.names])
+
+    def expand(self, tasks: int) -> Posterior:
+        """The prior repeated for `tasks` tasks, as detached contiguous tensors (no gradient)."""
+        return Posterior(self.names,
+                         [m.detach().unsqueeze(0).expand(tasks, *m.shape).contiguous() for m in self.mu0],
+                         [r.detach().unsqueeze(0).expand(tasks, *r.shape).contiguous() for r in self.rho0])
+
+    def numel(self) -> int:
+        return sum(m.numel() for m in self.mu0)

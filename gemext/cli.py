@@ -1,0 +1,173 @@
+"""The `gemext` command: info, train, eval, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import build_info
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {s!r}")
+    return vals
+
+
+def _existing_dir(s: str) -> str:
+    if not Path(s).is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {s}")
+    return s
+
+
+def _options(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} ({exc.msg})") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import algorithms
+    from .train import TASKS
+
+    p = argparse.ArgumentParser(prog="gemext", description="Gradient-EM Bayesian meta-learning")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print build information as JSON")
+
+    t = sub.add_parser("train", help="meta-train an algorithm on a task family")
+    t.add_argument("task", choices=TASKS)
+    t.add_argument("--algo", required=True, choices=algorithms.names())
+    t.add_argument("--preset", default=None, help="task preset (sinusoid: finn, bmaml, bmaml-100; "
+                                                    "vision: 5w1s, 5w5s, 20w1s, 20w5s)")
+    t.add_argument("--iterations", type=_positive_int, default=1000)
+    t.add_argument("--inner-steps", type=_nonneg_int, default=None)
+    t.add_argument("--seed", type=_nonneg_int, default=0)
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--out", default=None, help="run folder (default runs/TASK-ALGO-sSEED)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--data-root", type=_existing_dir, default=None, help="data folder (default $GEMEXT_DATA)")
+    t.add_argument("--ways", type=_positive_int, default=None)
+    t.add_argument("--shots", type=_positive_int, default=None)
+    t.add_argument("--meta-lr", type=_positive_float, default=1e-3)
+    t.add_argument("--meta-batch", type=_positive_int, default=None)
+    t.add_argument("--log-every", type=_positive_int, default=10)
+    t.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    t.add_argument("--eval-tasks", type=_positive_int, default=600)
+    t.add_argument("--eval-steps", type=_nonneg_int, default=None)
+    t.add_argument("--options", type=_options, default={}, help="algorithm options as JSON, e.g. '{\"sigma0\": 0.1}'")
+    t.add_argument("--no-eval", action="store_true", help="skip the meta-test after training")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="meta-test a trained run")
+    e.add_argument("dir", type=_existing_dir)
+    e.add_argument("--tasks", type=_positive_int, default=None)
+    e.add_argument("--steps", type=_nonneg_int, default=None)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    m = bsub.add_parser("memory", help="peak memory and time per meta-iteration vs inner steps")
+    m.add_argument("--task", default="sinusoid", choices=["sinusoid", "omniglot", "miniimagenet"])
+    m.add_argument("--algos", default="gem-bml+,reptile")
+    m.add_argument("--inner-steps", type=_int_list, default=[1, 5, 10, 20])
+    m.add_argument("--out", required=True)
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    m.add_argument("--repeats", type=_positive_int, default=3)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        if args.command == "info":
+            print(json.dumps(build_info(), indent=2))
+            return 0
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            from .train import evaluate
+            metrics = evaluate(args.dir, tasks=args.tasks, steps=args.steps)
+            print(json.dumps(metrics, indent=2))
+            return 0
+        if args.command == "bench":
+            from . import algorithms
+            from .bench_memory import run as bench_run
+            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+            unknown = [a for a in algos if a not in algorithms.names() and not a.startswith("higher-")]
+            if unknown:
+                p.error(f"--algos: unknown algorithm(s) {', '.join(unknown)}; available: {', '.join(algorithms.names())}")
+            csv_path = bench_run(args.task, algos, args.inner_steps, args.out, args.device, repeats=args.repeats)
+            print(f"wrote {csv_path}")
+            return 0
+    except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
+        print(f"gemext {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gemext {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+def _train(args) -> int:
+    from .train import Interrupted, RunConfig, evaluate, train
+
+    out = args.out or f"runs/{args.task}-{args.algo}-s{args.seed}"
+    config = RunConfig(task=args.task, algo=args.algo, preset=args.preset, iterations=args.iterations,
+                       inner_steps=args.inner_steps, seed=args.seed, device=args.device, out=out,
+                       meta_lr=args.meta_lr, meta_batch=args.meta_batch, log_every=args.log_every,
+                       checkpoint_every=args.checkpoint_every, eval_tasks=args.eval_tasks,
+                       eval_steps=args.eval_steps, ways=args.ways, shots=args.shots,
+                       data_root=args.data_root, algo_options=args.options)
+    try:
+        run = train(config, resume=args.resume, progress=False if args.no_progress else None)
+    except Interrupted as exc:
+        print(f"gemext train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    if not args.no_eval:
+        metrics = evaluate(run)
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list) or len(v) <= 12}, indent=2))
+    print(f"run folder: {run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Meta-training and meta-testing loops: run folders with config.json, log.csv, an atomic
+checkpoint.pt (with every RNG state, so --resume continues bit-for-bit) and metrics.json."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__, algorithms
+from .metrics import gaussian_nll, interval_coverage, mean_ci95
+
+CHECKPOINT_VERSION = 1
+EVAL_SEED = 20201206  # meta-test tasks are the same for every run and seed
+REGRESSION_TASKS = ("sinusoid",)
+VISION_TASKS = ("omniglot", "tinyimagenet", "miniimagenet")
+RL_TASKS = ("nav2d", "halfcheetah-vel", "halfcheetah-dir", "ant-vel", "ant-dir")
+TASKS = REGRESSION_TASKS + VISION_TASKS + RL_TASKS
+
+
+@dataclass
+class RunConfig:
+    task: str
+    algo: str
+    preset: str | None = None
+    iterations: int = 1000
+    inner_steps: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/run"
+    meta_lr: float = 1e-3
+    meta_batch: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_tasks: int = 600
+    eval_steps: int | None = None
+    ways: int | None = None
+    shots: int | None = None
+    data_root: str | None = None
+    algo_options: dict[str, Any] = field(default_factory=dict)
+    max_bad_steps: int = 10  # consecutive non-finite meta-steps before the run stops
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.algo not in algorithms.names():
+            raise ValueError(f"unknown algorithm {self.algo!r}; available: {', '.join(algorithms.names())}")
+        for name in ("iterations", "log_every", "checkpoint_every", "eval_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.inner_steps is not None and self.inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+
+
+# ------------------------------------------------------------------ per-task defaults
+# Sinusoid hyper-parameters (chosen on finn with short sweeps; see README "Defaults").
+SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gem-bml": dict(sigma0=0.05, lr=0.01, inner_steps=5, sigma=0.5),
+    "gem-bml+": dict(sigma0=0.05, lr=0.01, inner_steps=5, sigma=0.5),
+    "reptile": dict(sigma0=1.0, lr=0.01, inner_steps=5),
+}
+
+
+def build(config: RunConfig):
+    """(task family, learner, meta-batch size) for a run configuration."""
+    if config.task == "sinusoid":
+        from .tasks.sinusoid import SinusoidTasks
+        from .vi import GaussianLikelihood
+
+        family = SinusoidTasks(config.preset or "finn")
+        opts = dict(SINUSOID_DEFAULTS.get(config.algo, {}))
+        opts.update(config.algo_options)
+        if config.inner_steps is not None:
+            opts["inner_steps"] = config.inner_steps
+        sigma = opts.pop("sigma", None)
+        if sigma is not None:
+            opts.setdefault("likelihood", GaussianLikelihood(sigma))
+        learner = algorithms.create(config.algo, family.make_model(), seed=config.seed, **opts)
+        return family, learner.to(config.device), config.meta_batch or family.config.meta_batch
+    if config.task in VISION_TASKS:
+        from .tasks import vision_train
+        return vision_train.build(config)
+    raise ValueError(f"task {config.task!r} is trained by its own loop (gemext.tasks.rl)")
+
+
+# ------------------------------------------------------------------ checkpoints
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file, fsync, then rename: a crash never leaves a truncated file.
+    The previous checkpoint is kept as <name>.prev."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".prev"))
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path, config: RunConfig | None = None) -> dict:
+    """Load and check a checkpoint; refuse a corrupt or incompatible one with a clear message."""
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated / not a torch file
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "gemext-checkpoint":
+        raise ValueError(f"{path} is not a gemext checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} has format version {ckpt.get('version')}, "
+                         f"this gemext reads version {CHECKPOINT_VERSION}")
+    if config is not None:
+        saved = ckpt["config"]
+        for key in ("task", "algo", "preset", "seed", "ways", "shots"):
+            if saved.get(key) != getattr(config, key):
+                raise ValueError(f"checkpoint {path} was written for {key}={saved.get(key)!r}, "
+                                 f"but this run has {key}={getattr(config, key)!r}")
+    return ckpt
+
+
+def _rng_state(task_gen: torch.Generator, learner) -> dict:
+    return {"task": task_gen.get_state(), "learner": learner.generator.get_state(),
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict, task_gen: torch.Generator, learner) -> None:
+    task_gen.set_state(state["task"])
+    learner.generator.set_state(state["learner"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+# ------------------------------------------------------------------ training
+class _StopFlag:
+    """SIGTERM/SIGINT: finish the current iteration, write a checkpoint, then stop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, iteration: int) -> None:
+        super().__init__(f"stopped by signal {signum} after iteration {iteration}; checkpoint written")
+        self.signum, self.iteration = signum, iteration
+
+
+LOG_FIELDS = ["iteration", "wall_s", "skipped"]
+
+
+def _finite_grads(params) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
+          on_iteration: Callable[[int], None] | None = None) -> Path:
+    """Meta-train according to `config`; returns the run folder."""
+    config.validate()
+    if config.task in RL_TASKS:
+        from .tasks.rl.meta import train_rl
+        return train_rl(config, resume=resume, progress=progress)
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"cannot write into the output folder {out}: {exc.strerror or exc}") from exc
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    family, learner, meta_batch = build(config)
+    opt = torch.optim.Adam(learner.parameters(), lr=config.meta_lr)
+    task_gen = torch.Generator().manual_seed(config.seed)
+    start, wall_before, skipped, bad_run = 0, 0.0, 0, 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, config)
+        learner.load_state_dict(ckpt["learner"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], task_gen, learner)
+        start, wall_before, skipped = ckpt["iteration"], ckpt["wall_s"], ckpt.get("skipped", 0)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    log_path = out / "log.csv"
+    rows = _read_log(log_path, upto=start) if resume else []
+    t0 = time.perf_counter()
+
+    def save(iteration: int) -> None:
+        atomic_save({"format": "gemext-checkpoint", "version": CHECKPOINT_VERSION,
+                     "gemext": __version__, "config": asdict(config), "iteration": iteration,
+                     "learner": learner.state_dict(), "optimizer": opt.state_dict(),
+                     "rng": _rng_state(task_gen, learner), "skipped": skipped,
+                     "wall_s": wall_before + time.perf_counter() - t0}, ckpt_path)
+        _write_log(log_path, rows)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
+               desc=f"{config.algo} {config.task}", disable=(not progress) if progress is not None else None)
+    with _StopFlag() as stop:
+        for it in bar:
+            batch = family.sample(meta_batch, task_gen, "train")
+            opt.zero_grad(set_to_none=True)
+            stats = learner.meta_backward(batch)
+            if all(math.isfinite(v) for v in stats.values()) and _finite_grads(learner.parameters()):
+                opt.step()
+                bad_run = 0
+            else:  # skip the step: never write NaN into the meta-parameters
+                skipped += 1
+                bad_run += 1
+                if bad_run >= config.max_bad_steps:
+                    save(it)
+                    raise FloatingPointError(
+                        f"{bad_run} consecutive meta-iterations produced non-finite losses or gradients "
+                        f"(last at iteration {it + 1}); stopping. Lower the inner/meta learning rate or "
+                        f"raise sigma0. The last good checkpoint is {ckpt_path}")
+            done = it + 1
+            if done % config.log_every == 0 or done == config.iterations:
+                row = {"iteration": done, "wall_s": round(wall_before + time.perf_counter() - t0, 3),
+                       "skipped": skipped, **{k: round(v, 6) for k, v in stats.items()}}
+                rows.append(row)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
+            if on_iteration is not None:
+                on_iteration(done)
+            if done % config.checkpoint_every == 0 or done == config.iterations or stop.signum is not None:
+                save(done)
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, done)
+    metrics_path = out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,
+                    "iterations": config.iterations, "wall_s": wall_before + time.perf_counter() - t0,
+                    "skipped_steps": skipped})
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    return out
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["iteration"]) <= upto]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ evaluation
+def load_run(run_dir: str | Path):
+    """(config, family, learner) of a trained run, with the checkpoint's meta-parameters."""
+    run = Path(run_dir)
+    cfg_path = run / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run} is not a gemext run folder (no config.json)")
+    config = RunConfig(**json.loads(cfg_path.read_text()))
+    ckpt = load_checkpoint(run / "checkpoint.pt", config)
+    family, learner, _ = build(config)
+    learner.load_state_dict(ckpt["learner"])
+    return config, family, learner, ckpt
+
+
+def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
+             batch: int = 100, plots: bool = True) -> dict:
+    """Meta-test a trained run on fixed-seed fresh tasks; writes/updates metrics.json and plots."""
+    run = Path(run_dir)
+    config = RunConfig(**json.loads((run / "config.json").read_text())) if (run / "config.json").exists() else None
+    if config is not None and config.task in RL_TASKS:
+        from .tasks.rl.meta import eval_rl
+        return eval_rl(run, tasks=tasks, steps=steps)
+    config, family, learner, ckpt = load_run(run)
+    n = tasks or config.eval_tasks
+    if n < 1:
+        raise ValueError(f"--tasks must be >= 1, got {n}")
+    if config.task in VISION_TASKS:
+        from .tasks import vision_train
+        result = vision_train.evaluate(config, family, learner, n, steps, run, plots)
+    else:
+        result = _evaluate_regression(config, family, learner, n, steps, batch, run, plots)
+    path = run / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,
+                    "iterations": ckpt["iteration"], "wall_s": ckpt["wall_s"], **result})
+    path.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _evaluate_regression(config, family, learner, n, steps, batch, run: Path, plots: bool) -> dict:
+    K = steps if steps is not None else (config.eval_steps or max(learner.inner.steps, 10))
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    mse = [[] for _ in range(K + 1)]
+    nll, cover = [], []
+    first = None
+    for start in range(0, n, batch):
+        b = family.sample(min(batch, n - start), gen, "test").to(learner.device)
+        path = learner.adapt_path(b, K)
+        for k, pred in enumerate(path):
+            out = pred.predict(b.x_query)
+            mean, std = out if isinstance(out, tuple) else (out, None)
+            mse[k].append(((mean - b.y_query) ** 2).mean(dim=(1, 2)).cpu())
+        if std is not None:
+            nll.append(gaussian_nll(mean, std, b.y_query).mean(dim=(1, 2)).cpu())
+            cover.append(float(interval_coverage(mean, std, b.y_query)) * mean.shape[0])
+        if first is None:
+            first = (b, path[-1], path[0])
+    by_step = [mean_ci95(torch.cat(m)) for m in mse]
+    result = {"mse_by_step": [m for m, _ in by_step], "mse_ci95_by_step": [c for _, c in by_step],
+              "eval_tasks": n, "eval_steps": K}
+    if nll:
+        result["nll"], result["nll_ci95"] = mean_ci95(torch.cat(nll))
+        result["coverage90"] = sum(cover) / n
+    if plots:
+        from .plots import plot_regression
+        plot_regression(run, config, family, result, first)
+    return result

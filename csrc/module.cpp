@@ -1,6 +1,61 @@
-// pybind11 entry point of gemext._C (filled in by the kernel work).
+// pybind11 entry point of gemext._C. Deliberately no libtorch: every function takes raw data
+// pointers (tensor.data_ptr()), numels, a dtype code (0 float32, 1 float64), a device code
+// (0 CPU, 1 CUDA), the CUDA stream handle and the CPU thread count. gemext/ops.py validates
+// everything before calling in; here only the structural invariants are re-checked.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+
+#include "gemext_launch.h"
+
 namespace py = pybind11;
+namespace gemext {
+template <typename T> void cpu_math(int fn, const T* x, T* y, T* y2, int64_t n);
+int max_threads();
+}  // namespace gemext
+
+namespace {
+using namespace gemext;
+using Ptrs = std::vector<uintptr_t>;
+using Numels = std::vector<int64_t>;
+// (dtype code, device code, CUDA stream handle, CPU threads)
+using Exec = std::tuple<int, int, uintptr_t, int>;
+
+template <class Op> void run(const Op& op, const Exec& ex, std::vector<Ptrs> lists, Numels numels,
+                             Rng rng = {0, 0}, uintptr_t reduce_out = 0) {
+  const Table table(std::move(lists), std::move(numels));
+  void* out = reinterpret_cast<void*>(reduce_out);
+  py::gil_scoped_release nogil;
+  if (std::get<1>(ex) == 0) {
+    cpu_run(op, table, rng, std::max(1, std::get<3>(ex)), out);
+  } else {
+#ifdef GEMEXT_WITH_CUDA
+    cuda_run(op, table, rng, std::get<2>(ex), out);
+#else
+    throw std::invalid_argument("gemext was built without CUDA kernels (GEMEXT_CUDA=0 or no nvcc)");
+#endif
+  }
+}
+
+// Calls f(T{}) with T the C++ type of the dtype code.
+template <class F> void with_dtype(const Exec& ex, F&& f) {
+  switch (std::get<0>(ex)) {
+    case 0: f(float{}); break;
+    case 1: f(double{}); break;
+    default: throw std::invalid_argument("dtype code must be 0 (float32) or 1 (float64)");
+  }
+}
+
+std::vector<Ptrs> concat(std::initializer_list<const Ptrs*> lists) {
+  std::vector<Ptrs> out;
+  for (const Ptrs* l : lists) out.push_back(*l);
+  return out;
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.attr("version") = GEMEXT_VERSION;
 #ifdef GEMEXT_WITH_CUDA
@@ -13,4 +68,87 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("openmp") = false;
 #endif
+  m.attr("max_threads") = gemext::max_threads();
+
+  m.def("sample", [](const Exec& ex, const Ptrs& mu, const Ptrs& rho, const Ptrs& theta,
+                     const Numels& n, uint64_t seed, uint64_t offset) {
+    with_dtype(ex, [&](auto tag) {
+      run(SampleOp<decltype(tag)>{}, ex, concat({&mu, &rho, &theta}), n, Rng{seed, offset});
+    });
+  }, "theta = mu + exp(rho) * eps");
+
+  m.def("reparam_grad", [](const Exec& ex, const Ptrs& g, const Ptrs& rho, const Ptrs& drho,
+                           const Numels& n, uint64_t seed, uint64_t offset) {
+    with_dtype(ex, [&](auto tag) {
+      run(ReparamGradOp<decltype(tag)>{}, ex, concat({&g, &rho, &drho}), n, Rng{seed, offset});
+    });
+  }, "drho = g * eps * exp(rho)");
+
+  m.def("elbo_backward", [](const Exec& ex, const Ptrs& g, const Ptrs& mu, const Ptrs& rho,
+                            const Ptrs& mu0, const Ptrs& rho0, const Ptrs& dmu, const Ptrs& drho,
+                            const Numels& n, uint64_t seed, uint64_t offset, double beta) {
+    with_dtype(ex, [&](auto tag) {
+      using T = decltype(tag);
+      ElboBackwardOp<T> op;
+      op.beta = static_cast<T>(beta);
+      run(op, ex, concat({&g, &mu, &rho, &mu0, &rho0, &dmu, &drho}), n, Rng{seed, offset});
+    });
+  }, "gradients of -ELBO wrt mu and rho into dmu, drho");
+
+  m.def("gaussian_kl", [](const Exec& ex, const Ptrs& mu, const Ptrs& rho, const Ptrs& mu0,
+                          const Ptrs& rho0, const Numels& n, uintptr_t out) {
+    with_dtype(ex, [&](auto tag) {
+      run(KlOp<decltype(tag)>{}, ex, concat({&mu, &rho, &mu0, &rho0}), n, Rng{0, 0}, out);
+    });
+  }, "sum of KL(q||p) over all elements into *out");
+
+  m.def("gaussian_kl_backward", [](const Exec& ex, const Ptrs& mu, const Ptrs& rho,
+                                   const Ptrs& mu0, const Ptrs& rho0, const Ptrs& dmu,
+                                   const Ptrs& drho, const Ptrs& dmu0, const Ptrs& drho0,
+                                   const Numels& n, uintptr_t gout) {
+    with_dtype(ex, [&](auto tag) {
+      using T = decltype(tag);
+      KlBackwardOp<T> op;
+      op.gout = reinterpret_cast<const T*>(gout);
+      run(op, ex, concat({&mu, &rho, &mu0, &rho0, &dmu, &drho, &dmu0, &drho0}), n);
+    });
+  }, "gradients of the KL sum times *gout");
+
+  // in: mu0, rho0, mu_a, rho_a, [mu_b, rho_b] (empty lists: GEM-BML), out: g_mu0, g_rho0.
+  // accumulate: out += weight * g, else out = weight * g.
+  m.def("gem_grad", [](const Exec& ex, const Ptrs& mu0, const Ptrs& rho0, const Ptrs& mua,
+                       const Ptrs& rhoa, const Ptrs& mub, const Ptrs& rhob, const Ptrs& gmu,
+                       const Ptrs& grho, const Numels& n, double weight, bool accumulate) {
+    const bool plus = !mub.empty() || !rhob.empty();
+    with_dtype(ex, [&](auto tag) {
+      using T = decltype(tag);
+      auto go = [&](auto op, std::vector<Ptrs> lists) {
+        op.weight = static_cast<T>(weight);
+        run(op, ex, std::move(lists), n);
+      };
+      if (plus && accumulate)
+        go(GemOp<T, true, true>{}, concat({&mu0, &rho0, &mua, &rhoa, &mub, &rhob, &gmu, &grho, &gmu, &grho}));
+      else if (plus)
+        go(GemOp<T, true, false>{}, concat({&mu0, &rho0, &mua, &rhoa, &mub, &rhob, &gmu, &grho}));
+      else if (accumulate)
+        go(GemOp<T, false, true>{}, concat({&mu0, &rho0, &mua, &rhoa, &gmu, &grho, &gmu, &grho}));
+      else
+        go(GemOp<T, false, false>{}, concat({&mu0, &rho0, &mua, &rhoa, &gmu, &grho}));
+    });
+  }, "Gradient-EM ascent direction (GEM-BML, or GEM-BML+ with mu_b/rho_b)");
+
+  // Test hooks (CPU): the shared maths on n values. fn: 0 exp, 1 log, 2 sincos_turns (y=sin, y2=cos).
+  m.def("math", [](int fn, int dtype, uintptr_t x, uintptr_t y, uintptr_t y2, int64_t n) {
+    if (dtype == 0)
+      cpu_math<float>(fn, reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y),
+                      reinterpret_cast<float*>(y2), n);
+    else
+      cpu_math<double>(fn, reinterpret_cast<const double*>(x), reinterpret_cast<double*>(y),
+                       reinterpret_cast<double*>(y2), n);
+  });
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+    uint32_t c[4] = {ctr[0], ctr[1], ctr[2], ctr[3]};
+    philox4x32_10(c, key[0], key[1]);
+    return std::array<uint32_t, 4>{c[0], c[1], c[2], c[3]};
+  });
 }

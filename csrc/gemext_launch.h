@@ -1,0 +1,48 @@
+// Multi-tensor addressing shared by the CPU and CUDA drivers, and the driver entry points.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "gemext_math.h"
+
+namespace gemext {
+
+// One call's tensors: ptrs[k][t] is pointer list k (the op's inputs, then outputs) of tensor t.
+// The global element index of tensor t starts at gstart[t] (sum of the previous numels):
+// that index, not the tensor's, keys the random stream.
+struct Table {
+  std::vector<std::vector<uintptr_t>> ptrs;
+  std::vector<int64_t> numels;
+  std::vector<int64_t> gstart;
+
+  Table(std::vector<std::vector<uintptr_t>> p, std::vector<int64_t> n)
+      : ptrs(std::move(p)), numels(std::move(n)), gstart(numels.size()) {
+    int64_t g = 0;
+    for (size_t t = 0; t < numels.size(); ++t) {
+      if (numels[t] < 0) throw std::invalid_argument("negative numel");
+      gstart[t] = g;
+      g += numels[t];
+    }
+    for (const auto& list : ptrs)
+      if (list.size() != numels.size())
+        throw std::invalid_argument("pointer list length differs from the number of tensors");
+  }
+  size_t ntensors() const { return numels.size(); }
+  int64_t total() const { return numels.empty() ? 0 : gstart.back() + numels.back(); }
+};
+
+// Drivers. `reduce_out` (REDUCE ops only) points to one element of the op's dtype on the
+// op's device; the double-precision sum is written there.
+template <class Op> void cpu_run(Op op, const Table& t, Rng rng, int nthreads, void* reduce_out);
+template <class Op> void cuda_run(Op op, const Table& t, Rng rng, uintptr_t stream, void* reduce_out);
+
+// Every op instantiated by the drivers (cpu_ops.cpp, cuda_ops.cu).
+#define GEMEXT_FOR_EACH_OP_T(X, T)                                                            \
+  X(SampleOp<T>) X(ReparamGradOp<T>) X(ElboBackwardOp<T>) X(KlOp<T>) X(KlBackwardOp<T>)       \
+  X(GemOp<T, false, false>) X(GemOp<T, true, false>) X(GemOp<T, false, true>)                 \
+  X(GemOp<T, true, true>)
+#define GEMEXT_FOR_EACH_OP(X) GEMEXT_FOR_EACH_OP_T(X, float) GEMEXT_FOR_EACH_OP_T(X, double)
+
+}  // namespace gemext

@@ -1,0 +1,363 @@
+// Element-wise maths shared by the CPU (cpu_ops.cpp) and CUDA (cuda_ops.cu) kernels.
+//
+// Why our own exp/log/sincos: glibc's expf is scalar, which makes the fused CPU loops
+// compute-bound; -ffast-math would vectorise it but drops IEEE NaN/Inf semantics. These
+// versions are branch-free (selects only), so gcc vectorises them with -O3 -mavx2 -mfma,
+// and they use explicit fma() with contraction disabled on both sides (-ffp-contract=off,
+// nvcc --fmad=false), so CPU and CUDA compute bit-identical element-wise results.
+//
+// Random numbers: Philox-4x32-10 (Salmon et al. 2011, the Random123 constants) keyed by
+// (seed, offset, global element index i): counter = (lo(i/4), hi(i/4), lo(offset), hi(offset)),
+// key = (lo(seed), hi(seed)). Words w0..w3 become uniforms in (0,1), never 0 or 1:
+//   float32 tensors:  u = ((w >> 8) + 0.5) * 2^-24   (exact in float)
+//   float64 tensors:  u = (w + 0.5) * 2^-32          (exact in double)
+// and Box-Muller turns (u0,u1) into n0 = r cos(2πu1), n1 = r sin(2πu1), r = sqrt(-2 log u0),
+// (u2,u3) into n2, n3. Element i uses n[i % 4]. ε is computed in the tensor's dtype.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define GEMEXT_HD __host__ __device__ __forceinline__
+#else
+#define GEMEXT_HD inline __attribute__((always_inline))
+#endif
+
+namespace gemext {
+
+// ---------------------------------------------------------------- bit-level helpers
+template <typename T> struct FP;
+template <> struct FP<float> {
+  using U = uint32_t;
+  using I = int32_t;
+  static constexpr int MANT = 23, BIAS = 127;
+  static constexpr float MAGIC = 0x1.8p23f;     // adding it rounds to an integer (|v| < 2^22)
+  static constexpr float MIN_NORMAL = 0x1p-126f;
+  static constexpr float EXP_HI = 89.0f, EXP_LO = -104.0f;  // beyond: inf / 0 after scaling
+  static constexpr float LN2_HI = 0x1.62e4p-1f, LN2_LO = 0x1.7f7d1cp-20f;
+};
+template <> struct FP<double> {
+  using U = uint64_t;
+  using I = int64_t;
+  static constexpr int MANT = 52, BIAS = 1023;
+  static constexpr double MAGIC = 0x1.8p52;
+  static constexpr double MIN_NORMAL = 0x1p-1022;
+  static constexpr double EXP_HI = 710.0, EXP_LO = -746.0;
+  static constexpr double LN2_HI = 0x1.62e42fefa3800p-1, LN2_LO = 0x1.ef35793c76730p-45;
+};
+
+GEMEXT_HD uint32_t to_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+GEMEXT_HD uint64_t to_bits(double x) {
+#ifdef __CUDA_ARCH__
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+template <typename T> GEMEXT_HD T from_bits(typename FP<T>::U u) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(T) == 4) return __uint_as_float(u);
+  else return __longlong_as_double(static_cast<long long>(u));
+#else
+  T x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+GEMEXT_HD float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
+GEMEXT_HD double fma_(double a, double b, double c) { return ::fma(a, b, c); }
+GEMEXT_HD float sqrt_(float x) { return ::sqrtf(x); }
+GEMEXT_HD double sqrt_(double x) { return ::sqrt(x); }
+
+// Horner with literal coefficients, lowest degree first: poly(x, c0, c1, ...) = c0 + x(c1 + ...).
+template <typename T> GEMEXT_HD T poly(T, T c0) { return c0; }
+template <typename T, typename... R> GEMEXT_HD T poly(T x, T c0, T c1, R... rest) {
+  return fma_(poly(x, c1, static_cast<T>(rest)...), x, c0);
+}
+
+// Small integer (|k| < 2^22) to floating point through the magic constant: AVX2 has no
+// vectorised int64 -> double conversion, this is two integer/float adds.
+template <typename T> GEMEXT_HD T small_int_to_fp(typename FP<T>::I k) {
+  using U = typename FP<T>::U;
+  return from_bits<T>(to_bits(FP<T>::MAGIC) + static_cast<U>(k)) - FP<T>::MAGIC;
+}
+
+// ---------------------------------------------------------------- exp
+GEMEXT_HD float expm_poly(float r) {  // (e^r - 1 - r) / r^2 on |r| <= ln2/2 (Cephes expf)
+  return poly(r, 5.0000001201e-1f, 1.6666665459e-1f, 4.1665795894e-2f, 8.3334519073e-3f,
+              1.3981999507e-3f, 1.9875691500e-4f);
+}
+GEMEXT_HD double expm_poly(double r) {  // Taylor to r^13: truncation < 2^-60 on |r| <= ln2/2
+  return poly(r, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
+              1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800);
+}
+
+// exp(x): x = n ln2 + r, e^r by polynomial, 2^n applied as two factors so that results in
+// the subnormal range round once and exp(x > max) overflows to inf. NaN propagates.
+template <typename T> GEMEXT_HD T exp_(T x) {
+  using F = FP<T>;
+  using U = typename F::U;
+  using I = typename F::I;
+  T xc = x > F::EXP_HI ? F::EXP_HI : x;  // comparisons are false for NaN: it passes through
+  xc = xc < F::EXP_LO ? F::EXP_LO : xc;
+  const T kf_m = fma_(xc, static_cast<T>(1.4426950408889634), F::MAGIC);  // rint(x/ln2) + MAGIC
+  const I n = static_cast<I>(to_bits(kf_m) - to_bits(F::MAGIC));
+  const T kf = kf_m - F::MAGIC;
+  T r = fma_(-kf, F::LN2_HI, xc);
+  r = fma_(-kf, F::LN2_LO, r);
+  const T p = fma_(expm_poly(r), r * r, r) + T(1);
+  const I n1 = n >> 1, n2 = n - n1;
+  const T s1 = from_bits<T>(static_cast<U>(n1 + F::BIAS) << F::MANT);
+  const T s2 = from_bits<T>(static_cast<U>(n2 + F::BIAS) << F::MANT);
+  return (p * s1) * s2;
+}
+
+// ---------------------------------------------------------------- log
+// log(m) = 2 atanh(s) = 2s + s^3 P(s^2), s = (m-1)/(m+1), |s| <= 0.1716
+GEMEXT_HD float atanh_tail(float z) { return poly(z, 2.0f / 3, 2.0f / 5, 2.0f / 7, 2.0f / 9); }
+GEMEXT_HD double atanh_tail(double z) {  // series to s^21: truncation < 2^-60
+  return poly(z, 2.0 / 3, 2.0 / 5, 2.0 / 7, 2.0 / 9, 2.0 / 11, 2.0 / 13, 2.0 / 15, 2.0 / 17,
+              2.0 / 19, 2.0 / 21);
+}
+
+// log(x): x = 2^k m with m in [sqrt(1/2), sqrt(2)) (musl's bit trick), log m = 2 atanh(s).
+// log(0) = -inf, log(x<0) = NaN, log(inf) = inf, NaN -> NaN; subnormals are rescaled.
+template <typename T> GEMEXT_HD T log_(T x) {
+  using F = FP<T>;
+  using U = typename F::U;
+  using I = typename F::I;
+  const U one = to_bits(T(1));
+  const U sqrt_half = to_bits(static_cast<T>(0.70710678118654752440));
+  const U mant_mask = (U(1) << F::MANT) - 1;
+  const bool sub = x < F::MIN_NORMAL;
+  const T xs = sub ? x * from_bits<T>(static_cast<U>(F::MANT + F::BIAS) << F::MANT) : x;
+  U ix = to_bits(xs) + (one - sqrt_half);
+  const I k = static_cast<I>(ix >> F::MANT) - F::BIAS - (sub ? F::MANT : 0);
+  ix = (ix & mant_mask) + sqrt_half;
+  const T f = from_bits<T>(ix) - T(1);
+  const T s = f / (T(2) + f);
+  const T kf = small_int_to_fp<T>(k);
+  const T z = s * s;
+  const T lm_tail = (s * z) * atanh_tail(z);  // log m - 2s
+  T y = fma_(kf, F::LN2_HI, fma_(T(2), s, fma_(kf, F::LN2_LO, lm_tail)));
+  const T inf = from_bits<T>(static_cast<U>(2 * F::BIAS + 1) << F::MANT);
+  y = x == inf ? inf : y;
+  y = x == T(0) ? -inf : y;
+  y = x < T(0) ? inf - inf : y;  // NaN
+  return x != x ? x : y;
+}
+
+// ---------------------------------------------------------------- sincos in turns
+GEMEXT_HD float sin_poly(float z) {  // (sin a - a) / a^3, |a| <= pi/4 (Cephes sinf)
+  return poly(z, -1.6666654611e-1f, 8.3321608736e-3f, -1.9515295891e-4f);
+}
+GEMEXT_HD float cos_poly(float z) {  // (cos a - 1) / a^2 (Cephes cosf)
+  return poly(z, -0.5f, 4.166664568298827e-2f, -1.388731625493765e-3f, 2.443315711809948e-5f);
+}
+GEMEXT_HD double sin_poly(double z) {  // Taylor to a^19
+  return poly(z, -1.0 / 6, 1.0 / 120, -1.0 / 5040, 1.0 / 362880, -1.0 / 39916800,
+              1.0 / 6227020800.0, -1.0 / 1307674368000.0, 1.0 / 355687428096000.0,
+              -1.0 / 121645100408832000.0);
+}
+GEMEXT_HD double cos_poly(double z) {  // Taylor to a^20
+  return poly(z, -0.5, 1.0 / 24, -1.0 / 720, 1.0 / 40320, -1.0 / 3628800, 1.0 / 479001600,
+              -1.0 / 87178291200.0, 1.0 / 20922789888000.0, -1.0 / 6402373705728000.0,
+              1.0 / 2432902008176640000.0);
+}
+
+// sin(2πu), cos(2πu). Working in turns makes the range reduction exact (u - q/4 is exact),
+// which is what Box-Muller needs; valid for |u| < 2^20 (float) / 2^50 (double).
+template <typename T> GEMEXT_HD void sincos_turns(T u, T& s, T& c) {
+  using F = FP<T>;
+  using U = typename F::U;
+  const T q_m = fma_(u, T(4), F::MAGIC);
+  const U q = to_bits(q_m) - to_bits(F::MAGIC);  // quadrant in the low two bits
+  const T f = fma_(q_m - F::MAGIC, T(-0.25), u);  // in [-1/8, 1/8]
+  const T a = f * static_cast<T>(6.28318530717958647692);
+  const T z = a * a;
+  const T sa = fma_(a * z, sin_poly(z), a);
+  const T ca = fma_(z, cos_poly(z), T(1));
+  const T ss = (q & 1) ? ca : sa, cc = (q & 1) ? sa : ca;
+  s = (q & 2) ? -ss : ss;
+  c = ((q + 1) & 2) ? -cc : cc;
+}
+
+// ---------------------------------------------------------------- Philox-4x32-10
+GEMEXT_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#ifdef __CUDA_ARCH__
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  lo = static_cast<uint32_t>(p);
+  hi = static_cast<uint32_t>(p >> 32);
+#endif
+}
+
+GEMEXT_HD void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(0xD2511F53u, c[0], hi0, lo0);
+    mulhilo32(0xCD9E8D57u, c[2], hi1, lo1);
+    const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = lo1;
+    c[2] = n2;
+    c[3] = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+struct Rng {
+  uint64_t seed;
+  uint64_t offset;
+};
+
+GEMEXT_HD float uniform_from_word(uint32_t w, float) {
+  return (static_cast<float>(static_cast<int32_t>(w >> 8)) + 0.5f) * 0x1p-24f;
+}
+GEMEXT_HD double uniform_from_word(uint32_t w, double) {
+  const double wd = from_bits<double>(0x4330000000000000ull | w) - 0x1p52;  // exact (double)w
+  return (wd + 0.5) * 0x1p-32;
+}
+
+// The four normals of Philox group g (global elements 4g .. 4g+3).
+template <typename T> GEMEXT_HD void normals4(const Rng& rng, uint64_t g, T (&n)[4]) {
+  uint32_t c[4] = {static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
+                   static_cast<uint32_t>(rng.offset), static_cast<uint32_t>(rng.offset >> 32)};
+  philox4x32_10(c, static_cast<uint32_t>(rng.seed), static_cast<uint32_t>(rng.seed >> 32));
+  for (int p = 0; p < 2; ++p) {
+    const T u0 = uniform_from_word(c[2 * p], T(0)), u1 = uniform_from_word(c[2 * p + 1], T(0));
+    const T r = sqrt_(T(-2) * log_(u0));
+    T s, co;
+    sincos_turns(u1, s, co);
+    n[2 * p] = r * co;
+    n[2 * p + 1] = r * s;
+  }
+}
+
+// ---------------------------------------------------------------- per-element formulas
+// Each op is a functor over NIN input values and NOUT output values (in-place buffers are
+// passed as an input and as an output), plus ε for ops with EPS. Reductions (REDUCE) return
+// the element's term instead. The CPU and CUDA drivers own addressing; these own the maths.
+// σ = exp(ρ); σ²/σ₀² is computed as exp(2(ρ-ρ₀)) and 1/σ₀² as exp(-2ρ₀): no division, and
+// no inf*0 when ρ and ρ₀ are both large.
+template <typename T> struct OpBase {
+  using scalar = T;
+  static constexpr bool EPS = false, REDUCE = false;
+  GEMEXT_HD void init() {}
+};
+
+// θ = μ + σ ε.  in: μ, ρ   out: θ
+template <typename T> struct SampleOp : OpBase<T> {
+  static constexpr int NIN = 2, NOUT = 1;
+  static constexpr bool EPS = true;
+  GEMEXT_HD T operator()(const T* v, T* o, T eps) const {
+    o[0] = fma_(exp_(v[1]), eps, v[0]);
+    return T(0);
+  }
+};
+
+// ∂θ/∂ρ applied to g: g ε σ (backward of sample).  in: g, ρ   out: dρ
+template <typename T> struct ReparamGradOp : OpBase<T> {
+  static constexpr int NIN = 2, NOUT = 1;
+  static constexpr bool EPS = true;
+  GEMEXT_HD T operator()(const T* v, T* o, T eps) const {
+    o[0] = (v[0] * eps) * exp_(v[1]);
+    return T(0);
+  }
+};
+
+// Gradients of -ELBO = nll(θ) + β KL(q||p):  dμ = g + β(μ-μ₀)/σ₀²,  dρ = g ε σ + β(σ²/σ₀² - 1).
+// in: g, μ, ρ, μ₀, ρ₀   out: dμ, dρ
+template <typename T> struct ElboBackwardOp : OpBase<T> {
+  static constexpr int NIN = 5, NOUT = 2;
+  static constexpr bool EPS = true;
+  T beta;
+  GEMEXT_HD T operator()(const T* v, T* o, T eps) const {
+    const T g = v[0], mu = v[1], rho = v[2], mu0 = v[3], rho0 = v[4];
+    const T inv_var0 = exp_(T(-2) * rho0);
+    o[0] = fma_(beta, (mu - mu0) * inv_var0, g);
+    o[1] = fma_(beta, exp_(T(2) * (rho - rho0)) - T(1), (g * eps) * exp_(rho));
+    return T(0);
+  }
+};
+
+// KL term: ρ₀ - ρ + (σ² + (μ-μ₀)²)/(2σ₀²) - ½.  in: μ, ρ, μ₀, ρ₀
+template <typename T> struct KlOp : OpBase<T> {
+  static constexpr int NIN = 4, NOUT = 0;
+  static constexpr bool REDUCE = true;
+  GEMEXT_HD T operator()(const T* v, T*, T) const {
+    const T d = v[0] - v[2];
+    const T ratio = exp_(T(2) * (v[1] - v[3]));
+    return fma_(T(0.5), fma_(d * d, exp_(T(-2) * v[3]), ratio - T(1)), v[3] - v[1]);
+  }
+};
+
+// Backward of the KL sum times the upstream scalar *gout (a pointer: on CUDA it stays on the
+// device, no sync).  in: μ, ρ, μ₀, ρ₀   out: dμ, dρ, dμ₀, dρ₀
+template <typename T> struct KlBackwardOp : OpBase<T> {
+  static constexpr int NIN = 4, NOUT = 4;
+  const T* gout;
+  T scale;
+  GEMEXT_HD void init() { scale = *gout; }
+  GEMEXT_HD T operator()(const T* v, T* o, T) const {
+    const T d = v[0] - v[2];
+    const T inv_var0 = exp_(T(-2) * v[3]);
+    const T ratio = exp_(T(2) * (v[1] - v[3]));
+    const T gmu = scale * (d * inv_var0);
+    o[0] = gmu;
+    o[1] = scale * (ratio - T(1));
+    o[2] = -gmu;
+    o[3] = scale * (T(1) - fma_(d * d, inv_var0, ratio));
+    return T(0);
+  }
+};
+
+// Gradient-EM ascent direction, optionally GEM-BML+ (PLUS: minus the same statistic of λ_b),
+// written (ACC=false) or added times `weight` into buffers (ACC=true).
+//   GEM:   ĝμ₀ = (μa-μ₀)/σ₀²,  ĝρ₀ = ((μa-μ₀)² + σa²)/σ₀² - 1
+//   GEM+:  ĝμ₀ = (μa-μb)/σ₀²,  ĝρ₀ = ((μa-μ₀)² + σa² - (μb-μ₀)² - σb²)/σ₀²
+// in: μ₀, ρ₀, μa, ρa, [μb, ρb], [gμ₀, gρ₀]   out: gμ₀, gρ₀
+template <typename T, bool PLUS, bool ACC> struct GemOp : OpBase<T> {
+  static constexpr int NIN = 4 + (PLUS ? 2 : 0) + (ACC ? 2 : 0), NOUT = 2;
+  T weight;
+  GEMEXT_HD T operator()(const T* v, T* o, T) const {
+    const T mu0 = v[0], rho0 = v[1], da = v[2] - mu0;
+    const T inv_var0 = exp_(T(-2) * rho0);
+    const T ra = exp_(T(2) * (v[3] - rho0));
+    T gmu, grho;
+    if constexpr (PLUS) {
+      const T db = v[4] - mu0;
+      const T rb = exp_(T(2) * (v[5] - rho0));
+      gmu = (v[2] - v[4]) * inv_var0;
+      grho = fma_((v[2] - v[4]) * (da + db), inv_var0, ra - rb);  // da²-db² = (μa-μb)(da+db)
+    } else {
+      gmu = da * inv_var0;
+      grho = fma_(da * da, inv_var0, ra - T(1));
+    }
+    if constexpr (ACC) {
+      o[0] = fma_(weight, gmu, v[NIN - 2]);
+      o[1] = fma_(weight, grho, v[NIN - 1]);
+    } else {
+      o[0] = weight * gmu;
+      o[1] = weight * grho;
+    }
+    return T(0);
+  }
+};
+
+}  // namespace gemext

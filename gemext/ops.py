@@ -1,0 +1,402 @@
+"""Fused multi-tensor ops on diagonal Gaussians (DESIGN.md §1-2), CPU and CUDA.
+
+Every public function accepts a Tensor or a list of Tensors (then returns lists); one call
+covers every tensor of the list (one OpenMP region on CPU, one kernel launch on CUDA).
+Arguments are validated here, before any pointer reaches ``gemext._C``: wrong types and
+dtypes raise ``TypeError``, wrong shapes, devices, list lengths, layouts and seeds raise
+``ValueError``, each naming the argument. The prior (μ₀, ρ₀) must have exactly the shape of
+the posterior (no broadcasting): stack per-task posteriors on a leading dimension and expand
+the prior yourself.
+
+Randomness is counter-based: ε of element i (indexed over the concatenation of all tensors of
+the list) is a function of (seed, offset, i) only, so ``elbo_backward`` and the backward of
+``sample`` regenerate it instead of storing it, and CPU and CUDA draw the same ε. ``seed`` is
+an int in [0, 2^63), ``offset`` an int in [0, 2^63); take seeds from :func:`new_seed` so that
+``torch.manual_seed`` makes runs reproducible.
+
+Each op is a ``torch.library.custom_op`` in the ``gemext`` namespace with a fake (meta)
+implementation, so ``torch.compile(fullgraph=True)`` traces through it; ``sample``,
+``gaussian_kl`` and ``gem_grad`` are differentiable.
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _C
+from . import reference
+
+__all__ = ["sample", "gaussian_kl", "elbo_backward", "elbo_backward_", "gem_grad", "gem_grad_",
+           "new_seed"]
+
+TensorOrList = Union[Tensor, Sequence[Tensor]]
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
+_INT64_END = 2**63
+
+
+# ----------------------------------------------------------------------------- validation
+def _as_list(op: str, name: str, x: object) -> tuple[list[Tensor], bool]:
+    if isinstance(x, Tensor):
+        return [x], True
+    if isinstance(x, (list, tuple)):
+        for i, t in enumerate(x):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{op}: {name}[{i}] is {type(t).__name__}, expected a Tensor")
+        return list(x), False
+    raise TypeError(f"{op}: {name} must be a Tensor or a list of Tensors, "
+                    f"got {type(x).__name__}")
+
+
+def _validate(op: str, ref: str, **args: object) -> tuple[dict[str, list[Tensor]], bool]:
+    """Checks that every argument matches ``args[ref]`` in kind (Tensor or list), length,
+    shape, dtype (float32/float64) and device, and is contiguous. None values are skipped."""
+    lists: dict[str, list[Tensor]] = {}
+    kinds: dict[str, bool] = {}
+    for name, x in args.items():
+        if x is not None:
+            lists[name], kinds[name] = _as_list(op, name, x)
+    base, single = lists[ref], kinds[ref]
+
+    def label(name: str, i: int) -> str:
+        return name if single else f"{name}[{i}]"
+
+    for i, t in enumerate(base):
+        if t.dtype not in _DTYPE_CODE:
+            raise TypeError(f"{op}: {label(ref, i)} has dtype {t.dtype}; "
+                            "expected torch.float32 or torch.float64")
+    dtype = base[0].dtype if base else None
+    device = base[0].device if base else None
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: {label(ref, 0)} is on {device}; expected a cpu or cuda tensor")
+    if device is not None and device.type == "cuda" and not _C.cuda:
+        raise ValueError(f"{op}: {label(ref, 0)} is on {device} but gemext was built without "
+                         "CUDA kernels (rebuild with nvcc available, GEMEXT_CUDA=1)")
+    for name, ts in lists.items():
+        if kinds[name] != single:
+            kind = "a Tensor" if single else "a list of Tensors"
+            raise TypeError(f"{op}: {name} must be {kind} like {ref}")
+        if len(ts) != len(base):
+            raise ValueError(f"{op}: {name} has {len(ts)} tensors but {ref} has {len(base)}")
+        for i, (t, b) in enumerate(zip(ts, base)):
+            if t.dtype != dtype:
+                raise TypeError(f"{op}: {label(name, i)} has dtype {t.dtype} but "
+                                f"{label(ref, 0)} has {dtype}")
+            if t.device != device:
+                raise ValueError(f"{op}: {label(name, i)} is on {t.device} but "
+                                 f"{label(ref, 0)} is on {device}")
+            if t.shape != b.shape:
+                raise ValueError(f"{op}: {label(name, i)} has shape {tuple(t.shape)} but "
+                                 f"{label(ref, i)} has {tuple(b.shape)}")
+            if not t.is_contiguous():
+                raise ValueError(f"{op}: {label(name, i)} is not contiguous; "
+                                 "call .contiguous() first")
+    return lists, single
+
+
+def _check_int(op: str, name: str, x: object) -> int:
+    if isinstance(x, torch.SymInt):  # traced by torch.compile: checked when it was concrete
+        return x
+    if isinstance(x, bool) or not hasattr(x, "__index__"):
+        raise TypeError(f"{op}: {name} must be an int, got {type(x).__name__}")
+    x = operator.index(x)
+    if not 0 <= x < _INT64_END:
+        raise ValueError(f"{op}: {name} must be in [0, 2**63), got {x}")
+    return x
+
+
+def _check_real(op: str, name: str, x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def new_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A seed in [0, 2^63) drawn from torch's RNG (``torch.manual_seed`` makes it reproducible)."""
+    return int(torch.randint(0, _INT64_END - 1, (), dtype=torch.int64, generator=generator))
+
+
+# ----------------------------------------------------------------------------- launching
+def _ptrs(ts: Sequence[Tensor]) -> list[int]:
+    return [t.data_ptr() for t in ts]
+
+
+def _numels(ts: Sequence[Tensor]) -> list[int]:
+    return [t.numel() for t in ts]
+
+
+def _launch(fn, like: Sequence[Tensor], *args) -> None:
+    """Calls ``_C.fn(exec, *args)`` for tensors like ``like[0]``, under a CUDA device guard
+    and on the current stream."""
+    t = like[0]
+    if t.device.type == "cuda":
+        ctx = torch.cuda.device(t.device)
+        stream = torch.cuda.current_stream(t.device).cuda_stream
+    else:
+        ctx, stream = contextlib.nullcontext(), 0
+    with ctx:
+        fn((_DTYPE_CODE[t.dtype], int(t.device.type == "cuda"), stream, torch.get_num_threads()),
+           *args)
+
+
+def _empty_like(ts: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("gemext::sample", mutates_args=())
+def _sample(mu: list[Tensor], rho: list[Tensor], seed: int, offset: int) -> list[Tensor]:
+    theta = _empty_like(mu)
+    _launch(_C.sample, mu, _ptrs(mu), _ptrs(rho), _ptrs(theta), _numels(mu), seed, offset)
+    return theta
+
+
+@torch.library.custom_op("gemext::reparam_grad", mutates_args=())
+def _reparam_grad(grad: list[Tensor], rho: list[Tensor], seed: int, offset: int) -> list[Tensor]:
+    drho = _empty_like(rho)
+    _launch(_C.reparam_grad, rho, _ptrs(grad), _ptrs(rho), _ptrs(drho), _numels(rho), seed, offset)
+    return drho
+
+
+@torch.library.custom_op("gemext::elbo_backward_", mutates_args=("out_mu", "out_rho"))
+def _elbo_backward_(out_mu: list[Tensor], out_rho: list[Tensor], grad_theta: list[Tensor],
+                    mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
+                    seed: int, offset: int, beta: float) -> None:
+    _launch(_C.elbo_backward, mu, _ptrs(grad_theta), _ptrs(mu), _ptrs(rho), _ptrs(mu0),
+            _ptrs(rho0), _ptrs(out_mu), _ptrs(out_rho), _numels(mu), seed, offset, beta)
+
+
+@torch.library.custom_op("gemext::elbo_backward", mutates_args=())
+def _elbo_backward(grad_theta: list[Tensor], mu: list[Tensor], rho: list[Tensor],
+                   mu0: list[Tensor], rho0: list[Tensor], seed: int, offset: int,
+                   beta: float) -> tuple[list[Tensor], list[Tensor]]:
+    out_mu, out_rho = _empty_like(mu), _empty_like(rho)
+    _elbo_backward_(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta)
+    return out_mu, out_rho
+
+
+@torch.library.custom_op("gemext::gaussian_kl", mutates_args=())
+def _gaussian_kl(mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor],
+                 rho0: list[Tensor]) -> Tensor:
+    out = mu[0].new_empty(())
+    _launch(_C.gaussian_kl, mu, _ptrs(mu), _ptrs(rho), _ptrs(mu0), _ptrs(rho0), _numels(mu),
+            out.data_ptr())
+    return out
+
+
+@torch.library.custom_op("gemext::gaussian_kl_backward", mutates_args=())
+def _gaussian_kl_backward(mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor],
+                          rho0: list[Tensor], grad: Tensor
+                          ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    outs = [_empty_like(mu) for _ in range(4)]
+    grad = grad.to(mu[0].dtype).contiguous()
+    _launch(_C.gaussian_kl_backward, mu, _ptrs(mu), _ptrs(rho), _ptrs(mu0), _ptrs(rho0),
+            *(_ptrs(o) for o in outs), _numels(mu), grad.data_ptr())
+    return tuple(outs)
+
+
+@torch.library.custom_op("gemext::gem_grad_", mutates_args=("g_mu0", "g_rho0"))
+def _gem_grad_(g_mu0: list[Tensor], g_rho0: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
+               mu_a: list[Tensor], rho_a: list[Tensor], mu_b: list[Tensor], rho_b: list[Tensor],
+               weight: float) -> None:
+    """``mu_b == []`` selects GEM-BML, otherwise GEM-BML+."""
+    _launch(_C.gem_grad, mu0, _ptrs(mu0), _ptrs(rho0), _ptrs(mu_a), _ptrs(rho_a), _ptrs(mu_b),
+            _ptrs(rho_b), _ptrs(g_mu0), _ptrs(g_rho0), _numels(mu0), weight, True)
+
+
+@torch.library.custom_op("gemext::gem_grad", mutates_args=())
+def _gem_grad(mu0: list[Tensor], rho0: list[Tensor], mu_a: list[Tensor], rho_a: list[Tensor],
+              mu_b: list[Tensor], rho_b: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    g_mu0, g_rho0 = _empty_like(mu0), _empty_like(rho0)
+    _launch(_C.gem_grad, mu0, _ptrs(mu0), _ptrs(rho0), _ptrs(mu_a), _ptrs(rho_a), _ptrs(mu_b),
+            _ptrs(rho_b), _ptrs(g_mu0), _ptrs(g_rho0), _numels(mu0), 1.0, False)
+    return g_mu0, g_rho0
+
+
+# fake (meta) implementations: shapes only, for torch.compile / FakeTensor tracing
+@_sample.register_fake
+def _(mu, rho, seed, offset):
+    return _empty_like(mu)
+
+
+@_reparam_grad.register_fake
+def _(grad, rho, seed, offset):
+    return _empty_like(rho)
+
+
+@_elbo_backward_.register_fake
+def _(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta):
+    return None
+
+
+@_elbo_backward.register_fake
+def _(grad_theta, mu, rho, mu0, rho0, seed, offset, beta):
+    return _empty_like(mu), _empty_like(rho)
+
+
+@_gaussian_kl.register_fake
+def _(mu, rho, mu0, rho0):
+    return mu[0].new_empty(())
+
+
+@_gaussian_kl_backward.register_fake
+def _(mu, rho, mu0, rho0, grad):
+    return tuple(_empty_like(mu) for _ in range(4))
+
+
+@_gem_grad_.register_fake
+def _(g_mu0, g_rho0, mu0, rho0, mu_a, rho_a, mu_b, rho_b, weight):
+    return None
+
+
+@_gem_grad.register_fake
+def _(mu0, rho0, mu_a, rho_a, mu_b, rho_b):
+    return _empty_like(mu0), _empty_like(rho0)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, like)]
+
+
+def _sample_setup(ctx, inputs, output) -> None:
+    _, rho, ctx.seed, ctx.offset = inputs
+    ctx.save_for_backward(*rho)
+
+
+def _sample_backward(ctx, grads):
+    rho = list(ctx.saved_tensors)
+    grads = _zeros_for_none(grads, rho)  # dθ/dμ = 1, dθ/dρ = ε σ (ε regenerated)
+    return grads, _reparam_grad(grads, rho, ctx.seed, ctx.offset), None, None
+
+
+def _kl_setup(ctx, inputs, output) -> None:
+    ctx.n = len(inputs[0])
+    ctx.save_for_backward(*(t for ts in inputs for t in ts))
+
+
+def _kl_backward(ctx, grad):
+    saved, n = ctx.saved_tensors, ctx.n
+    lists = [list(saved[k * n:(k + 1) * n]) for k in range(4)]
+    return tuple(_gaussian_kl_backward(*lists, grad))
+
+
+def _gem_setup(ctx, inputs, output) -> None:
+    ctx.sizes = [len(ts) for ts in inputs]
+    ctx.save_for_backward(*(t for ts in inputs for t in ts))
+
+
+def _gem_backward(ctx, g_mu0, g_rho0):
+    """VJP of the reference formulas in torch ops (differentiable again, so double backward
+    works); the forward pass is the fused kernel."""
+    saved, lists, pos = ctx.saved_tensors, [], 0
+    for size in ctx.sizes:
+        lists.append(list(saved[pos:pos + size]))
+        pos += size
+    g_mu0, g_rho0 = _zeros_for_none(g_mu0, lists[0]), _zeros_for_none(g_rho0, lists[0])
+    plus = bool(lists[4])
+    grads: list[list[Tensor]] = [[] for _ in range(6 if plus else 4)]
+    for i in range(len(lists[0])):
+        args = [ts[i] for ts in lists[:6 if plus else 4]]
+        _, vjp = torch.func.vjp(reference.gem_terms, *args)
+        for k, gk in enumerate(vjp((g_mu0[i], g_rho0[i]))):
+            grads[k].append(gk)
+    if not plus:
+        grads += [None, None]
+    return tuple(grads)
+
+
+_sample.register_autograd(_sample_backward, setup_context=_sample_setup)
+_gaussian_kl.register_autograd(_kl_backward, setup_context=_kl_setup)
+_gem_grad.register_autograd(_gem_backward, setup_context=_gem_setup)
+
+
+# ----------------------------------------------------------------------------- public API
+def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0) -> TensorOrList:
+    """θ = μ + exp(ρ)·ε with ε = N(0, 1) from (seed, offset, element index). Differentiable in
+    μ and ρ (the backward regenerates ε)."""
+    lists, single = _validate("sample", "mu", mu=mu, rho=rho)
+    seed, offset = _check_int("sample", "seed", seed), _check_int("sample", "offset", offset)
+    if not lists["mu"]:
+        return []
+    theta = _sample(lists["mu"], lists["rho"], seed, offset)
+    return theta[0] if single else theta
+
+
+def gaussian_kl(mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList,
+                rho0: TensorOrList) -> Tensor:
+    """Σ KL(N(μ, σ²) ‖ N(μ₀, σ₀²)) over all elements of all tensors, accumulated in float64;
+    a 0-dim tensor of the inputs' dtype. Differentiable in all four arguments."""
+    lists, _ = _validate("gaussian_kl", "mu", mu=mu, rho=rho, mu0=mu0, rho0=rho0)
+    if not lists["mu"]:
+        return torch.zeros(())
+    return _gaussian_kl(lists["mu"], lists["rho"], lists["mu0"], lists["rho0"])
+
+
+def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
+                  mu0: TensorOrList, rho0: TensorOrList, seed: int, offset: int = 0,
+                  beta: float = 1.0) -> tuple[TensorOrList, TensorOrList]:
+    """(∂/∂μ, ∂/∂ρ) of −ELBO = nll(θ) + β·KL(q‖p) for θ = ``sample(mu, rho, seed, offset)`` and
+    ``grad_theta`` = ∂nll/∂θ: dμ = g + β(μ−μ₀)/σ₀², dρ = g·ε·σ + β(σ²/σ₀² − 1)."""
+    lists, single = _validate("elbo_backward", "mu", grad_theta=grad_theta, mu=mu, rho=rho,
+                              mu0=mu0, rho0=rho0)
+    seed = _check_int("elbo_backward", "seed", seed)
+    offset = _check_int("elbo_backward", "offset", offset)
+    beta = _check_real("elbo_backward", "beta", beta)
+    if not lists["mu"]:
+        return [], []
+    d_mu, d_rho = _elbo_backward(*lists.values(), seed, offset, beta)
+    return (d_mu[0], d_rho[0]) if single else (d_mu, d_rho)
+
+
+def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: TensorOrList,
+                   mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
+                   seed: int, offset: int = 0, beta: float = 1.0) -> None:
+    """:func:`elbo_backward` written into the buffers ``out_mu``, ``out_rho`` (the VI hot path:
+    no allocation). The outputs may be the same tensors as ``grad_theta`` (exact aliasing)."""
+    lists, _ = _validate("elbo_backward_", "mu", out_mu=out_mu, out_rho=out_rho,
+                         grad_theta=grad_theta, mu=mu, rho=rho, mu0=mu0, rho0=rho0)
+    seed = _check_int("elbo_backward_", "seed", seed)
+    offset = _check_int("elbo_backward_", "offset", offset)
+    beta = _check_real("elbo_backward_", "beta", beta)
+    if lists["mu"]:
+        _elbo_backward_(*lists.values(), seed, offset, beta)
+
+
+def _gem_lists(op: str, mu0, rho0, mu_a, rho_a, mu_b, rho_b, **buffers):
+    if (mu_b is None) != (rho_b is None):
+        raise ValueError(f"{op}: mu_b and rho_b must be given together (GEM-BML+) or both None")
+    lists, single = _validate(op, "mu0", **buffers, mu0=mu0, rho0=rho0, mu_a=mu_a, rho_a=rho_a,
+                              mu_b=mu_b, rho_b=rho_b)
+    lists.setdefault("mu_b", [])
+    lists.setdefault("rho_b", [])
+    return lists, single
+
+
+def gem_grad(mu0: TensorOrList, rho0: TensorOrList, mu_a: TensorOrList, rho_a: TensorOrList,
+             mu_b: Optional[TensorOrList] = None, rho_b: Optional[TensorOrList] = None
+             ) -> tuple[TensorOrList, TensorOrList]:
+    """The Gradient-EM ascent direction (ĝ_μ₀, ĝ_ρ₀) for the prior (μ₀, ρ₀) from the posterior
+    λ_a = (μ_a, ρ_a): ĝ_μ₀ = (μa−μ₀)/σ₀², ĝ_ρ₀ = ((μa−μ₀)² + σa²)/σ₀² − 1. With λ_b (GEM-BML+)
+    the same statistic of λ_b is subtracted. Differentiable in every argument."""
+    lists, single = _gem_lists("gem_grad", mu0, rho0, mu_a, rho_a, mu_b, rho_b)
+    if not lists["mu0"]:
+        return [], []
+    g_mu0, g_rho0 = _gem_grad(*(lists[k] for k in ("mu0", "rho0", "mu_a", "rho_a", "mu_b", "rho_b")))
+    return (g_mu0[0], g_rho0[0]) if single else (g_mu0, g_rho0)
+
+
+def gem_grad_(g_mu0: TensorOrList, g_rho0: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
+              mu_a: TensorOrList, rho_a: TensorOrList, mu_b: Optional[TensorOrList] = None,
+              rho_b: Optional[TensorOrList] = None, weight: float = 1.0) -> None:
+    """Adds ``weight``·ĝ into ``g_mu0``, ``g_rho0`` in place (e.g. ``weight=-1/T`` into the
+    prior's ``.grad`` so that any torch optimizer ascends the meta-objective)."""
+    lists, _ = _gem_lists("gem_grad_", mu0, rho0, mu_a, rho_a, mu_b, rho_b,
+                          g_mu0=g_mu0, g_rho0=g_rho0)
+    weight = _check_real("gem_grad_", "weight", weight)
+    if lists["mu0"]:
+        _gem_grad_(*(lists[k] for k in ("g_mu0", "g_rho0", "mu0", "rho0", "mu_a", "rho_a",
+                                         "mu_b", "rho_b")), weight)

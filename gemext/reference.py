@@ -1,0 +1,169 @@
+"""Pure-PyTorch versions of every fused op in :mod:`gemext.ops`.
+
+This is the test oracle (call it with float64 tensors) and the "eager" baseline of the
+benchmarks (call it with float32 tensors): it computes in the dtype it is given, with the
+textbook formulas of DESIGN.md §1, and is never used as a silent fallback for the kernels.
+Signatures mirror :mod:`gemext.ops`; a Tensor in gives a Tensor out, a list gives a list.
+
+:func:`normal` reproduces the kernels' noise (Philox-4x32-10 + Box-Muller, see
+``csrc/gemext_math.h``) with vectorised numpy uint64 arithmetic, so tests compare ε
+element by element.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+TensorOrList = Union[Tensor, Sequence[Tensor]]
+
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_LO32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter: Sequence[np.ndarray], key: tuple[int, int]) -> list[np.ndarray]:
+    """Philox-4x32-10 on arrays of 32-bit counter words (held in uint64); returns 4 word arrays."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = _M0 * c0, _M1 * c2  # < 2^64: exact in uint64
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & _LO32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & _LO32)
+        k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
+    return [c0, c1, c2, c3]
+
+
+def _uniform(w: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    if dtype == torch.float32:
+        return ((w >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0**-24
+    return (w.astype(np.float64) + 0.5) * 2.0**-32
+
+
+def normal(seed: int, offset: int, numel: int, dtype: torch.dtype = torch.float64,
+           start: int = 0) -> Tensor:
+    """ε of global elements ``start .. start+numel-1`` as the kernels draw it for tensors of
+    ``dtype`` (float32 uses 24-bit uniforms, float64 32-bit), computed in float64."""
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    g0, g1 = start // 4, (start + numel + 3) // 4
+    g = np.arange(g0, g1, dtype=np.uint64)
+    off = np.full_like(g, offset & 0xFFFFFFFF), np.full_like(g, offset >> 32)
+    w = philox4x32_10((g & _LO32, g >> np.uint64(32), *off), (seed & 0xFFFFFFFF, seed >> 32))
+    u = [_uniform(x, dtype) for x in w]
+    out = np.empty((g1 - g0, 4))
+    for p in (0, 1):
+        r = np.sqrt(-2.0 * np.log(u[2 * p]))
+        angle = 2.0 * np.pi * u[2 * p + 1]
+        out[:, 2 * p], out[:, 2 * p + 1] = r * np.cos(angle), r * np.sin(angle)
+    flat = out.reshape(-1)[start - 4 * g0:start - 4 * g0 + numel]
+    return torch.from_numpy(flat.copy())
+
+
+def _listify(*args: Optional[TensorOrList]) -> tuple[list, bool]:
+    single = isinstance(args[0], Tensor)
+    return [([a] if single else list(a)) if a is not None else None for a in args], single
+
+
+def _noise_like(tensors: list[Tensor], seed: int, offset: int) -> list[Tensor]:
+    """The kernels' ε for a list, indexed over the concatenation of all its tensors."""
+    total = sum(t.numel() for t in tensors)
+    dtype = tensors[0].dtype if tensors else torch.float64
+    flat = normal(seed, offset, total, dtype)
+    out, pos = [], 0
+    for t in tensors:
+        out.append(flat[pos:pos + t.numel()].view(t.shape).to(t.device, t.dtype))
+        pos += t.numel()
+    return out
+
+
+def _unlist(single: bool, *lists: list):
+    res = tuple(x[0] if single else x for x in lists)
+    return res[0] if len(res) == 1 else res
+
+
+def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0) -> TensorOrList:
+    """θ = μ + exp(ρ)·ε."""
+    (mu, rho), single = _listify(mu, rho)
+    eps = _noise_like(mu, seed, offset)
+    return _unlist(single, [m + torch.exp(r) * e for m, r, e in zip(mu, rho, eps)])
+
+
+def kl_terms(mu: Tensor, rho: Tensor, mu0: Tensor, rho0: Tensor) -> Tensor:
+    """Element-wise KL(q‖p) of diagonal Gaussians."""
+    var0 = torch.exp(2 * rho0)
+    return rho0 - rho + (torch.exp(2 * rho) + (mu - mu0) ** 2) / (2 * var0) - 0.5
+
+
+def gaussian_kl(mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList,
+                rho0: TensorOrList) -> Tensor:
+    """Σ KL(q‖p) over every element of every tensor (a 0-dim tensor)."""
+    lists, _ = _listify(mu, rho, mu0, rho0)
+    terms = [kl_terms(*xs).sum() for xs in zip(*lists)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def elbo_grads(g: Tensor, mu: Tensor, rho: Tensor, mu0: Tensor, rho0: Tensor, eps: Tensor,
+               beta: float) -> tuple[Tensor, Tensor]:
+    """∂/∂μ, ∂/∂ρ of −ELBO = nll(θ) + β·KL for one tensor, given g = ∂nll/∂θ and ε."""
+    sigma, var0 = torch.exp(rho), torch.exp(2 * rho0)
+    return g + beta * (mu - mu0) / var0, g * eps * sigma + beta * (sigma**2 / var0 - 1)
+
+
+def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
+                  mu0: TensorOrList, rho0: TensorOrList, seed: int, offset: int = 0,
+                  beta: float = 1.0, eps: Optional[TensorOrList] = None):
+    """(∂/∂μ, ∂/∂ρ) of −ELBO; ε regenerated from (seed, offset) unless given."""
+    (g, mu, rho, mu0, rho0, eps), single = _listify(grad_theta, mu, rho, mu0, rho0, eps)
+    eps = eps if eps is not None else _noise_like(mu, seed, offset)
+    out = [elbo_grads(*xs, beta) for xs in zip(g, mu, rho, mu0, rho0, eps)]
+    return _unlist(single, [o[0] for o in out], [o[1] for o in out])
+
+
+def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: TensorOrList,
+                   mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
+                   seed: int, offset: int = 0, beta: float = 1.0,
+                   eps: Optional[TensorOrList] = None) -> None:
+    """:func:`elbo_backward` written into ``out_mu``, ``out_rho`` (eager, with temporaries)."""
+    (out_mu, out_rho, g, mu, rho, mu0, rho0, eps), _ = _listify(
+        out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, eps)
+    eps = eps if eps is not None else _noise_like(mu, seed, offset)
+    for om, orho, *xs in zip(out_mu, out_rho, g, mu, rho, mu0, rho0, eps):
+        dm, dr = elbo_grads(*xs, beta)
+        om.copy_(dm)
+        orho.copy_(dr)
+
+
+def gem_terms(mu0: Tensor, rho0: Tensor, mu_a: Tensor, rho_a: Tensor,
+              mu_b: Optional[Tensor] = None, rho_b: Optional[Tensor] = None
+              ) -> tuple[Tensor, Tensor]:
+    """ĝ for one tensor: GEM-BML, or GEM-BML+ when λ_b = (μ_b, ρ_b) is given."""
+    var0 = torch.exp(2 * rho0)
+    if mu_b is None:
+        return (mu_a - mu0) / var0, ((mu_a - mu0) ** 2 + torch.exp(2 * rho_a)) / var0 - 1
+    g_rho = ((mu_a - mu0) ** 2 + torch.exp(2 * rho_a) - (mu_b - mu0) ** 2
+             - torch.exp(2 * rho_b)) / var0
+    return (mu_a - mu_b) / var0, g_rho
+
+
+def gem_grad(mu0: TensorOrList, rho0: TensorOrList, mu_a: TensorOrList, rho_a: TensorOrList,
+             mu_b: Optional[TensorOrList] = None, rho_b: Optional[TensorOrList] = None):
+    """(ĝ_μ₀, ĝ_ρ₀), the Gradient-EM ascent direction."""
+    lists, single = _listify(mu0, rho0, mu_a, rho_a, mu_b, rho_b)
+    n = len(lists[0])
+    lists = [x if x is not None else [None] * n for x in lists]
+    out = [gem_terms(*xs) for xs in zip(*lists)]
+    return _unlist(single, [o[0] for o in out], [o[1] for o in out])
+
+
+def gem_grad_(g_mu0: TensorOrList, g_rho0: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
+              mu_a: TensorOrList, rho_a: TensorOrList, mu_b: Optional[TensorOrList] = None,
+              rho_b: Optional[TensorOrList] = None, weight: float = 1.0) -> None:
+    """Adds weight·ĝ into ``g_mu0``, ``g_rho0`` (eager, with temporaries)."""
+    (g_mu0, g_rho0), _ = _listify(g_mu0, g_rho0)
+    d_mu, d_rho = gem_grad(*(_listify(mu0, rho0, mu_a, rho_a, mu_b, rho_b)[0]))
+    for b, d in zip(g_mu0 + g_rho0, d_mu + d_rho):
+        b.add_(d, alpha=weight)
+

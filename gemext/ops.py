@@ -305,7 +305,7 @@ def _gem_backward(ctx, g_mu0, g_rho0):
         for k, gk in enumerate(vjp((g_mu0[i], g_rho0[i]))):
             grads[k].append(gk)
     if not plus:
-        grads += [None, None]
+        grads += [[], []]
     return tuple(grads)
 
 

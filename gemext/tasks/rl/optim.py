@@ -133,7 +133,7 @@ def trpo_step(params: ParamSet, loss_fn: Callable[[ParamSet], Tensor], kl_fn: Ca
     names, ts = _split(params)
     x0 = [t.detach().requires_grad_() for t in ts]
     loss0 = loss_fn(_join(names, x0))
-    g = _flat(torch.autograd.grad(loss0, x0))
+    g = _flat(torch.autograd.grad(loss0, x0, retain_graph=True))  # kl_fn may share loss_fn's graph
     kl_grad = _flat(torch.autograd.grad(kl_fn(_join(names, x0)), x0, create_graph=True))
 
     def fvp(v: Tensor) -> Tensor:

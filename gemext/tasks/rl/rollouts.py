@@ -43,14 +43,28 @@ class EpisodeBatch:
 
     def concat(self, other: "EpisodeBatch") -> "EpisodeBatch":
         """Episodes of both batches side by side (padded to the longer horizon), unprocessed."""
-        t = max(len(self.rewards), len(other.rewards))
+        return _combine([self, other], lambda xs: torch.cat(xs, dim=1), with_processed=False)
 
-        def cat(a: Tensor, b: Tensor) -> Tensor:
-            pad = lambda x: torch.cat([x, x.new_zeros((t - len(x),) + x.shape[1:])]) if len(x) < t else x
-            return torch.cat([pad(a), pad(b)], dim=1)
 
-        return EpisodeBatch(cat(self.observations, other.observations), cat(self.actions, other.actions),
-                            cat(self.rewards, other.rewards), cat(self.mask, other.mask))
+def stack(batches: list[EpisodeBatch]) -> EpisodeBatch:
+    """Batches of several tasks (same episode count) stacked on a new leading task dimension
+    [T_tasks, H, K, ...], padded to the longest horizon; used to vmap over the tasks."""
+    if len({b.num_episodes for b in batches}) != 1:
+        raise ValueError(f"stack: every batch needs the same number of episodes, got {[b.num_episodes for b in batches]}")
+    return _combine(batches, torch.stack, with_processed=True)
+
+
+def _combine(batches: list[EpisodeBatch], join, with_processed: bool) -> EpisodeBatch:
+    h = max(len(b.rewards) for b in batches)
+
+    def field(name: str) -> Tensor | None:
+        xs = [getattr(b, name) for b in batches]
+        if any(x is None for x in xs):
+            return None
+        return join([torch.cat([x, x.new_zeros((h - len(x),) + x.shape[1:])]) for x in xs])
+
+    names = ["observations", "actions", "rewards", "mask"] + (["returns", "advantages"] if with_processed else [])
+    return EpisodeBatch(*(field(n) for n in names))
 
 
 def _check_tm(rewards: Tensor, mask: Tensor, name: str) -> None:

@@ -30,41 +30,54 @@ std::vector<Chunk> make_chunks(const Table& t) {
   return chunks;
 }
 
+// Element loops carry no dependencies between iterations (outputs may only alias inputs
+// exactly); tell the vectoriser so instead of letting it version loops on 10 pointers.
+// (`omp simd` would do too, but it keeps the small per-element value arrays in memory.)
+#if defined(__clang__)
+#define GEMEXT_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define GEMEXT_IVDEP _Pragma("GCC ivdep")
+#else
+#define GEMEXT_IVDEP
+#endif
+
 // ε for global elements [g, g+n) into buf; returns the pointer to element g's ε.
 template <typename T> const T* fill_normals(const Rng& rng, int64_t g, int64_t n, T* buf) {
   const int64_t g0 = g >> 2, ngroups = ((g + n + 3) >> 2) - g0;
-#pragma omp simd
+  GEMEXT_IVDEP
   for (int64_t q = 0; q < ngroups; ++q) {
     T v[4];
     normals4(rng, static_cast<uint64_t>(g0 + q), v);
+    GEMEXT_UNROLL
     for (int k = 0; k < 4; ++k) buf[4 * q + k] = v[k];
   }
   return buf + (g - 4 * g0);
 }
 
+// One block of n elements; REDUCE ops leave their terms in `terms` and return their sum.
 template <class Op, typename T = typename Op::scalar>
 double run_block(const Op& op, const T* const (&in)[Op::NIN], T* const* out, int64_t n,
-                 const T* eps) {
+                 const T* eps, T* terms) {
   constexpr int NI = Op::NIN, NO = Op::NOUT > 0 ? Op::NOUT : 1;
-  if constexpr (Op::REDUCE) {
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) {
-      T v[NI], o[NO];
-      for (int k = 0; k < NI; ++k) v[k] = in[k][j];
-      s += static_cast<double>(op(v, o, T(0)));
-    }
-    return s;
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      T v[NI], o[NO];
-      for (int k = 0; k < NI; ++k) v[k] = in[k][j];
-      op(v, o, Op::EPS ? eps[j] : T(0));
+  GEMEXT_IVDEP
+  for (int64_t j = 0; j < n; ++j) {
+    T v[NI], o[NO];
+    GEMEXT_UNROLL
+    for (int k = 0; k < NI; ++k) v[k] = in[k][j];
+    const T term = op(v, o, Op::EPS ? eps[j] : T(0));
+    if constexpr (Op::REDUCE) {
+      terms[j] = term;
+    } else {
+      GEMEXT_UNROLL
       for (int k = 0; k < NO; ++k) out[k][j] = o[k];
     }
-    return 0.0;
   }
+  double s = 0;
+  if constexpr (Op::REDUCE) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += static_cast<double>(terms[j]);
+  }
+  return s;
 }
 
 }  // namespace
@@ -91,13 +104,13 @@ template <class Op> void cpu_run(Op op, const Table& t, Rng rng, int nthreads, v
     double acc = 0;
     for (int64_t b = 0; b < ch.len; b += kBlock) {
       const int64_t n = std::min(kBlock, ch.len - b);
-      const T* eps = nullptr;
+      const T* eps = nullptr;  // buf holds ε, or the terms of a reduction
       if constexpr (Op::EPS) eps = fill_normals(rng, t.gstart[ch.tensor] + ch.begin + b, n, buf);
       const T* inb[NI];
       T* outb[NO > 0 ? NO : 1] = {};
       for (int k = 0; k < NI; ++k) inb[k] = in[k] + b;
       for (int k = 0; k < NO; ++k) outb[k] = out[k] + b;
-      acc += run_block(op, inb, outb, n, eps);
+      acc += run_block(op, inb, outb, n, eps, buf);
     }
     if constexpr (Op::REDUCE) partial[c] = acc;
   }

@@ -23,6 +23,15 @@
 #else
 #define GEMEXT_HD inline __attribute__((always_inline))
 #endif
+// Fully unroll small constant loops: gcc only vectorises the outer element loop when the
+// inner loops (Philox rounds, pointer lists) have been flattened first.
+#if defined(__CUDA_ARCH__)
+#define GEMEXT_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__) && !defined(__clang__)
+#define GEMEXT_UNROLL _Pragma("GCC unroll 16")
+#else
+#define GEMEXT_UNROLL
+#endif
 
 namespace gemext {
 
@@ -141,8 +150,10 @@ template <typename T> GEMEXT_HD T log_(T x) {
   const U one = to_bits(T(1));
   const U sqrt_half = to_bits(static_cast<T>(0.70710678118654752440));
   const U mant_mask = (U(1) << F::MANT) - 1;
+  // Only selects of already computed values: a conditional multiply could trap, which stops
+  // gcc's if-conversion and with it vectorisation.
   const bool sub = x < F::MIN_NORMAL;
-  const T xs = sub ? x * from_bits<T>(static_cast<U>(F::MANT + F::BIAS) << F::MANT) : x;
+  const T xs = x * (sub ? from_bits<T>(static_cast<U>(F::MANT + F::BIAS) << F::MANT) : T(1));
   U ix = to_bits(xs) + (one - sqrt_half);
   const I k = static_cast<I>(ix >> F::MANT) - F::BIAS - (sub ? F::MANT : 0);
   ix = (ix & mant_mask) + sqrt_half;
@@ -152,10 +163,11 @@ template <typename T> GEMEXT_HD T log_(T x) {
   const T z = s * s;
   const T lm_tail = (s * z) * atanh_tail(z);  // log m - 2s
   T y = fma_(kf, F::LN2_HI, fma_(T(2), s, fma_(kf, F::LN2_LO, lm_tail)));
-  const T inf = from_bits<T>(static_cast<U>(2 * F::BIAS + 1) << F::MANT);
+  const U inf_bits = static_cast<U>(2 * F::BIAS + 1) << F::MANT;
+  const T inf = from_bits<T>(inf_bits), qnan = from_bits<T>(inf_bits | (U(1) << (F::MANT - 1)));
   y = x == inf ? inf : y;
   y = x == T(0) ? -inf : y;
-  y = x < T(0) ? inf - inf : y;  // NaN
+  y = x < T(0) ? qnan : y;
   return x != x ? x : y;
 }
 
@@ -207,6 +219,7 @@ GEMEXT_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
 }
 
 GEMEXT_HD void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
+  GEMEXT_UNROLL
   for (int r = 0; r < 10; ++r) {
     uint32_t hi0, lo0, hi1, lo1;
     mulhilo32(0xD2511F53u, c[0], hi0, lo0);
@@ -239,6 +252,7 @@ template <typename T> GEMEXT_HD void normals4(const Rng& rng, uint64_t g, T (&n)
   uint32_t c[4] = {static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
                    static_cast<uint32_t>(rng.offset), static_cast<uint32_t>(rng.offset >> 32)};
   philox4x32_10(c, static_cast<uint32_t>(rng.seed), static_cast<uint32_t>(rng.seed >> 32));
+  GEMEXT_UNROLL
   for (int p = 0; p < 2; ++p) {
     const T u0 = uniform_from_word(c[2 * p], T(0)), u1 = uniform_from_word(c[2 * p + 1], T(0));
     const T r = sqrt_(T(-2) * log_(u0));

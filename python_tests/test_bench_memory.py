@@ -1,0 +1,42 @@
+"""The memory/time-vs-inner-steps benchmark: CSV and plot from fresh worker processes."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from gemext import bench_memory
+
+
+def test_run_writes_csv_and_png(tmp_path, capsys):
+    path = bench_memory.run("sinusoid", ["reptile", "higher-nope"], [1, 2], tmp_path, repeats=1, meta_batch=2)
+    assert path == tmp_path / "memory.csv"
+    assert "skipping higher-nope" in capsys.readouterr().out
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["algo", "inner_steps", "peak_mem_mb", "time_per_iter_s"]
+    assert [(r["algo"], int(r["inner_steps"])) for r in rows] == [("reptile", 1), ("reptile", 2)]
+    for r in rows:
+        assert float(r["peak_mem_mb"]) >= 0 and 0 < float(r["time_per_iter_s"]) < 60
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_measure_vision_shapes_with_the_higher_peer():
+    pytest.importorskip("higher")
+    spec = {"task": "omniglot", "algo": "higher-maml", "inner_steps": 1, "device": "cpu", "repeats": 1,
+            "meta_batch": 1, "ways": 2, "shots": 1, "query": 1}
+    res = bench_memory.measure(spec)
+    assert set(res) == {"peak_mem_mb", "time_per_iter_s"}
+    assert math.isfinite(res["peak_mem_mb"]) and res["time_per_iter_s"] > 0
+
+
+def test_run_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        bench_memory.run("cifar", ["reptile"], [1], tmp_path)
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        bench_memory.run("sinusoid", ["nope"], [1], tmp_path)
+    with pytest.raises(ValueError, match="inner steps"):
+        bench_memory.run("sinusoid", ["reptile"], [0], tmp_path)
+    with pytest.raises(ValueError, match="nothing was measured"):
+        bench_memory.run("sinusoid", ["higher-nope"], [1], tmp_path)

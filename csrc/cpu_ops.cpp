@@ -10,6 +10,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 namespace gemext {
 namespace {
@@ -41,15 +44,71 @@ std::vector<Chunk> make_chunks(const Table& t) {
 #define GEMEXT_IVDEP
 #endif
 
-// ε for global elements [g, g+n) into buf; returns the pointer to element g's ε.
+constexpr int64_t kMaxGroups = kBlock / 4 + 8;  // groups touched by one block, rounded up
+
+#ifdef __AVX2__
+// 32x32 -> 64-bit products of 8 lanes, split into high and low words. gcc's auto-vectorised
+// version of the 64-bit product spends most of its time repacking lanes; this is 7 µops.
+inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// philox4x32_10 (gemext_math.h) for the 8 groups g .. g+7 at once.
+inline void philox_x8(const Rng& rng, uint64_t g, uint32_t* w0, uint32_t* w1, uint32_t* w2,
+                      uint32_t* w3) {
+  alignas(32) uint32_t lo[8], hi[8];
+  for (int l = 0; l < 8; ++l) {
+    lo[l] = static_cast<uint32_t>(g + l);
+    hi[l] = static_cast<uint32_t>((g + l) >> 32);
+  }
+  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+  __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
+  __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(c0, m0, hi0, lo0);
+    mulhilo8(c2, m1, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0), c0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1), c1);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w2), c2);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w3), c3);
+}
+#endif
+
+// ε for global elements [g, g+n) into buf; returns the pointer to element g's ε. Two passes:
+// Philox words (8 groups per AVX2 step) into a planar buffer, then Box-Muller, vectorised.
 template <typename T> const T* fill_normals(const Rng& rng, int64_t g, int64_t n, T* buf) {
   const int64_t g0 = g >> 2, ngroups = ((g + n + 3) >> 2) - g0;
+  alignas(32) uint32_t w[4][kMaxGroups];
+  int64_t q = 0;
+#ifdef __AVX2__
+  for (; q + 8 <= ngroups; q += 8)
+    philox_x8(rng, static_cast<uint64_t>(g0 + q), w[0] + q, w[1] + q, w[2] + q, w[3] + q);
+#endif
+  for (; q < ngroups; ++q) {
+    uint32_t c[4];
+    philox_counter(rng, static_cast<uint64_t>(g0 + q), c);
+    philox4x32_10(c, static_cast<uint32_t>(rng.seed), static_cast<uint32_t>(rng.seed >> 32));
+    for (int k = 0; k < 4; ++k) w[k][q] = c[k];
+  }
   GEMEXT_IVDEP
-  for (int64_t q = 0; q < ngroups; ++q) {
-    T v[4];
-    normals4(rng, static_cast<uint64_t>(g0 + q), v);
-    GEMEXT_UNROLL
-    for (int k = 0; k < 4; ++k) buf[4 * q + k] = v[k];
+  for (q = 0; q < ngroups; ++q) {
+    box_muller(w[0][q], w[1][q], buf[4 * q], buf[4 * q + 1]);
+    box_muller(w[2][q], w[3][q], buf[4 * q + 2], buf[4 * q + 3]);
   }
   return buf + (g - 4 * g0);
 }

@@ -247,20 +247,30 @@ GEMEXT_HD double uniform_from_word(uint32_t w, double) {
   return (wd + 0.5) * 0x1p-32;
 }
 
-// The four normals of Philox group g (global elements 4g .. 4g+3).
+// Box-Muller: two Philox words -> two normals (n0 = r cos 2πu1, n1 = r sin 2πu1).
+template <typename T> GEMEXT_HD void box_muller(uint32_t w0, uint32_t w1, T& n0, T& n1) {
+  const T r = sqrt_(T(-2) * log_(uniform_from_word(w0, T(0))));
+  T s, c;
+  sincos_turns(uniform_from_word(w1, T(0)), s, c);
+  n0 = r * c;
+  n1 = r * s;
+}
+
+// Philox counter of group g (global elements 4g .. 4g+3).
+GEMEXT_HD void philox_counter(const Rng& rng, uint64_t g, uint32_t (&c)[4]) {
+  c[0] = static_cast<uint32_t>(g);
+  c[1] = static_cast<uint32_t>(g >> 32);
+  c[2] = static_cast<uint32_t>(rng.offset);
+  c[3] = static_cast<uint32_t>(rng.offset >> 32);
+}
+
+// The four normals of Philox group g.
 template <typename T> GEMEXT_HD void normals4(const Rng& rng, uint64_t g, T (&n)[4]) {
-  uint32_t c[4] = {static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
-                   static_cast<uint32_t>(rng.offset), static_cast<uint32_t>(rng.offset >> 32)};
+  uint32_t c[4];
+  philox_counter(rng, g, c);
   philox4x32_10(c, static_cast<uint32_t>(rng.seed), static_cast<uint32_t>(rng.seed >> 32));
-  GEMEXT_UNROLL
-  for (int p = 0; p < 2; ++p) {
-    const T u0 = uniform_from_word(c[2 * p], T(0)), u1 = uniform_from_word(c[2 * p + 1], T(0));
-    const T r = sqrt_(T(-2) * log_(u0));
-    T s, co;
-    sincos_turns(u1, s, co);
-    n[2 * p] = r * co;
-    n[2 * p + 1] = r * s;
-  }
+  box_muller(c[0], c[1], n[0], n[1]);
+  box_muller(c[2], c[3], n[2], n[3]);
 }
 
 // ---------------------------------------------------------------- per-element formulas

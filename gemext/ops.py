@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _C
 from . import reference
@@ -142,44 +143,77 @@ def _launch(fn, like: Sequence[Tensor], *args) -> None:
            *args)
 
 
+def _plain_eager(tensors: Sequence[Tensor], grad_sensitive: bool) -> bool:
+    """True when running an op's implementation directly is indistinguishable from going
+    through the dispatcher: eager mode with plain tensors, no modes or functorch transforms,
+    and no autograd to record. The custom-op dispatch costs ~40-100 µs a call, which
+    dominates the VI loop of small models."""
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or _get_current_dispatch_mode() is not None
+            or torch._C._functorch.maybe_current_level() is not None):
+        return False
+    grad = grad_sensitive and torch.is_grad_enabled()
+    return all(type(t) is Tensor and not (grad and t.requires_grad) for t in tensors)
+
+
+def _call(op, impl, *args, differentiable: bool, mutated: Sequence[list[Tensor]] = ()):
+    """``op(*args)``, or ``impl(*args)`` on the eager fast path (bumping the version counters
+    of mutated tensors as the dispatcher would)."""
+    tensors = [t for a in args if isinstance(a, list) for t in a]
+    if not _plain_eager(tensors, differentiable or bool(mutated)):
+        return op(*args)
+    out = impl(*args)
+    for ts in mutated:
+        for t in ts:
+            torch.autograd.graph.increment_version(t)
+    return out
+
+
 def _empty_like(ts: Sequence[Tensor]) -> list[Tensor]:
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("gemext::sample", mutates_args=())
-def _sample(mu: list[Tensor], rho: list[Tensor], seed: int, offset: int) -> list[Tensor]:
+def _sample_impl(mu: list[Tensor], rho: list[Tensor], seed: int, offset: int) -> list[Tensor]:
     theta = _empty_like(mu)
     _launch(_C.sample, mu, _ptrs(mu), _ptrs(rho), _ptrs(theta), _numels(mu), seed, offset)
     return theta
 
 
-@torch.library.custom_op("gemext::reparam_grad", mutates_args=())
-def _reparam_grad(grad: list[Tensor], rho: list[Tensor], seed: int, offset: int) -> list[Tensor]:
+_sample = torch.library.custom_op("gemext::sample", _sample_impl, mutates_args=())
+
+
+def _reparam_grad_impl(grad: list[Tensor], rho: list[Tensor], seed: int, offset: int) -> list[Tensor]:
     drho = _empty_like(rho)
     _launch(_C.reparam_grad, rho, _ptrs(grad), _ptrs(rho), _ptrs(drho), _numels(rho), seed, offset)
     return drho
 
 
-@torch.library.custom_op("gemext::elbo_backward_", mutates_args=("out_mu", "out_rho"))
-def _elbo_backward_(out_mu: list[Tensor], out_rho: list[Tensor], grad_theta: list[Tensor],
+_reparam_grad = torch.library.custom_op("gemext::reparam_grad", _reparam_grad_impl, mutates_args=())
+
+
+def _elbo_backward__impl(out_mu: list[Tensor], out_rho: list[Tensor], grad_theta: list[Tensor],
                     mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
                     seed: int, offset: int, beta: float) -> None:
     _launch(_C.elbo_backward, mu, _ptrs(grad_theta), _ptrs(mu), _ptrs(rho), _ptrs(mu0),
             _ptrs(rho0), _ptrs(out_mu), _ptrs(out_rho), _numels(mu), seed, offset, beta)
 
 
-@torch.library.custom_op("gemext::elbo_backward", mutates_args=())
-def _elbo_backward(grad_theta: list[Tensor], mu: list[Tensor], rho: list[Tensor],
+_elbo_backward_ = torch.library.custom_op("gemext::elbo_backward_", _elbo_backward__impl, mutates_args=("out_mu", "out_rho"))
+
+
+def _elbo_backward_impl(grad_theta: list[Tensor], mu: list[Tensor], rho: list[Tensor],
                    mu0: list[Tensor], rho0: list[Tensor], seed: int, offset: int,
                    beta: float) -> tuple[list[Tensor], list[Tensor]]:
     out_mu, out_rho = _empty_like(mu), _empty_like(rho)
-    _elbo_backward_(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta)
+    _elbo_backward__impl(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta)
     return out_mu, out_rho
 
 
-@torch.library.custom_op("gemext::gaussian_kl", mutates_args=())
-def _gaussian_kl(mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor],
+_elbo_backward = torch.library.custom_op("gemext::elbo_backward", _elbo_backward_impl, mutates_args=())
+
+
+def _gaussian_kl_impl(mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor],
                  rho0: list[Tensor]) -> Tensor:
     out = mu[0].new_empty(())
     _launch(_C.gaussian_kl, mu, _ptrs(mu), _ptrs(rho), _ptrs(mu0), _ptrs(rho0), _numels(mu),
@@ -187,8 +221,10 @@ def _gaussian_kl(mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor],
     return out
 
 
-@torch.library.custom_op("gemext::gaussian_kl_backward", mutates_args=())
-def _gaussian_kl_backward(mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor],
+_gaussian_kl = torch.library.custom_op("gemext::gaussian_kl", _gaussian_kl_impl, mutates_args=())
+
+
+def _gaussian_kl_backward_impl(mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor],
                           rho0: list[Tensor], grad: Tensor
                           ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     outs = [_empty_like(mu) for _ in range(4)]
@@ -198,8 +234,10 @@ def _gaussian_kl_backward(mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor]
     return tuple(outs)
 
 
-@torch.library.custom_op("gemext::gem_grad_", mutates_args=("g_mu0", "g_rho0"))
-def _gem_grad_(g_mu0: list[Tensor], g_rho0: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
+_gaussian_kl_backward = torch.library.custom_op("gemext::gaussian_kl_backward", _gaussian_kl_backward_impl, mutates_args=())
+
+
+def _gem_grad__impl(g_mu0: list[Tensor], g_rho0: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
                mu_a: list[Tensor], rho_a: list[Tensor], mu_b: list[Tensor], rho_b: list[Tensor],
                weight: float) -> None:
     """``mu_b == []`` selects GEM-BML, otherwise GEM-BML+."""
@@ -207,13 +245,18 @@ def _gem_grad_(g_mu0: list[Tensor], g_rho0: list[Tensor], mu0: list[Tensor], rho
             _ptrs(rho_b), _ptrs(g_mu0), _ptrs(g_rho0), _numels(mu0), weight, True)
 
 
-@torch.library.custom_op("gemext::gem_grad", mutates_args=())
-def _gem_grad(mu0: list[Tensor], rho0: list[Tensor], mu_a: list[Tensor], rho_a: list[Tensor],
+_gem_grad_ = torch.library.custom_op("gemext::gem_grad_", _gem_grad__impl, mutates_args=("g_mu0", "g_rho0"))
+
+
+def _gem_grad_impl(mu0: list[Tensor], rho0: list[Tensor], mu_a: list[Tensor], rho_a: list[Tensor],
               mu_b: list[Tensor], rho_b: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     g_mu0, g_rho0 = _empty_like(mu0), _empty_like(rho0)
     _launch(_C.gem_grad, mu0, _ptrs(mu0), _ptrs(rho0), _ptrs(mu_a), _ptrs(rho_a), _ptrs(mu_b),
             _ptrs(rho_b), _ptrs(g_mu0), _ptrs(g_rho0), _numels(mu0), 1.0, False)
     return g_mu0, g_rho0
+
+
+_gem_grad = torch.library.custom_op("gemext::gem_grad", _gem_grad_impl, mutates_args=())
 
 
 # fake (meta) implementations: shapes only, for torch.compile / FakeTensor tracing
@@ -322,7 +365,8 @@ def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0) -> T
     seed, offset = _check_int("sample", "seed", seed), _check_int("sample", "offset", offset)
     if not lists["mu"]:
         return []
-    theta = _sample(lists["mu"], lists["rho"], seed, offset)
+    theta = _call(_sample, _sample_impl, lists["mu"], lists["rho"], seed, offset,
+                  differentiable=True)
     return theta[0] if single else theta
 
 
@@ -333,7 +377,7 @@ def gaussian_kl(mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList,
     lists, _ = _validate("gaussian_kl", "mu", mu=mu, rho=rho, mu0=mu0, rho0=rho0)
     if not lists["mu"]:
         return torch.zeros(())
-    return _gaussian_kl(lists["mu"], lists["rho"], lists["mu0"], lists["rho0"])
+    return _call(_gaussian_kl, _gaussian_kl_impl, *lists.values(), differentiable=True)
 
 
 def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
@@ -348,7 +392,8 @@ def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
     beta = _check_real("elbo_backward", "beta", beta)
     if not lists["mu"]:
         return [], []
-    d_mu, d_rho = _elbo_backward(*lists.values(), seed, offset, beta)
+    d_mu, d_rho = _call(_elbo_backward, _elbo_backward_impl, *lists.values(), seed, offset, beta,
+                        differentiable=False)
     return (d_mu[0], d_rho[0]) if single else (d_mu, d_rho)
 
 
@@ -363,7 +408,8 @@ def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: Tens
     offset = _check_int("elbo_backward_", "offset", offset)
     beta = _check_real("elbo_backward_", "beta", beta)
     if lists["mu"]:
-        _elbo_backward_(*lists.values(), seed, offset, beta)
+        _call(_elbo_backward_, _elbo_backward__impl, *lists.values(), seed, offset, beta,
+              differentiable=False, mutated=(lists["out_mu"], lists["out_rho"]))
 
 
 def _gem_lists(op: str, mu0, rho0, mu_a, rho_a, mu_b, rho_b, **buffers):
@@ -385,7 +431,8 @@ def gem_grad(mu0: TensorOrList, rho0: TensorOrList, mu_a: TensorOrList, rho_a: T
     lists, single = _gem_lists("gem_grad", mu0, rho0, mu_a, rho_a, mu_b, rho_b)
     if not lists["mu0"]:
         return [], []
-    g_mu0, g_rho0 = _gem_grad(*(lists[k] for k in ("mu0", "rho0", "mu_a", "rho_a", "mu_b", "rho_b")))
+    args = [lists[k] for k in ("mu0", "rho0", "mu_a", "rho_a", "mu_b", "rho_b")]
+    g_mu0, g_rho0 = _call(_gem_grad, _gem_grad_impl, *args, differentiable=True)
     return (g_mu0[0], g_rho0[0]) if single else (g_mu0, g_rho0)
 
 
@@ -398,5 +445,7 @@ def gem_grad_(g_mu0: TensorOrList, g_rho0: TensorOrList, mu0: TensorOrList, rho0
                           g_mu0=g_mu0, g_rho0=g_rho0)
     weight = _check_real("gem_grad_", "weight", weight)
     if lists["mu0"]:
-        _gem_grad_(*(lists[k] for k in ("g_mu0", "g_rho0", "mu0", "rho0", "mu_a", "rho_a",
-                                         "mu_b", "rho_b")), weight)
+        args = [lists[k] for k in ("g_mu0", "g_rho0", "mu0", "rho0", "mu_a", "rho_a", "mu_b",
+                                   "rho_b")]
+        _call(_gem_grad_, _gem_grad__impl, *args, weight, differentiable=False,
+              mutated=(lists["g_mu0"], lists["g_rho0"]))

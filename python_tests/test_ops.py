@@ -373,3 +373,13 @@ def test_cuda_autograd_inplace_and_long_lists():
     e_mu, e_rho = R.gem_grad(mu0, rho0, [m.detach() for m in mu], rho)
     for a, e in zip(buf + buf2, e_mu + e_rho):
         torch.testing.assert_close(a, 1 + 2 * e)
+
+
+def test_inplace_ops_bump_version_counters():
+    """The eager fast path (no dispatcher) must still tell autograd that buffers changed."""
+    a = [torch.randn(3), torch.randn(4)]
+    buf, buf2 = [torch.zeros(3), torch.zeros(4)], [torch.zeros(3), torch.zeros(4)]
+    before = [t._version for t in buf + buf2]
+    ops.gem_grad_(buf, buf2, a, a, a, a)
+    ops.elbo_backward_(buf, buf2, a, a, a, a, a, 1, 0)
+    assert all(t._version >= v + 2 for t, v in zip(buf + buf2, before))

@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from . import gem  # noqa: F401  (registers gem-bml, gem-bml+, reptile)
+from . import maml  # noqa: F401  (registers maml, fomaml, imaml)
 from .base import _REGISTRY, BayesianPredictor, FunctionalNet, MetaLearner, register
 
 __all__ = ["create", "names", "register", "MetaLearner", "BayesianPredictor", "FunctionalNet"]

@@ -102,11 +102,8 @@ class BayesianPredictor:
     @torch.no_grad()
     def predict(self, x: torch.Tensor):
         xb = x.unsqueeze(0) if self.squeeze else x
-        S = 1 if self.delta else self.samples
-        seed = ops.new_seed(self.generator)
         outs, lik_params = [], []
-        for s in range(S):
-            theta = self.posterior.mu if self.delta else ops.sample(self.posterior.mu, self.posterior.rho, seed, s)
+        for theta in self._draws():
             outs.append(self.net(list(theta), xb))
             lik_params.append(dict(zip(self.posterior.names, theta)))
         outs_t = torch.stack(outs)
@@ -118,6 +115,15 @@ class BayesianPredictor:
             probs = self.likelihood.predictive(outs_t)
             return probs[0] if self.squeeze else probs
         raise TypeError(f"no predictive rule for likelihood {type(self.likelihood).__name__}")
+
+    def _draws(self):
+        """The parameter sets the prediction averages over (stacked over tasks): the posterior
+        mean for a delta posterior, else `samples` reparameterised draws. Subclasses (particle
+        posteriors) override it."""
+        seed = ops.new_seed(self.generator)  # drawn in both cases: the generator's stream is unchanged
+        if self.delta:
+            return [self.posterior.mu]
+        return [ops.sample(self.posterior.mu, self.posterior.rho, seed, s) for s in range(self.samples)]
 
     @staticmethod
     def _bcast(p: dict[str, torch.Tensor], mean_shape: torch.Size) -> dict[str, torch.Tensor]:

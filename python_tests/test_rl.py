@@ -285,3 +285,100 @@ def test_mujoco_smoke_collect_process_update():
     with rl.RolloutCollector("halfcheetah-vel", num_envs=2, horizon=5, seed=0) as col:
         b = col.collect(col.make_policy(hidden=(16,)), None, {"velocity": 0.5}, 2)
     assert b.num_steps == 10 and torch.isfinite(b.rewards).all()
+
+
+# ---------------------------------------------------------------- meta-RL (gemext.tasks.rl.meta)
+TINY = dict(episodes=3, meta_batch=2, horizon=12, hidden=[8, 8], num_envs=3, eval_tasks=2, eval_episodes=3,
+            eval_steps=1)
+
+
+def _run(tmp_path, algo, iterations=2, task="nav2d", **kw):
+    from gemext.train import RunConfig
+
+    return RunConfig(task=task, algo=algo, iterations=iterations, out=str(tmp_path / algo), log_every=1,
+                     checkpoint_every=1, meta_lr=1e-2, algo_options={**TINY, **kw})
+
+
+@pytest.mark.parametrize("algo", ["gem-bml", "gem-bml+", "reptile", "maml"])
+def test_train_eval_nav2d_end_to_end(tmp_path, algo):
+    import json
+
+    from gemext.tasks.rl.meta import eval_rl, train_rl
+
+    run = train_rl(_run(tmp_path, algo), progress=False)
+    for f in ("config.json", "checkpoint.pt", "log.csv", "metrics.json"):
+        assert (run / f).exists(), f
+    m = eval_rl(run)
+    assert {"task", "algo", "seed", "iterations", "wall_s", "return_by_step"} <= set(m)
+    assert m["algo"] == algo and m["iterations"] == 2 and len(m["return_by_step"]) == 2
+    assert all(math.isfinite(r) for r in m["return_by_step"])
+    assert json.loads((run / "metrics.json").read_text())["return_by_step"] == m["return_by_step"]
+    assert (run / "return_vs_steps.png").exists() and (run / "trajectories.png").exists()
+
+
+def test_resume_continues_exactly(tmp_path):
+    from gemext.tasks.rl.meta import train_rl
+
+    full = _run(tmp_path / "a", "gem-bml+")
+    train_rl(full, progress=False)
+    part = _run(tmp_path / "b", "gem-bml+", )
+    part.iterations = 1
+    train_rl(part, progress=False)
+    part.iterations = 2
+    train_rl(part, resume=True, progress=False)
+    a = torch.load(tmp_path / "a/gem-bml+/checkpoint.pt", weights_only=False)["learner"]["learner"]
+    b = torch.load(tmp_path / "b/gem-bml+/checkpoint.pt", weights_only=False)["learner"]["learner"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_point_posterior_vi_step_equals_policy_gradient_step():
+    # Reptile's inner fit (core VI loop, delta posterior, SGD lr = inner_lr / s on s·L_PG) must move
+    # μ exactly like one REINFORCE step of size inner_lr, task by task (vmapped likelihood).
+    from gemext.tasks.rl.meta import build_rl
+
+    settings, sampler, learner = build_rl("nav2d", "reptile", dict(TINY), 0, 1e-2)
+    tasks = rl.sample_tasks("nav2d", 2, 1)
+    mu0 = {n: m.detach() for n, m in zip(learner.names, learner.learner.prior.mu0)}
+    batches = [sampler.rollouts(mu0, t) for t in tasks]
+    fitted = learner._fit(batches, learner.learner.prior.expand(2), learner.learner._start(2), 1).posterior
+    for i, b in enumerate(batches):
+        expect = rl.reinforce_step(sampler.policy, mu0, b, settings.inner_lr)
+        for n, m in zip(learner.names, fitted.task(i).mu):
+            torch.testing.assert_close(m, expect[n], rtol=1e-5, atol=1e-6)
+    sampler.collector.close()
+
+
+def test_maml_inner_step_is_differentiable_like_finite_differences():
+    torch.manual_seed(0)
+    pol = rl.GaussianMLPPolicy(2, 2, hidden=(4,)).double()
+    b, q = (rl.process(EpisodeBatch(torch.randn(6, 3, 2, dtype=torch.float64), torch.randn(6, 3, 2, dtype=torch.float64),
+                                    torch.randn(6, 3, dtype=torch.float64), torch.ones(6, 3, dtype=torch.float64)))
+            for _ in range(2))
+    params = {k: v.detach().requires_grad_() for k, v in pol.named_parameters()}
+
+    def outer(p):
+        return rl.pg_surrogate(pol, rl.reinforce_step(pol, p, b, 0.5, create_graph=True), q)
+
+    grads = torch.autograd.grad(outer(params), list(params.values()))
+    d = {k: torch.randn_like(v) for k, v in params.items()}
+    eps = 1e-6
+    fd = (outer({k: v + eps * d[k] for k, v in params.items()}) - outer({k: v - eps * d[k] for k, v in params.items()})) / (2 * eps)
+    assert sum((g * d[k]).sum() for g, k in zip(grads, params)).item() == pytest.approx(fd.item(), rel=1e-5)
+
+
+def test_rl_options_are_validated(tmp_path):
+    from gemext.tasks.rl.meta import train_rl
+
+    with pytest.raises(ValueError, match="unknown RL option"):
+        train_rl(_run(tmp_path, "maml", episodez=3), progress=False)
+    with pytest.raises(ValueError, match="not available for RL"):
+        train_rl(_run(tmp_path, "abml"), progress=False)
+
+
+@needs_mujoco
+def test_mujoco_meta_training_smoke(tmp_path):
+    from gemext.tasks.rl.meta import eval_rl, train_rl
+
+    run = train_rl(_run(tmp_path, "gem-bml+", iterations=1, task="halfcheetah-dir", horizon=8), progress=False)
+    assert len(eval_rl(run, plots=False)["return_by_step"]) == 2

@@ -1,4 +1,5 @@
-"""Rollout-collector throughput: `python -m gemext.tasks.rl.bench [--tasks nav2d,halfcheetah-vel]`.
+"""Rollout-collector throughput: `python -m gemext.tasks.rl.bench [--tasks nav2d,halfcheetah-vel]`;
+meta-RL comparison: `python -m gemext.tasks.rl.bench compare --algos maml,gem-bml+ --iterations 30`.
 
 Prints environment steps per second (policy sampling included: the 2×100 Gaussian MLP) for
 SyncVectorEnv and AsyncVectorEnv pools of several sizes, collecting `--episodes` full episodes
@@ -32,7 +33,41 @@ def throughput(task: str, mode: str, num_envs: int, episodes: int, repeats: int 
     return statistics.median(rates)
 
 
+def compare(argv: list[str]) -> None:
+    """Train and meta-test one run per algorithm with the same budget; one figure for all."""
+    from pathlib import Path
+
+    from ...train import RunConfig
+    from .meta import eval_rl, plot_return_comparison, train_rl
+
+    ap = argparse.ArgumentParser(prog="bench compare")
+    ap.add_argument("--task", default="nav2d")
+    ap.add_argument("--algos", default="maml,gem-bml+,gem-bml,reptile")
+    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--meta-lr", type=float, default=1e-2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--options", type=json.loads, default={})
+    ap.add_argument("--out", default="benchmarks/out/rl")
+    args = ap.parse_args(argv)
+    runs = []
+    for algo in args.algos.split(","):
+        run = Path(args.out) / f"{args.task}-{algo}"
+        train_rl(RunConfig(task=args.task, algo=algo, iterations=args.iterations, seed=args.seed, out=str(run),
+                           meta_lr=args.meta_lr, log_every=5, checkpoint_every=10, algo_options=args.options),
+                 progress=False)
+        m = eval_rl(run)
+        print(json.dumps({k: m[k] for k in ("algo", "iterations", "wall_s", "env_steps", "return_by_step",
+                                            "return_ci95_by_step", "eval_tasks")}), flush=True)
+        runs.append(run)
+    plot_return_comparison(runs, Path(args.out) / f"{args.task}_return_vs_steps.png", f"{args.task} meta-test")
+
+
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", default="nav2d,halfcheetah-vel")
     ap.add_argument("--episodes", type=int, default=40)

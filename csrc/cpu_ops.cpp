@@ -1,5 +1,6 @@
 // CPU driver: the flat work of all tensors is cut into fixed chunks, chunks are split over
-// OpenMP threads, and each chunk runs the op's element function in `omp simd` loops over
+// OpenMP threads (dynamically: on a shared machine a descheduled thread must not hold up the
+// others), and each chunk runs the op's element function in `omp simd` loops over
 // blocks whose ε is first generated into an L1-resident buffer. Fixed chunks make the
 // reduction (per-chunk double partials summed in chunk order) independent of the thread count.
 #include <algorithm>
@@ -152,7 +153,7 @@ template <class Op> void cpu_run(Op op, const Table& t, Rng rng, int nthreads, v
   std::vector<double> partial(Op::REDUCE ? chunks.size() : 0);
   const bool parallel = t.total() >= kParallelMin && nthreads > 1;
   (void)parallel;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (parallel)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (parallel)
   for (int64_t c = 0; c < nchunks; ++c) {
     const Chunk& ch = chunks[c];
     const T* in[NI];

@@ -313,9 +313,11 @@ template <typename T> struct ElboBackwardOp : OpBase<T> {
   T beta;
   GEMEXT_HD T operator()(const T* v, T* o, T eps) const {
     const T g = v[0], mu = v[1], rho = v[2], mu0 = v[3], rho0 = v[4];
-    const T inv_var0 = exp_(T(-2) * rho0);
+    const T inv_var0 = exp_(T(-2) * rho0), sigma = exp_(rho);
+    // σ²/σ₀² as (σ/σ₀²)·σ saves an exp; the intermediate only over/underflows early when
+    // |ρ₀| > 43 (float32), i.e. σ₀ outside [1e-19, 1e19].
     o[0] = fma_(beta, (mu - mu0) * inv_var0, g);
-    o[1] = fma_(beta, exp_(T(2) * (rho - rho0)) - T(1), (g * eps) * exp_(rho));
+    o[1] = fma_(beta, (sigma * inv_var0) * sigma - T(1), (g * eps) * sigma);
     return T(0);
   }
 };

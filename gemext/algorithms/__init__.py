@@ -7,6 +7,8 @@ from torch import nn
 
 from . import gem  # noqa: F401  (registers gem-bml, gem-bml+, reptile)
 from . import maml  # noqa: F401  (registers maml, fomaml, imaml)
+from . import elbo  # noqa: F401  (registers abml, pmaml-elbo)
+from . import chaser  # noqa: F401  (registers kl-chaser, bmaml)
 from .base import _REGISTRY, BayesianPredictor, FunctionalNet, MetaLearner, register
 
 __all__ = ["create", "names", "register", "MetaLearner", "BayesianPredictor", "FunctionalNet"]

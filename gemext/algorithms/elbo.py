@@ -1,0 +1,182 @@
+"""ELBO-gradient learners: back-propagation through variational inference (the first row of the
+paper's matrix). Meta-parameters Θ = (μ₀, ρ₀) of a diagonal Gaussian prior, as in GEMLearner.
+
+Per task, λ_K(Θ) = VI(Θ, D_support) is K differentiable steps on −ELBO(λ) = E_q[nll(D_s|θ)] +
+β·KL(q_λ‖p_Θ) from λ₀ = Θ, with reparameterised samples θ = μ + σ·ε (ε from the fused kernels'
+Philox stream, the same ε `gemext.vi.fit` draws for the same seed, so meta-test adaptation with the
+fused `fit` follows the same update). The step is plain SGD on (μ, ρ), or natural-gradient VI
+(μ ← μ − lr·σ²·∂μ, ρ ← ρ − lr/2·∂ρ, as `gemext.vi.NaturalGradientVI`). The fused `sample` and
+`gaussian_kl` have first-order backward formulas only, so inside the unrolled loop (which needs
+the gradient of a gradient) θ = μ + σ·ε and the KL are written as differentiable torch
+composites; the meta-loss at λ_K uses the fused ops.
+
+- `abml` (Ravi & Beatson 2019, loss L[1]): meta-loss −ELBO(λ_K; D_support ∪ D_query) =
+  E_{q_λK}[nll(D_all)] + β·KL(q_λK ‖ p_Θ), differentiated through the VI steps (their eq. 4).
+- `pmaml-elbo` (loss L[2]): meta-loss E_{q_λK}[nll(D_query)], the ELBO of log p(D_query | D_support)
+  whose variational distribution is the support posterior itself (so its KL to p(θ | D_support)
+  ≈ q_λK vanishes), differentiated through the VI steps.
+Memory grows with the inner steps (the unrolled graph), unlike the Gradient-EM learners.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import ops, reference
+from ..gaussian import GaussianPrior, Posterior
+from ..tasks import Task
+from ..vi import VIConfig, fit
+from .base import BayesianPredictor, register
+from .gem import _vi_config
+from .maml import FunctionalLearner, Params
+
+_DIFFERENTIABLE_VI = ("sgd", "ngvi")
+
+
+class VILearner(FunctionalLearner):
+    """Shared by the ELBO-gradient and KL-chaser learners: a Gaussian prior over the model's
+    parameters and a differentiable, task-vectorised VI inner loop.
+
+    Options: sigma0 (initial prior std, default 0.05), inner (VIConfig or dict; optimizer "ngvi"
+    (default, lr 0.2) or "sgd"; steps, lr, mc_samples, beta), inner_steps, lr, beta, mc_samples,
+    likelihood (GaussianLikelihood(0.5) default), bayesian, vectorize, predict_samples, seed."""
+
+    def __init__(self, model: nn.Module, sigma0: float = 0.05, inner: VIConfig | dict | None = None,
+                 inner_steps: int | None = None, lr: float | None = None, beta: float | None = None,
+                 mc_samples: int | None = None, likelihood: nn.Module | None = None, bayesian=None,
+                 vectorize: bool | str = "auto", predict_samples: int = 20, seed: int = 0) -> None:
+        super().__init__()
+        if inner is None:
+            inner = VIConfig(steps=5, optimizer="ngvi", lr=0.2)
+        self.inner = _vi_config(inner, steps=inner_steps, lr=lr, beta=beta, mc_samples=mc_samples)
+        opt = self.inner.optimizer
+        if not (isinstance(opt, str) and opt.lower() in _DIFFERENTIABLE_VI):
+            raise ValueError(f"{self.name}: the differentiable VI supports optimizer 'sgd' or 'ngvi', got {opt!r}")
+        extra = set(self.inner.optimizer_kwargs) - ({"rho_lr"} if opt.lower() == "ngvi" else set())
+        if extra or self.inner.batch_size is not None:
+            raise ValueError(f"{self.name}: the differentiable VI takes no optimizer_kwargs {sorted(extra)} "
+                             "and no batch_size")
+        self._take_over(model, likelihood, seed, predict_samples)
+        self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian)
+        self._finish_take_over(self.prior.names, vectorize)
+
+    # -- differentiable VI --------------------------------------------------------------------------
+    def _vi(self, x, y, mu0: Params, rho0: Params, steps: int, create_graph: bool
+            ) -> tuple[Params, Params, float]:
+        """K steps of VI from λ = prior on a stacked batch; prior tensors without a task dimension
+        (μ₀, ρ₀, possibly graph-connected). Returns (μ_K, ρ_K, last data term)."""
+        T, cfg = x.shape[0], self.inner
+        pm = [m.unsqueeze(0).expand(T, *m.shape) for m in mu0]
+        pr = [r.unsqueeze(0).expand(T, *r.shape) for r in rho0]
+        if not create_graph:
+            pm, pr = [m.detach() for m in pm], [r.detach() for r in pr]
+        mu, rho = [m.clone() for m in pm], [r.clone() for r in pr]  # distinct from the prior's nodes
+        ngvi = cfg.optimizer.lower() == "ngvi"
+        rho_lr = cfg.optimizer_kwargs.get("rho_lr", cfg.lr)
+        S, last = cfg.mc_samples, float("nan")
+        with torch.enable_grad():
+            for _ in range(steps):
+                if not create_graph:
+                    mu = [m.detach().requires_grad_(True) for m in mu]
+                    rho = [r.detach().requires_grad_(True) for r in rho]
+                seed = ops.new_seed(self.generator)
+                data = 0.0
+                for s in range(S):
+                    eps = self._eps(mu, seed, s)
+                    data = data + self._nll([m + r.exp() * e for m, r, e in zip(mu, rho, eps)], x, y) / S
+                kl = sum(reference.kl_terms(m, r, m0, r0).sum() for m, r, m0, r0 in zip(mu, rho, pm, pr))
+                g = torch.autograd.grad(data + cfg.beta * kl, mu + rho, create_graph=create_graph)
+                g_mu, g_rho = g[:len(mu)], g[len(mu):]
+                if ngvi:
+                    mu = [m - cfg.lr * torch.exp(2 * r) * gm for m, r, gm in zip(mu, rho, g_mu)]
+                    rho = [r - 0.5 * rho_lr * gr for r, gr in zip(rho, g_rho)]
+                else:
+                    mu = [m - cfg.lr * gm for m, gm in zip(mu, g_mu)]
+                    rho = [r - cfg.lr * gr for r, gr in zip(rho, g_rho)]
+                last = float(data.detach())
+        if not create_graph:
+            mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]
+        return mu, rho, last
+
+    @staticmethod
+    @torch.no_grad()
+    def _eps(like: Params, seed: int, offset: int) -> Params:
+        """The kernels' ε for tensors shaped like `like` (θ = 0 + 1·ε)."""
+        zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in like]
+        return ops.sample(zeros, zeros, seed, offset)
+
+    def _expected_nll(self, mu: Params, rho: Params, x, y) -> torch.Tensor:
+        """E_q[nll] by `mc_samples` draws of the fused `sample` op (first-order differentiable)."""
+        seed = ops.new_seed(self.generator)
+        S = self.inner.mc_samples
+        return sum(self._nll(ops.sample(mu, rho, seed, s), x, y) for s in range(S)) / S
+
+    def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None):
+        """The fused, graph-free VI of gemext.vi (same update and ε stream as `_vi`)."""
+        cfg = replace(self.inner, steps=steps)
+        return fit(lambda th, idx: self._nll(th, x, y), x.shape[1], prior, init, cfg, self.generator,
+                   callback=callback)
+
+    # -- meta-testing -------------------------------------------------------------------------------
+    def _predictor(self, posterior: Posterior, squeeze: bool) -> BayesianPredictor:
+        return BayesianPredictor(self.forward_net, self.net.likelihood, posterior, squeeze,
+                                 self.predict_samples, self.generator)
+
+    def adapt(self, support, steps: int | None = None) -> BayesianPredictor:
+        x, y, squeeze = self._prepare_support(support)
+        prior = self.prior.expand(x.shape[0])
+        res = self._fit(x, y, prior, prior, self.inner.steps if steps is None else steps)
+        return self._predictor(res.posterior, squeeze)
+
+    def adapt_path(self, support, steps: int) -> list[BayesianPredictor]:
+        x, y, squeeze = self._prepare_support(support)
+        prior = self.prior.expand(x.shape[0])
+        path: list[BayesianPredictor] = []
+        self._fit(x, y, prior, prior, steps, callback=lambda k, p: path.append(self._predictor(p.clone(), squeeze)))
+        return path
+
+
+class ELBOLearner(VILearner):
+    """ABML (`abml`, L[1]) and the ELBO-gradient L[2] cell (`pmaml-elbo`); see the module docstring
+    and VILearner for the options."""
+
+    def __init__(self, model: nn.Module, variant: str = "abml", **options: Any) -> None:
+        if variant not in ("abml", "pmaml-elbo"):
+            raise ValueError(f"ELBOLearner: unknown variant {variant!r}")
+        self.name = self.variant = variant
+        super().__init__(model, **options)
+
+    def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
+        b = self._batch(tasks)
+        T = len(b)
+        mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
+        mu, rho, nll_s = self._vi(b.x_support, b.y_support, mu0, rho0, self.inner.steps, create_graph=True)
+        stats = {"nll_support": nll_s / (T * b.x_support.shape[1])}
+        with torch.enable_grad():
+            if self.variant == "abml":
+                x, y = b.joint()
+                data = self._expected_nll(mu, rho, x, y)
+                kl = ops.gaussian_kl(mu, rho, [m.unsqueeze(0).expand_as(t).contiguous() for m, t in zip(mu0, mu)],
+                                     [r.unsqueeze(0).expand_as(t).contiguous() for r, t in zip(rho0, rho)])
+                loss = data + self.inner.beta * kl
+                stats["nll_all"] = float(data.detach()) / (T * x.shape[1])
+                stats["kl"] = float(kl.detach()) / T
+            else:
+                loss = self._expected_nll(mu, rho, b.x_query, b.y_query)
+                stats["nll_query"] = float(loss.detach()) / (T * b.x_query.shape[1])
+            (loss / T).backward()
+        return stats
+
+
+def _factory(variant: str):
+    def make(model: nn.Module, **options: Any) -> ELBOLearner:
+        return ELBOLearner(model, variant=variant, **options)
+    make.__doc__ = f"Create a {variant} learner (see ELBOLearner / VILearner for the options)."
+    return make
+
+
+for _v in ("abml", "pmaml-elbo"):
+    register(_v)(_factory(_v))

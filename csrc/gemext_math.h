@@ -25,7 +25,7 @@
 #endif
 // Fully unroll small constant loops: gcc only vectorises the outer element loop when the
 // inner loops (Philox rounds, pointer lists) have been flattened first.
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #define GEMEXT_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__) && !defined(__clang__)
 #define GEMEXT_UNROLL _Pragma("GCC unroll 16")

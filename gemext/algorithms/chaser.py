@@ -28,8 +28,8 @@ BMAML (`bmaml`, Yoon et al. 2018)
 Meta-parameters: M initial particles Θ = {θ₀ᵐ}. Inner loop: K SVGD steps on log p(D_tr | θ)
 (the summed NLL; no prior term), φᵐ ← φᵐ + lr·φ*(φᵐ) with
     φ*(x) = 1/M Σ_j [k(x_j, x) ∇_{x_j} log p(D | x_j) + ∇_{x_j} k(x_j, x)],
-k(a, b) = exp(−‖a − b‖²/h), h = med / log(M + 1), med the median of the pairwise squared distances
-(the median heuristic of Liu & Wang's reference code; h is not differentiated). Chaser loss: the
+k(a, b) = exp(−‖a − b‖²/h), h = med / log(M + 1), med the median of the squared distances between
+distinct particles (the median heuristic of Liu & Wang; h is not differentiated). Chaser loss: the
 leader continues SVGD from the chaser for `leader_steps` on D_tr ∪ D_val and is held fixed;
 L(Θ) = mean_τ Σ_m ‖φᵐ_K(Θ) − stopgrad(leaderᵐ)‖², back-propagated through the chaser's SVGD steps
 (`first_order=True` drops the second-order terms). Predictions average over the particles.
@@ -96,11 +96,16 @@ class KLChaserLearner(VILearner):
 def svgd_direction(x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """φ*(x_m) = 1/M Σ_j [k(x_j, x_m) score_j + ∇_{x_j} k(x_j, x_m)] for particles x [B, M, D]
     with scores ∇ log p at them [B, M, D]; RBF kernel k(a, b) = exp(−‖a−b‖²/h), h = med/log(M+1)
-    per batch element, med the median of the M×M squared distances (h detached)."""
+    per batch element, med the median (interpolated) of the squared distances between distinct
+    particles (h detached, at least the dtype's eps)."""
     B, M, _ = x.shape
     d2 = (x.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1)  # [B, M, M], d2[b, j, m] = ‖x_j − x_m‖²
-    h = d2.detach().reshape(B, -1).median(1).values / math.log(M + 1)
-    h = h.clamp_min(torch.finfo(x.dtype).tiny).view(B, 1, 1)
+    if M > 1:
+        off = ~torch.eye(M, dtype=torch.bool, device=x.device)
+        h = d2.detach()[:, off].quantile(0.5, dim=1) / math.log(M + 1)
+    else:  # one particle: the kernel terms vanish whatever h is
+        h = torch.ones(B, dtype=x.dtype, device=x.device)
+    h = h.clamp_min(torch.finfo(x.dtype).eps).view(B, 1, 1)
     k = torch.exp(-d2 / h)  # symmetric
     drive = k.transpose(1, 2) @ score  # Σ_j k(x_j, x_m) score_j
     # ∇_{x_j} k(x_j, x_m) = −2 (x_j − x_m)/h · k  →  Σ_j: 2/h (x_m Σ_j k_jm − Σ_j k_jm x_j)

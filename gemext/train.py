@@ -69,6 +69,23 @@ SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
     "gem-bml": dict(sigma0=0.05, lr=0.01, inner_steps=5, sigma=0.5),
     "gem-bml+": dict(sigma0=0.05, lr=0.01, inner_steps=5, sigma=0.5),
     "reptile": dict(sigma0=1.0, lr=0.01, inner_steps=5),
+    # Catalogue learners (benchmarks/sinusoid_study.py; one setting each, chosen by rule, not swept):
+    # MAML family: 5 SGD steps of 5e-4 on the summed NLL (σ = 0.5), i.e. Finn et al.'s 0.01 on the
+    # mean squared error of 10 points. iMAML: λ = 1/(K·lr) = 400 (the proximal problem whose
+    # solution K steps of size lr approximate), 5 CG steps.
+    "maml": dict(lr=5e-4, inner_steps=5, sigma=0.5),
+    "fomaml": dict(lr=5e-4, inner_steps=5, sigma=0.5),
+    "imaml": dict(lr=5e-4, inner_steps=5, reg=400.0, cg_steps=5, sigma=0.5),
+    # VI-based learners: the GEM learners' inner VI (natural-gradient VI, lr 0.2, ρ step 0.01,
+    # β = 0.1, σ₀ = 0.05, 5 steps) so the rows differ only in how the meta-gradient is estimated.
+    "abml": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=dict(optimizer="ngvi", optimizer_kwargs={"rho_lr": 0.01}),
+                 inner_steps=5, sigma=0.5),
+    "pmaml-elbo": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=dict(optimizer="ngvi", optimizer_kwargs={"rho_lr": 0.01}),
+                       inner_steps=5, sigma=0.5),
+    "kl-chaser": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=dict(optimizer="ngvi", optimizer_kwargs={"rho_lr": 0.01}),
+                      inner_steps=5, sigma=0.5),
+    # BMAML: 5 particles, SVGD step 5e-4 (MAML's), leader 5 more steps on support ∪ query.
+    "bmaml": dict(particles=5, lr=5e-4, inner_steps=5, sigma=0.5),
 }
 
 

@@ -1,0 +1,171 @@
+"""Run folders, exact resume, atomic checkpoints and the command line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemext import cli
+from gemext.train import RunConfig, evaluate, load_checkpoint, train
+
+FAST = {"inner_steps": 2}
+
+
+def _config(out: Path, **kw) -> RunConfig:
+    base = dict(task="sinusoid", algo="gem-bml+", iterations=30, out=str(out), log_every=5,
+                checkpoint_every=10, eval_tasks=40, meta_batch=5, algo_options=dict(FAST))
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _state(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoint.pt")["learner"]
+
+
+def test_run_folder_contents(tmp_path):
+    run = train(_config(tmp_path / "r", iterations=12), progress=False)
+    m = evaluate(run, tasks=30, steps=3)
+    for f in ("config.json", "checkpoint.pt", "log.csv", "metrics.json", "mse_vs_steps.png", "predictions.png"):
+        assert (run / f).exists(), f
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("task", "algo", "seed", "iterations", "wall_s", "mse_by_step", "nll", "coverage90"):
+        assert key in saved, key
+    assert len(saved["mse_by_step"]) == 4 and saved["iterations"] == 12
+    assert 0.0 <= m["coverage90"] <= 1.0
+    rows = (run / "log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("iteration,") and len(rows) == 1 + 3  # iterations 5, 10, 12
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    full = train(_config(tmp_path / "full"), progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash(i):
+        if i == 25:  # after the checkpoint at 20: iterations 21..25 are lost and redone
+            raise Crash
+    with pytest.raises(Crash):
+        train(_config(tmp_path / "cut"), progress=False, on_iteration=crash)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["iteration"] == 20
+    train(_config(tmp_path / "cut"), resume=True, progress=False)
+    a, b = _state(full), _state(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "full" / "log.csv").read_text().splitlines()[1:] != []
+    lines_full = [r.split(",")[0] for r in (tmp_path / "full" / "log.csv").read_text().splitlines()]
+    lines_cut = [r.split(",")[0] for r in (tmp_path / "cut" / "log.csv").read_text().splitlines()]
+    assert lines_full == lines_cut  # no duplicated log rows after resuming
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    train(_config(run, iterations=10), progress=False)
+    good = _state(run)
+    import gemext.train as T
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(T.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(_config(run, iterations=20), resume=True, progress=False)
+    monkeypatch.undo()
+    kept = _state(run)
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+def test_corrupt_or_incompatible_checkpoint_is_refused(tmp_path):
+    run = tmp_path / "r"
+    train(_config(run, iterations=5), progress=False)
+    with pytest.raises(ValueError, match="algo"):
+        train(_config(run, algo="reptile", iterations=10), resume=True, progress=False)
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        train(_config(run, iterations=10), resume=True, progress=False)
+
+
+def test_short_gem_bml_plus_run_beats_untrained_model(tmp_path):
+    """Meta-training must lower the adapted meta-test MSE well below that of the initial prior."""
+    torch.manual_seed(0)
+    untrained = train(_config(tmp_path / "u", iterations=1, algo_options={}), progress=False)
+    trained = train(_config(tmp_path / "t", iterations=150, meta_batch=10, algo_options={}), progress=False)
+    before = evaluate(untrained, tasks=200, plots=False)["mse_by_step"][-1]
+    after = evaluate(trained, tasks=200, plots=False)["mse_by_step"][-1]
+    assert after < 0.75 * before, (before, after)
+
+
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_info(capsys):
+    code, out, _ = _cli(["info"], capsys)
+    info = json.loads(out)
+    assert code == 0 and {"version", "cuda", "openmp", "torch", "threads"} <= set(info)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "sinusoid", "--algo", "nope"], "invalid choice: 'nope'"),
+    (["train", "sinusoid", "--algo", "gem-bml+", "--iterations", "-3"], "expected a positive integer"),
+    (["train", "sinusoid", "--algo", "gem-bml+", "--iterations", "ten"], "expected a positive integer"),
+    (["train", "sinusoid", "--algo", "gem-bml+", "--inner-steps", "-1"], "expected an integer >= 0"),
+    (["train", "sinusoid", "--algo", "gem-bml+", "--data-root", "/no/such/dir"], "no such directory"),
+    (["train", "sinusoid", "--algo", "gem-bml+", "--options", "{bad"], "expected a JSON object"),
+    (["train", "mnist", "--algo", "gem-bml+"], "invalid choice: 'mnist'"),
+    (["eval", "/no/such/run"], "no such directory"),
+])
+def test_cli_bad_input_exits_2_with_one_clear_line(argv, needle, capsys):
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and needle in err
+
+
+def test_cli_unknown_preset_and_unwritable_out(tmp_path, capsys):
+    code, _, err = _cli(["train", "sinusoid", "--algo", "gem-bml+", "--preset", "nope", "--iterations", "1",
+                         "--out", str(tmp_path / "x"), "--no-progress"], capsys)
+    assert code == 2 and "unknown sinusoid preset 'nope'" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = _cli(["train", "sinusoid", "--algo", "gem-bml+", "--iterations", "1",
+                         "--out", str(blocker / "sub"), "--no-progress"], capsys)
+    assert code == 2 and "cannot write into the output folder" in err
+
+
+def test_cli_train_and_eval_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = _cli(["train", "sinusoid", "--algo", "reptile", "--iterations", "4", "--inner-steps", "2",
+                            "--meta-batch", "3", "--eval-tasks", "20", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0 and "run folder" in stdout
+    code, stdout, _ = _cli(["eval", str(out), "--tasks", "10", "--steps", "2"], capsys)
+    assert code == 0 and json.loads(stdout)["eval_tasks"] == 10
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals are POSIX")
+def test_sigterm_writes_checkpoint_and_exits(tmp_path):
+    out = tmp_path / "run"
+    code = ("import os, signal, sys\n"
+            "from gemext.train import RunConfig, train, Interrupted\n"
+            f"cfg = RunConfig(task='sinusoid', algo='gem-bml+', iterations=1000, out={str(out)!r}, "
+            "checkpoint_every=1000, meta_batch=2, algo_options={'inner_steps': 1})\n"
+            "def hook(i):\n"
+            "    if i == 7: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "try:\n"
+            "    train(cfg, progress=False, on_iteration=hook)\n"
+            "except Interrupted as e:\n"
+            "    print('interrupted', e.iteration); sys.exit(143)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert "interrupted 7" in proc.stdout
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 7

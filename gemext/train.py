@@ -232,7 +232,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
     family, learner, meta_batch = build(config)
     opt = torch.optim.Adam(learner.parameters(), lr=config.meta_lr)
     task_gen = torch.Generator().manual_seed(config.seed)
-    start, wall_before, skipped, bad_run = 0, 0.0, 0, 0
+    start, wall_before, skipped, bad_run, last_error = 0, 0.0, 0, 0, ""
     ckpt_path = out / "checkpoint.pt"
     if resume:
         ckpt = load_checkpoint(ckpt_path, config)
@@ -260,7 +260,10 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
         for it in bar:
             batch = family.sample(meta_batch, task_gen, "train")
             opt.zero_grad(set_to_none=True)
-            stats = learner.meta_backward(batch)
+            try:
+                stats = learner.meta_backward(batch)
+            except FloatingPointError as exc:  # an inner loop diverged: a bad step, not a crash
+                stats, last_error = {"nll_support": float("nan")}, str(exc)
             if all(math.isfinite(v) for v in stats.values()) and _finite_grads(learner.parameters()):
                 opt.step()
                 bad_run = 0
@@ -271,7 +274,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
                     save(it)
                     raise FloatingPointError(
                         f"{bad_run} consecutive meta-iterations produced non-finite losses or gradients "
-                        f"(last at iteration {it + 1}); stopping. Lower the inner/meta learning rate or "
+                        f"(last at iteration {it + 1}{'; ' + last_error if last_error else ''}); stopping. "
+                        "Lower the inner/meta learning rate or "
                         f"raise sigma0. The last good checkpoint is {ckpt_path}")
             done = it + 1
             if done % config.log_every == 0 or done == config.iterations:

@@ -169,3 +169,13 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path):
     assert proc.returncode == 143, proc.stderr
     assert "interrupted 7" in proc.stdout
     assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 7
+
+
+def test_diverging_inner_loop_is_skipped_then_stops_cleanly(tmp_path):
+    """A huge inner step size makes every VI diverge: steps are skipped, never written as NaN, and the
+    run stops with a clear error after max_bad_steps."""
+    cfg = _config(tmp_path / "r", iterations=50, max_bad_steps=3, algo_options={"lr": 1e6, "inner_steps": 3})
+    with pytest.raises(FloatingPointError, match="3 consecutive meta-iterations"):
+        train(cfg, progress=False)
+    state = _state(tmp_path / "r")
+    assert all(torch.isfinite(v).all() for v in state.values())

@@ -16,7 +16,7 @@ from torch import nn
 from .. import ops
 from ..gaussian import GaussianPrior, Posterior, detach_parameters
 from ..tasks import Task
-from ..vi import GaussianLikelihood, VIConfig, fit
+from ..vi import FitResult, GaussianLikelihood, VIConfig, fit
 from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register
 
 
@@ -82,34 +82,47 @@ class GEMLearner(MetaLearner):
             return self.net.likelihood.nll(out, ys, lik)
         return nll
 
-    def _start(self, tasks: int) -> Posterior:
+    def start(self, tasks: int) -> Posterior:
+        """Where each task's inner loop starts: the prior (with σ = 0 for point posteriors)."""
         prior = self.prior.expand(tasks)
         if self.delta:
             prior.rho = [torch.full_like(r, float("-inf")) for r in prior.rho]
         return prior
 
-    def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None):
+    def fit_posterior(self, nll, n_data: int, prior: Posterior, init: Posterior, steps: int,
+                      callback=None) -> FitResult:
+        """The learner's inner loop (its VI settings, noise stream and delta mode) on any data
+        term `nll(theta, index)`; RL and other task families plug their likelihood in here."""
         cfg = replace(self.inner, steps=steps)
-        return fit(self._nll(x, y), x.shape[1], prior, init, cfg, self.generator, self.delta, callback)
+        return fit(nll, n_data, prior, init, cfg, self.generator, self.delta, callback)
+
+    def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None) -> FitResult:
+        return self.fit_posterior(self._nll(x, y), x.shape[1], prior, init, steps, callback)
+
+    def accumulate_meta_grad(self, tr: Posterior, all_: Posterior) -> None:
+        """Θ.grad −= mean over tasks of ĝ(λ_all) [− ĝ(λ_tr) for GEM-BML+]: the descent direction
+        any torch.optim optimizer steps. λ_tr, λ_all carry a leading task dimension."""
+        mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
+        g_mu0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mu0]
+        g_rho0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in rho0]
+        plus = self.variant == "gem-bml+"
+        T = all_.mu[0].shape[0]
+        for t in range(T):
+            a, s = all_.task(t), tr.task(t)
+            ops.gem_grad_(g_mu0, g_rho0, mu0, rho0, a.mu, a.rho,
+                          s.mu if plus else None, s.rho if plus else None, weight=-1.0 / T)
+        for p, g in zip(mu0 + rho0, g_mu0 + g_rho0):
+            if p.requires_grad and p.grad is None:
+                p.grad = g
 
     # -- meta-training ----------------------------------------------------------------------
     def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
         b = self._batch(tasks)
         T = len(b)
         prior = self.prior.expand(T)
-        tr = self._fit(b.x_support, b.y_support, prior, self._start(T), self.inner.steps)
+        tr = self._fit(b.x_support, b.y_support, prior, self.start(T), self.inner.steps)
         all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps)
-        mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
-        g_mu0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mu0]
-        g_rho0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in rho0]
-        plus = self.variant == "gem-bml+"
-        for t in range(T):  # Θ.grad −= ĝ_t / T: descent direction for any torch.optim optimizer
-            a, s = all_.posterior.task(t), tr.posterior.task(t)
-            ops.gem_grad_(g_mu0, g_rho0, mu0, rho0, a.mu, a.rho,
-                          s.mu if plus else None, s.rho if plus else None, weight=-1.0 / T)
-        for p, g in zip(mu0 + rho0, g_mu0 + g_rho0):
-            if p.requires_grad and p.grad is None:
-                p.grad = g
+        self.accumulate_meta_grad(tr.posterior, all_.posterior)
         stats = {"nll_support": tr.nll / (T * b.x_support.shape[1]),
                  "nll_query": all_.nll / (T * b.x_query.shape[1])}
         if not self.delta:
@@ -126,7 +139,7 @@ class GEMLearner(MetaLearner):
         x, y, squeeze = self._support_batch(support)
         x, y = x.to(self.device), y.to(self.device)
         T = x.shape[0]
-        res = self._fit(x, y, self.prior.expand(T), self._start(T), self.inner.steps if steps is None else steps)
+        res = self._fit(x, y, self.prior.expand(T), self.start(T), self.inner.steps if steps is None else steps)
         return self._predictor(res.posterior, squeeze)
 
     def adapt_path(self, support, steps: int) -> list[BayesianPredictor]:
@@ -134,7 +147,7 @@ class GEMLearner(MetaLearner):
         x, y = x.to(self.device), y.to(self.device)
         T = x.shape[0]
         path: list[BayesianPredictor] = []
-        self._fit(x, y, self.prior.expand(T), self._start(T), steps,
+        self._fit(x, y, self.prior.expand(T), self.start(T), steps,
                   callback=lambda k, post: path.append(self._predictor(post.clone(), squeeze)))
         return path
 

@@ -20,9 +20,8 @@ vmapped over it. Rollouts use the posterior *mean* weights (action noise from th
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,9 +30,8 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .envs import ENV_IDS, Task, default_horizon, sample_tasks
+from .envs import ENV_IDS, Task, sample_tasks
 from .optim import mean_kl, pg_surrogate, reinforce_step, trpo_step, trpo_surrogate
-from .policy import GaussianMLPPolicy
 from .rollouts import EpisodeBatch, RolloutCollector, process, stack
 
 RL_ALGOS = ("gem-bml", "gem-bml+", "reptile", "maml")
@@ -130,23 +128,6 @@ def _mean_return(batches: list[EpisodeBatch]) -> Tensor:
     return torch.stack([b.episode_returns().mean() for b in batches])
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous: under vmap, Linear weight gradients
-    come out transposed, and the core's fused `elbo_backward_` accepts contiguous tensors only."""
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
-
-
 class GEMRL:
     """GEM-BML / GEM-BML+ / Reptile on RL tasks: a core `GEMLearner` holds the prior (μ₀, ρ₀ over
     every policy weight, log-std included); the VI fits are the core's `vi.fit`, the meta-gradient
@@ -181,7 +162,6 @@ class GEMRL:
         k = b.observations.shape[2]
 
         def nll(theta: list[Tensor], index: Tensor | None) -> Tensor:
-            theta = [_ContiguousGrad.apply(t) for t in theta]
             sel = (lambda x: x) if index is None else (lambda x: x[:, :, index])
             frac = 1.0 if index is None else len(index) / k  # VI rescales minibatches by k/len(index)
             losses = self._task_losses(tuple(theta), sel(b.observations), sel(b.actions), sel(b.advantages),
@@ -190,35 +170,21 @@ class GEMRL:
         return nll
 
     def _fit(self, batches: list[EpisodeBatch], prior, init, steps: int):
-        from ...vi import fit
-
-        cfg = replace(self.learner.inner, steps=steps)
-        return fit(self._nll(batches), batches[0].num_episodes, prior, init, cfg, self.learner.generator,
-                   self.learner.delta)
+        return self.learner.fit_posterior(self._nll(batches), batches[0].num_episodes, prior, init, steps)
 
     def meta_step(self, tasks: list[Task]) -> dict[str, float]:
-        from ... import ops
 
         T, prior = len(tasks), self.learner.prior
         mu0 = [m.detach() for m in prior.mu0]
         support = [self.sampler.rollouts(self._params(mu0), t) for t in tasks]
-        tr = self._fit(support, prior.expand(T), self.learner._start(T), self.settings.inner_steps)
+        tr = self._fit(support, prior.expand(T), self.learner.start(T), self.settings.inner_steps)
         query = [self.sampler.rollouts(self._params(tr.posterior.task(i).mu), t) for i, t in enumerate(tasks)]
         all_ = self._fit(query, tr.posterior, tr.posterior, self.settings.query_steps)
-        self.optimizer.zero_grad(set_to_none=False)
-        g_mu0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in prior.mu0]
-        g_rho0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in prior.rho0]
-        plus = self.algo == "gem-bml+"
-        for i in range(T):  # Θ.grad −= ĝ_i / T (descent direction for Adam)
-            a, s = all_.posterior.task(i), tr.posterior.task(i)
-            ops.gem_grad_(g_mu0, g_rho0, list(prior.mu0), list(prior.rho0), a.mu, a.rho,
-                          s.mu if plus else None, s.rho if plus else None, weight=-1.0 / T)
-        for p, g in zip(list(prior.mu0) + list(prior.rho0), g_mu0 + g_rho0):
-            if p.requires_grad:
-                p.grad = g
+        self.optimizer.zero_grad(set_to_none=True)
+        self.learner.accumulate_meta_grad(tr.posterior, all_.posterior)
         stats = {"return_pre": _mean_return(support).mean().item(), "return_post": _mean_return(query).mean().item(),
                  "sigma0_mean": float(torch.cat([r.detach().exp().flatten() for r in prior.rho0]).mean())}
-        if all(torch.isfinite(g).all() for g in g_mu0 + g_rho0):
+        if all(p.grad is None or torch.isfinite(p.grad).all() for p in self.learner.parameters()):
             self.optimizer.step()
         else:
             stats["skipped"] = 1.0
@@ -228,7 +194,7 @@ class GEMRL:
         """Rollout batches of each task after 0..steps inner updates (each a VI fit of inner_steps
         steps on fresh rollouts of the current posterior mean, KL to the prior Θ)."""
         T = len(tasks)
-        prior, post = self.learner.prior.expand(T), self.learner._start(T)
+        prior, post = self.learner.prior.expand(T), self.learner.start(T)
         path = []
         for k in range(steps + 1):
             batches = [self.sampler.rollouts(self._params(post.task(i).mu), t, episodes) for i, t in enumerate(tasks)]

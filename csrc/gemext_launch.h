@@ -10,19 +10,26 @@
 namespace gemext {
 
 // One call's tensors: ptrs[k][t] is pointer list k (the op's inputs, then outputs) of tensor t.
-// The global element index of tensor t starts at gstart[t] (sum of the previous numels):
-// that index, not the tensor's, keys the random stream.
+// The global element index of tensor t starts at gstart[t]: by default the sum of the previous
+// numels, or the caller's `starts` (a shard of a larger batch draws the ε its elements would
+// draw in the full concatenation; starts need not be multiples of 4). That index, not the
+// tensor's, keys the random stream.
 struct Table {
   std::vector<std::vector<uintptr_t>> ptrs;
   std::vector<int64_t> numels;
   std::vector<int64_t> gstart;
 
-  Table(std::vector<std::vector<uintptr_t>> p, std::vector<int64_t> n)
+  Table(std::vector<std::vector<uintptr_t>> p, std::vector<int64_t> n,
+        const std::vector<int64_t>& starts = {})
       : ptrs(std::move(p)), numels(std::move(n)), gstart(numels.size()) {
+    if (!starts.empty() && starts.size() != numels.size())
+      throw std::invalid_argument("starts must hold one index per tensor");
     int64_t g = 0;
     for (size_t t = 0; t < numels.size(); ++t) {
       if (numels[t] < 0) throw std::invalid_argument("negative numel");
-      gstart[t] = g;
+      if (!starts.empty() && (starts[t] < 0 || starts[t] > INT64_MAX - numels[t]))
+        throw std::invalid_argument("start index out of range");
+      gstart[t] = starts.empty() ? g : starts[t];
       g += numels[t];
     }
     for (const auto& list : ptrs)
@@ -30,7 +37,11 @@ struct Table {
         throw std::invalid_argument("pointer list length differs from the number of tensors");
   }
   size_t ntensors() const { return numels.size(); }
-  int64_t total() const { return numels.empty() ? 0 : gstart.back() + numels.back(); }
+  int64_t total() const {
+    int64_t n = 0;
+    for (int64_t k : numels) n += k;
+    return n;
+  }
 };
 
 // Drivers. `reduce_out` (REDUCE ops only) points to one element of the op's dtype on the

@@ -25,8 +25,8 @@ using Numels = std::vector<int64_t>;
 using Exec = std::tuple<int, int, uintptr_t, int>;
 
 template <class Op> void run(const Op& op, const Exec& ex, std::vector<Ptrs> lists, Numels numels,
-                             Rng rng = {0, 0}, uintptr_t reduce_out = 0) {
-  const Table table(std::move(lists), std::move(numels));
+                             Rng rng = {0, 0}, uintptr_t reduce_out = 0, const Numels& starts = {}) {
+  const Table table(std::move(lists), std::move(numels), starts);
   void* out = reinterpret_cast<void*>(reduce_out);
   py::gil_scoped_release nogil;
   if (std::get<1>(ex) == 0) {
@@ -71,27 +71,28 @@ PYBIND11_MODULE(_C, m) {
   m.attr("max_threads") = gemext::max_threads();
 
   m.def("sample", [](const Exec& ex, const Ptrs& mu, const Ptrs& rho, const Ptrs& theta,
-                     const Numels& n, uint64_t seed, uint64_t offset) {
+                     const Numels& n, uint64_t seed, uint64_t offset, const Numels& starts) {
     with_dtype(ex, [&](auto tag) {
-      run(SampleOp<decltype(tag)>{}, ex, concat({&mu, &rho, &theta}), n, Rng{seed, offset});
+      run(SampleOp<decltype(tag)>{}, ex, concat({&mu, &rho, &theta}), n, Rng{seed, offset}, 0, starts);
     });
-  }, "theta = mu + exp(rho) * eps");
+  }, "theta = mu + exp(rho) * eps (starts: per-tensor global index of element 0, empty = cumulative)");
 
   m.def("reparam_grad", [](const Exec& ex, const Ptrs& g, const Ptrs& rho, const Ptrs& drho,
-                           const Numels& n, uint64_t seed, uint64_t offset) {
+                           const Numels& n, uint64_t seed, uint64_t offset, const Numels& starts) {
     with_dtype(ex, [&](auto tag) {
-      run(ReparamGradOp<decltype(tag)>{}, ex, concat({&g, &rho, &drho}), n, Rng{seed, offset});
+      run(ReparamGradOp<decltype(tag)>{}, ex, concat({&g, &rho, &drho}), n, Rng{seed, offset}, 0, starts);
     });
   }, "drho = g * eps * exp(rho)");
 
   m.def("elbo_backward", [](const Exec& ex, const Ptrs& g, const Ptrs& mu, const Ptrs& rho,
                             const Ptrs& mu0, const Ptrs& rho0, const Ptrs& dmu, const Ptrs& drho,
-                            const Numels& n, uint64_t seed, uint64_t offset, double beta) {
+                            const Numels& n, uint64_t seed, uint64_t offset, double beta,
+                            const Numels& starts) {
     with_dtype(ex, [&](auto tag) {
       using T = decltype(tag);
       ElboBackwardOp<T> op;
       op.beta = static_cast<T>(beta);
-      run(op, ex, concat({&g, &mu, &rho, &mu0, &rho0, &dmu, &drho}), n, Rng{seed, offset});
+      run(op, ex, concat({&g, &mu, &rho, &mu0, &rho0, &dmu, &drho}), n, Rng{seed, offset}, 0, starts);
     });
   }, "gradients of -ELBO wrt mu and rho into dmu, drho");
 

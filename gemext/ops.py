@@ -9,10 +9,13 @@ the posterior (no broadcasting): stack per-task posteriors on a leading dimensio
 the prior yourself.
 
 Randomness is counter-based: ε of element i (indexed over the concatenation of all tensors of
-the list) is a function of (seed, offset, i) only, so ``elbo_backward`` and the backward of
+the list, or from ``starts[t]`` for tensor t when given) is a function of (seed, offset, i) only, so ``elbo_backward`` and the backward of
 ``sample`` regenerate it instead of storing it, and CPU and CUDA draw the same ε. ``seed`` is
 an int in [0, 2^63), ``offset`` an int in [0, 2^63); take seeds from :func:`new_seed` so that
-``torch.manual_seed`` makes runs reproducible.
+``torch.manual_seed`` makes runs reproducible. ``starts`` (``sample``, ``elbo_backward``,
+``elbo_backward_``) sets the global index of each tensor's element 0 explicitly, so that a shard
+of a batch (e.g. the tasks one rank owns, see :func:`gemext.vi.task_starts`) draws exactly the
+ε its elements draw in the full batch; any non-negative ints (not only multiples of 4).
 
 Each op is a ``torch.library.custom_op`` in the ``gemext`` namespace with a fake (meta)
 implementation, so ``torch.compile(fullgraph=True)`` traces through it; ``sample``,
@@ -109,6 +112,24 @@ def _check_int(op: str, name: str, x: object) -> int:
     return x
 
 
+def _check_starts(op: str, starts: object, tensors: Sequence[Tensor], single: bool
+                  ) -> Optional[list[int]]:
+    """None, or one global start index per tensor (an int is accepted for a single tensor)."""
+    if starts is None:
+        return None
+    if single and not isinstance(starts, (list, tuple)):
+        starts = [starts]
+    if not isinstance(starts, (list, tuple)):
+        raise TypeError(f"{op}: starts must be a list of ints (one per tensor), got {type(starts).__name__}")
+    if len(starts) != len(tensors):
+        raise ValueError(f"{op}: starts has {len(starts)} entries but there are {len(tensors)} tensors")
+    out = [_check_int(op, f"starts[{i}]", x) for i, x in enumerate(starts)]
+    for i, (s, t) in enumerate(zip(out, tensors)):
+        if isinstance(s, int) and s + t.numel() > _INT64_END:
+            raise ValueError(f"{op}: starts[{i}] + numel must be <= 2**63, got {s} + {t.numel()}")
+    return out
+
+
 def _check_real(op: str, name: str, x: object) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{op}: {name} must be a real number, got {type(x).__name__}")
@@ -174,18 +195,22 @@ def _empty_like(ts: Sequence[Tensor]) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _sample_impl(mu: list[Tensor], rho: list[Tensor], seed: int, offset: int) -> list[Tensor]:
+def _sample_impl(mu: list[Tensor], rho: list[Tensor], seed: int, offset: int,
+                 starts: Optional[list[int]] = None) -> list[Tensor]:
     theta = _empty_like(mu)
-    _launch(_C.sample, mu, _ptrs(mu), _ptrs(rho), _ptrs(theta), _numels(mu), seed, offset)
+    _launch(_C.sample, mu, _ptrs(mu), _ptrs(rho), _ptrs(theta), _numels(mu), seed, offset,
+            starts or [])
     return theta
 
 
 _sample = torch.library.custom_op("gemext::sample", _sample_impl, mutates_args=())
 
 
-def _reparam_grad_impl(grad: list[Tensor], rho: list[Tensor], seed: int, offset: int) -> list[Tensor]:
+def _reparam_grad_impl(grad: list[Tensor], rho: list[Tensor], seed: int, offset: int,
+                       starts: Optional[list[int]] = None) -> list[Tensor]:
     drho = _empty_like(rho)
-    _launch(_C.reparam_grad, rho, _ptrs(grad), _ptrs(rho), _ptrs(drho), _numels(rho), seed, offset)
+    _launch(_C.reparam_grad, rho, _ptrs(grad), _ptrs(rho), _ptrs(drho), _numels(rho), seed, offset,
+            starts or [])
     return drho
 
 
@@ -194,9 +219,10 @@ _reparam_grad = torch.library.custom_op("gemext::reparam_grad", _reparam_grad_im
 
 def _elbo_backward__impl(out_mu: list[Tensor], out_rho: list[Tensor], grad_theta: list[Tensor],
                     mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
-                    seed: int, offset: int, beta: float) -> None:
+                    seed: int, offset: int, beta: float, starts: Optional[list[int]] = None) -> None:
     _launch(_C.elbo_backward, mu, _ptrs(grad_theta), _ptrs(mu), _ptrs(rho), _ptrs(mu0),
-            _ptrs(rho0), _ptrs(out_mu), _ptrs(out_rho), _numels(mu), seed, offset, beta)
+            _ptrs(rho0), _ptrs(out_mu), _ptrs(out_rho), _numels(mu), seed, offset, beta,
+            starts or [])
 
 
 _elbo_backward_ = torch.library.custom_op("gemext::elbo_backward_", _elbo_backward__impl, mutates_args=("out_mu", "out_rho"))
@@ -204,9 +230,9 @@ _elbo_backward_ = torch.library.custom_op("gemext::elbo_backward_", _elbo_backwa
 
 def _elbo_backward_impl(grad_theta: list[Tensor], mu: list[Tensor], rho: list[Tensor],
                    mu0: list[Tensor], rho0: list[Tensor], seed: int, offset: int,
-                   beta: float) -> tuple[list[Tensor], list[Tensor]]:
+                   beta: float, starts: Optional[list[int]] = None) -> tuple[list[Tensor], list[Tensor]]:
     out_mu, out_rho = _empty_like(mu), _empty_like(rho)
-    _elbo_backward__impl(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta)
+    _elbo_backward__impl(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta, starts)
     return out_mu, out_rho
 
 
@@ -261,22 +287,22 @@ _gem_grad = torch.library.custom_op("gemext::gem_grad", _gem_grad_impl, mutates_
 
 # fake (meta) implementations: shapes only, for torch.compile / FakeTensor tracing
 @_sample.register_fake
-def _(mu, rho, seed, offset):
+def _(mu, rho, seed, offset, starts=None):
     return _empty_like(mu)
 
 
 @_reparam_grad.register_fake
-def _(grad, rho, seed, offset):
+def _(grad, rho, seed, offset, starts=None):
     return _empty_like(rho)
 
 
 @_elbo_backward_.register_fake
-def _(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta):
+def _(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta, starts=None):
     return None
 
 
 @_elbo_backward.register_fake
-def _(grad_theta, mu, rho, mu0, rho0, seed, offset, beta):
+def _(grad_theta, mu, rho, mu0, rho0, seed, offset, beta, starts=None):
     return _empty_like(mu), _empty_like(rho)
 
 
@@ -306,14 +332,16 @@ def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor]) -
 
 
 def _sample_setup(ctx, inputs, output) -> None:
-    _, rho, ctx.seed, ctx.offset = inputs
+    _, rho, ctx.seed, ctx.offset, ctx.starts = inputs
     ctx.save_for_backward(*rho)
 
 
 def _sample_backward(ctx, grads):
     rho = list(ctx.saved_tensors)
     grads = _zeros_for_none(grads, rho)  # dθ/dμ = 1, dθ/dρ = ε σ (ε regenerated)
-    return grads, _reparam_grad(grads, rho, ctx.seed, ctx.offset), None, None
+    drho = _reparam_grad(grads, rho, ctx.seed, ctx.offset, ctx.starts)
+    # the dispatcher drops an optional argument left at its default from the input structure
+    return (grads, drho, None, None) + (() if ctx.starts is None else (None,))
 
 
 def _kl_setup(ctx, inputs, output) -> None:
@@ -358,14 +386,17 @@ _gem_grad.register_autograd(_gem_backward, setup_context=_gem_setup)
 
 
 # ----------------------------------------------------------------------------- public API
-def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0) -> TensorOrList:
+def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0,
+           starts: Optional[Sequence[int]] = None) -> TensorOrList:
     """θ = μ + exp(ρ)·ε with ε = N(0, 1) from (seed, offset, element index). Differentiable in
-    μ and ρ (the backward regenerates ε)."""
+    μ and ρ (the backward regenerates ε). ``starts``: global index of each tensor's element 0
+    (default: the cumulative numel)."""
     lists, single = _validate("sample", "mu", mu=mu, rho=rho)
     seed, offset = _check_int("sample", "seed", seed), _check_int("sample", "offset", offset)
+    starts = _check_starts("sample", starts, lists["mu"], single)
     if not lists["mu"]:
         return []
-    theta = _call(_sample, _sample_impl, lists["mu"], lists["rho"], seed, offset,
+    theta = _call(_sample, _sample_impl, lists["mu"], lists["rho"], seed, offset, starts,
                   differentiable=True)
     return theta[0] if single else theta
 
@@ -382,33 +413,37 @@ def gaussian_kl(mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList,
 
 def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
                   mu0: TensorOrList, rho0: TensorOrList, seed: int, offset: int = 0,
-                  beta: float = 1.0) -> tuple[TensorOrList, TensorOrList]:
-    """(∂/∂μ, ∂/∂ρ) of −ELBO = nll(θ) + β·KL(q‖p) for θ = ``sample(mu, rho, seed, offset)`` and
-    ``grad_theta`` = ∂nll/∂θ: dμ = g + β(μ−μ₀)/σ₀², dρ = g·ε·σ + β(σ²/σ₀² − 1)."""
+                  beta: float = 1.0, starts: Optional[Sequence[int]] = None
+                  ) -> tuple[TensorOrList, TensorOrList]:
+    """(∂/∂μ, ∂/∂ρ) of −ELBO = nll(θ) + β·KL(q‖p) for θ = ``sample(mu, rho, seed, offset,
+    starts)`` and ``grad_theta`` = ∂nll/∂θ: dμ = g + β(μ−μ₀)/σ₀², dρ = g·ε·σ + β(σ²/σ₀² − 1)."""
     lists, single = _validate("elbo_backward", "mu", grad_theta=grad_theta, mu=mu, rho=rho,
                               mu0=mu0, rho0=rho0)
     seed = _check_int("elbo_backward", "seed", seed)
     offset = _check_int("elbo_backward", "offset", offset)
     beta = _check_real("elbo_backward", "beta", beta)
+    starts = _check_starts("elbo_backward", starts, lists["mu"], single)
     if not lists["mu"]:
         return [], []
     d_mu, d_rho = _call(_elbo_backward, _elbo_backward_impl, *lists.values(), seed, offset, beta,
-                        differentiable=False)
+                        starts, differentiable=False)
     return (d_mu[0], d_rho[0]) if single else (d_mu, d_rho)
 
 
 def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: TensorOrList,
                    mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
-                   seed: int, offset: int = 0, beta: float = 1.0) -> None:
+                   seed: int, offset: int = 0, beta: float = 1.0,
+                   starts: Optional[Sequence[int]] = None) -> None:
     """:func:`elbo_backward` written into the buffers ``out_mu``, ``out_rho`` (the VI hot path:
     no allocation). The outputs may be the same tensors as ``grad_theta`` (exact aliasing)."""
-    lists, _ = _validate("elbo_backward_", "mu", out_mu=out_mu, out_rho=out_rho,
-                         grad_theta=grad_theta, mu=mu, rho=rho, mu0=mu0, rho0=rho0)
+    lists, single = _validate("elbo_backward_", "mu", out_mu=out_mu, out_rho=out_rho,
+                              grad_theta=grad_theta, mu=mu, rho=rho, mu0=mu0, rho0=rho0)
     seed = _check_int("elbo_backward_", "seed", seed)
     offset = _check_int("elbo_backward_", "offset", offset)
     beta = _check_real("elbo_backward_", "beta", beta)
+    starts = _check_starts("elbo_backward_", starts, lists["mu"], single)
     if lists["mu"]:
-        _call(_elbo_backward_, _elbo_backward__impl, *lists.values(), seed, offset, beta,
+        _call(_elbo_backward_, _elbo_backward__impl, *lists.values(), seed, offset, beta, starts,
               differentiable=False, mutated=(lists["out_mu"], lists["out_rho"]))
 
 

@@ -67,16 +67,17 @@ def _listify(*args: Optional[TensorOrList]) -> tuple[list, bool]:
     return [([a] if single else list(a)) if a is not None else None for a in args], single
 
 
-def _noise_like(tensors: list[Tensor], seed: int, offset: int) -> list[Tensor]:
-    """The kernels' ε for a list, indexed over the concatenation of all its tensors."""
-    total = sum(t.numel() for t in tensors)
+def _noise_like(tensors: list[Tensor], seed: int, offset: int,
+                starts: Optional[Sequence[int]] = None) -> list[Tensor]:
+    """The kernels' ε for a list, indexed over the concatenation of all its tensors (or from
+    ``starts[t]`` for tensor t)."""
+    if starts is None:
+        starts = np.cumsum([0] + [t.numel() for t in tensors])[:-1].tolist()
+    elif isinstance(starts, int):
+        starts = [starts]
     dtype = tensors[0].dtype if tensors else torch.float64
-    flat = normal(seed, offset, total, dtype)
-    out, pos = [], 0
-    for t in tensors:
-        out.append(flat[pos:pos + t.numel()].view(t.shape).to(t.device, t.dtype))
-        pos += t.numel()
-    return out
+    return [normal(seed, offset, t.numel(), dtype, int(s)).view(t.shape).to(t.device, t.dtype)
+            for t, s in zip(tensors, starts)]
 
 
 def _unlist(single: bool, *lists: list):
@@ -84,10 +85,11 @@ def _unlist(single: bool, *lists: list):
     return res[0] if len(res) == 1 else res
 
 
-def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0) -> TensorOrList:
+def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0,
+           starts: Optional[Sequence[int]] = None) -> TensorOrList:
     """θ = μ + exp(ρ)·ε."""
     (mu, rho), single = _listify(mu, rho)
-    eps = _noise_like(mu, seed, offset)
+    eps = _noise_like(mu, seed, offset, starts)
     return _unlist(single, [m + torch.exp(r) * e for m, r, e in zip(mu, rho, eps)])
 
 
@@ -114,10 +116,11 @@ def elbo_grads(g: Tensor, mu: Tensor, rho: Tensor, mu0: Tensor, rho0: Tensor, ep
 
 def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
                   mu0: TensorOrList, rho0: TensorOrList, seed: int, offset: int = 0,
-                  beta: float = 1.0, eps: Optional[TensorOrList] = None):
-    """(∂/∂μ, ∂/∂ρ) of −ELBO; ε regenerated from (seed, offset) unless given."""
+                  beta: float = 1.0, eps: Optional[TensorOrList] = None,
+                  starts: Optional[Sequence[int]] = None):
+    """(∂/∂μ, ∂/∂ρ) of −ELBO; ε regenerated from (seed, offset, starts) unless given."""
     (g, mu, rho, mu0, rho0, eps), single = _listify(grad_theta, mu, rho, mu0, rho0, eps)
-    eps = eps if eps is not None else _noise_like(mu, seed, offset)
+    eps = eps if eps is not None else _noise_like(mu, seed, offset, starts)
     out = [elbo_grads(*xs, beta) for xs in zip(g, mu, rho, mu0, rho0, eps)]
     return _unlist(single, [o[0] for o in out], [o[1] for o in out])
 
@@ -125,11 +128,11 @@ def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
 def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: TensorOrList,
                    mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
                    seed: int, offset: int = 0, beta: float = 1.0,
-                   eps: Optional[TensorOrList] = None) -> None:
+                   eps: Optional[TensorOrList] = None, starts: Optional[Sequence[int]] = None) -> None:
     """:func:`elbo_backward` written into ``out_mu``, ``out_rho`` (eager, with temporaries)."""
     (out_mu, out_rho, g, mu, rho, mu0, rho0, eps), _ = _listify(
         out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, eps)
-    eps = eps if eps is not None else _noise_like(mu, seed, offset)
+    eps = eps if eps is not None else _noise_like(mu, seed, offset, starts)
     for om, orho, *xs in zip(out_mu, out_rho, g, mu, rho, mu0, rho0, eps):
         dm, dr = elbo_grads(*xs, beta)
         om.copy_(dm)

@@ -8,6 +8,8 @@ Posterior tensors may carry a leading task dimension: all tasks of a meta-batch 
 together, which is exact for element-wise optimizers (SGD, Adam, RMSprop...)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -145,6 +147,61 @@ class VIConfig:
         raise TypeError(f"VIConfig.optimizer must be a name or a torch.optim.Optimizer class, got {self.optimizer!r}")
 
 
+# Safe range of every log standard deviation ρ (posterior and prior): σ ∈ [2e-9, 2.2e4]. Inside it
+# exp(±2ρ) and the GEM/KL terms stay finite in float32 (1/σ₀² ≤ 2.4e17); outside it a diverging
+# inner or meta step would produce inf/NaN a few steps later. `clamp_rho_` is the one place that
+# enforces it: after each VI step on the posterior ρ and after each meta-step on the prior ρ₀.
+RHO_MIN, RHO_MAX = -20.0, 10.0
+
+
+@torch.no_grad()
+def clamp_rho_(rho: list[torch.Tensor]) -> None:
+    """Clamp log standard deviations into [RHO_MIN, RHO_MAX] in place (NaN stays NaN, so the
+    non-finite guards still see it)."""
+    for r in rho:
+        r.clamp_(RHO_MIN, RHO_MAX)
+
+
+_TASK_RANGE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("task_range", default=None)
+
+
+@contextlib.contextmanager
+def task_shard(first: int, total: int):
+    """Inside the block, per-task tensors of the inner loops hold tasks first.. of a meta-batch of
+    `total` (gemext.distributed wraps meta_backward in it): `fit` and the learners' own samplers
+    then draw the noise of the full batch. Keeps `meta_backward(tasks)` free of extra arguments."""
+    token = _TASK_RANGE.set((int(first), int(total)))
+    try:
+        yield
+    finally:
+        _TASK_RANGE.reset(token)
+
+
+def current_task_range() -> tuple[int, int] | None:
+    """(first task, meta-batch size) set by `task_shard`, or None outside it."""
+    return _TASK_RANGE.get()
+
+
+def task_starts(tensors: list[torch.Tensor], task_range: tuple[int, int] | None) -> list[int] | None:
+    """Global noise indices (the ``starts`` of :func:`gemext.ops.sample`) of per-task tensors
+    [T_shard, ...] holding tasks k .. k+T_shard−1 of a meta-batch of T_total tasks, so that the
+    shard draws exactly the ε those tasks draw in the full batch: layer l of the full batch
+    occupies Σ_{l'<l} T_total·n_l' onwards and task k of it starts k·n_l further (n_l = per-task
+    numel). None (no range) keeps the default cumulative indexing."""
+    if task_range is None:
+        return None
+    k, total = task_range
+    starts, base = [], 0
+    for t in tensors:
+        if t.dim() == 0 or not 0 <= k <= k + t.shape[0] <= total:
+            raise ValueError(f"task_range {task_range}: tensors of shape {tuple(t.shape)} do not hold "
+                             f"tasks {k}..{k + (t.shape[0] if t.dim() else 0) - 1} of {total}")
+        n = t[0].numel()
+        starts.append(base + k * n)
+        base += total * n
+    return starts
+
+
 # nll(theta, index) -> summed negative log-likelihood over tasks and the selected points
 # (index: a LongTensor of data indices, or None for all of them).
 NLL = Callable[[list[torch.Tensor], "torch.Tensor | None"], torch.Tensor]
@@ -158,12 +215,17 @@ class FitResult:
 
 def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConfig,
         generator: torch.Generator | None = None, delta: bool = False,
-        callback: Callable[[int, Posterior], None] | None = None) -> FitResult:
+        callback: Callable[[int, Posterior], None] | None = None,
+        task_range: tuple[int, int] | None = None) -> FitResult:
     """Fit q(θ; λ) to the data behind `nll`, starting from `init`, with KL to `prior`.
 
     delta=True fits a point estimate instead (σ = 0, θ = μ; the data gradient plus β times the
     Gaussian prior's, i.e. MAP, or plain loss minimisation when β = 0). `callback(step, λ)` sees
-    the posterior after 0, 1, …, steps updates (used for per-step meta-test curves)."""
+    the posterior after 0, 1, …, steps updates (used for per-step meta-test curves).
+    `task_range=(k, T_total)` (default: `current_task_range()`): the posterior's leading dimension
+    holds tasks k.. of a meta-batch of T_total (a distributed shard); the noise is then that of
+    the full batch (`task_starts`).
+    The posterior ρ is kept in [RHO_MIN, RHO_MAX] after every step."""
     if n_data < 1:
         raise ValueError("fit: the task has no data points")
     if delta and config.optimizer_class() is NaturalGradientVI:
@@ -177,6 +239,7 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
     opt = config.optimizer_class()(variables, lr=config.lr, **config.optimizer_kwargs)
     S, beta = config.mc_samples, config.beta
     scratch = [torch.empty_like(v) for v in variables] if S > 1 and not delta else None
+    starts = None if delta else task_starts(mu, task_range or current_task_range())
     last = float("nan")
     if callback is not None:
         callback(0, Posterior(init.names, mu, rho))
@@ -199,13 +262,13 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
             total = 0.0
             for s in range(S):
                 with torch.no_grad():
-                    theta = ops.sample(mu, rho, seed, s)
+                    theta = ops.sample(mu, rho, seed, s, starts)
                 theta = [t.requires_grad_(True) for t in theta]
                 loss = nll(theta, index) * (scale / S)
                 grads = [g.contiguous() for g in torch.autograd.grad(loss, theta)]
                 out = [v.grad for v in variables] if s == 0 else scratch
                 ops.elbo_backward_(out[: len(mu)], out[len(mu):], grads, mu, rho, prior.mu, prior.rho,
-                                   seed, s, beta / S)
+                                   seed, s, beta / S, starts)
                 if s > 0:
                     torch._foreach_add_([v.grad for v in variables], scratch)
                 total += float(loss.detach())
@@ -213,6 +276,8 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
         if not math.isfinite(last):
             raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")
         opt.step()
+        if not delta:
+            clamp_rho_(rho)
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, [m.detach() for m in mu], [r.detach() for r in rho]), last)

@@ -28,7 +28,7 @@ from torch import nn
 from .. import ops, reference
 from ..gaussian import GaussianPrior, Posterior
 from ..tasks import Task
-from ..vi import VIConfig, fit
+from ..vi import VIConfig, current_task_range, fit, task_starts
 from .base import BayesianPredictor, register
 from .gem import _vi_config
 from .maml import FunctionalLearner, Params
@@ -106,13 +106,14 @@ class VILearner(FunctionalLearner):
     def _eps(like: Params, seed: int, offset: int) -> Params:
         """The kernels' ε for tensors shaped like `like` (θ = 0 + 1·ε)."""
         zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in like]
-        return ops.sample(zeros, zeros, seed, offset)
+        return ops.sample(zeros, zeros, seed, offset, task_starts(like, current_task_range()))
 
     def _expected_nll(self, mu: Params, rho: Params, x, y) -> torch.Tensor:
         """E_q[nll] by `mc_samples` draws of the fused `sample` op (first-order differentiable)."""
         seed = ops.new_seed(self.generator)
         S = self.inner.mc_samples
-        return sum(self._nll(ops.sample(mu, rho, seed, s), x, y) for s in range(S)) / S
+        starts = task_starts(mu, current_task_range())
+        return sum(self._nll(ops.sample(mu, rho, seed, s, starts), x, y) for s in range(S)) / S
 
     def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None):
         """The fused, graph-free VI of gemext.vi (same update and ε stream as `_vi`)."""

@@ -69,8 +69,8 @@ class RunConfig:
 # which GEM meta-learns through ρ₀; lr·σ₀² = 5e-4 matches MAML's step of 0.01 on the mean squared
 # error for a summed Gaussian NLL with noise 0.5. Inner Adam moved every weight by ≈ lr per step
 # whatever its prior and stalled at MSE ≈ 3.8 after 400 iterations (vs 1.4 here). β = 0.1 down-weights the KL of ~1.7k
-# weights against 10 points; ρ is stepped 20× slower than μ (rho_lr) for stability.
-_NGVI = dict(optimizer="ngvi", optimizer_kwargs={"rho_lr": 0.01})
+# weights against 10 points.
+_NGVI = dict(optimizer="ngvi")  # ρ steps at lr/20 = 0.01 (NaturalGradientVI's default)
 SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
     "gem-bml": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=_NGVI, inner_steps=5, sigma=0.5),
     "gem-bml+": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=_NGVI, inner_steps=5, sigma=0.5),

@@ -85,13 +85,15 @@ class NaturalGradientVI(torch.optim.Optimizer):
     1/σ² for μ and 2 for ρ, so μ ← μ − lr·σ²·∂/∂μ and ρ ← ρ − lr/2·∂/∂ρ. The posterior variance
     (initially the prior's σ₀², which GEM meta-learns) acts as a per-weight step size, and on a
     linear-Gaussian model one step with lr = 1 at the exact σ lands on the exact posterior mean.
-    Parameters are passed as the μ list followed by the ρ list of the same length."""
+    Parameters are passed as the μ list followed by the ρ list of the same length. ρ steps
+    default to lr/20: its one-sample gradient g·ε·σ is far noisier than μ's, and a full natural
+    step on it diverges within a few steps on small networks."""
 
     def __init__(self, params, lr: float = 0.5, rho_lr: float | None = None) -> None:
         params = list(params)
         if len(params) % 2:
             raise ValueError("NaturalGradientVI expects the μ tensors followed by as many ρ tensors")
-        super().__init__(params, dict(lr=lr, rho_lr=lr if rho_lr is None else rho_lr))
+        super().__init__(params, dict(lr=lr, rho_lr=lr / 20 if rho_lr is None else rho_lr))
 
     @torch.no_grad()
     def step(self, closure=None):

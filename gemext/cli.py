@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import build_info
+from .distributed import PeerFailure, is_main_process
 
 
 def _positive_int(s: str) -> int:
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
         print(f"gemext {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (PeerFailure, FloatingPointError) as exc:  # a dead peer rank, a run that keeps diverging
+        print(f"gemext {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"gemext {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -162,6 +166,8 @@ def _train(args) -> int:
     except Interrupted as exc:
         print(f"gemext train: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    if not is_main_process():  # under torchrun rank 0 alone evaluates and reports
+        return 0
     if not args.no_eval:
         metrics = evaluate(run)
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list) or len(v) <= 12}, indent=2))

@@ -16,8 +16,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__, algorithms
+from . import __version__, algorithms, distributed
 from .metrics import gaussian_nll, interval_coverage, mean_ci95
+from .vi import clamp_rho_
 
 CHECKPOINT_VERSION = 1
 EVAL_SEED = 20201206  # meta-test tasks are the same for every run and seed
@@ -207,25 +208,45 @@ class Interrupted(Exception):
 LOG_FIELDS = ["iteration", "wall_s", "skipped"]
 
 
+def _clamp_prior_rho(learner) -> None:
+    """Keep the prior's ρ₀ in the safe range of gemext.vi (RHO_MIN, RHO_MAX)."""
+    rho0 = getattr(getattr(learner, "prior", None), "rho0", None)
+    if rho0 is not None:
+        clamp_rho_(list(rho0))
+
+
 def _finite_grads(params) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
 def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
           on_iteration: Callable[[int], None] | None = None) -> Path:
-    """Meta-train according to `config`; returns the run folder."""
+    """Meta-train according to `config`; returns the run folder. Under torchrun the meta-batch is
+    sharded across ranks (gemext.distributed); rank 0 writes every file."""
     config.validate()
     if config.task in RL_TASKS:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"{config.task}: RL meta-training runs in a single process; start it without torchrun")
         from .tasks.rl.meta import train_rl
         return train_rl(config, resume=resume, progress=progress)
-    out = Path(config.out)
+    dctx = distributed.setup(config.device)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise OSError(f"cannot write into the output folder {out}: {exc.strerror or exc}") from exc
+        return _train(config, dctx, resume, progress, on_iteration)
+    finally:
+        dctx.close()
+
+
+def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progress: bool | None,
+           on_iteration: Callable[[int], None] | None) -> Path:
+    out = Path(config.out)
+    if dctx.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise OSError(f"cannot write into the output folder {out}: {exc.strerror or exc}") from exc
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
@@ -235,17 +256,20 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
     start, wall_before, skipped, bad_run, last_error = 0, 0.0, 0, 0, ""
     ckpt_path = out / "checkpoint.pt"
     if resume:
-        ckpt = load_checkpoint(ckpt_path, config)
+        ckpt = dctx.from_main(lambda: load_checkpoint(ckpt_path, config), "checkpoint")
         learner.load_state_dict(ckpt["learner"])
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], task_gen, learner)
         start, wall_before, skipped = ckpt["iteration"], ckpt["wall_s"], ckpt.get("skipped", 0)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    if dctx.is_main:
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     log_path = out / "log.csv"
     rows = _read_log(log_path, upto=start) if resume else []
     t0 = time.perf_counter()
 
     def save(iteration: int) -> None:
+        if not dctx.is_main:
+            return
         atomic_save({"format": "gemext-checkpoint", "version": CHECKPOINT_VERSION,
                      "gemext": __version__, "config": asdict(config), "iteration": iteration,
                      "learner": learner.state_dict(), "optimizer": opt.state_dict(),
@@ -255,17 +279,24 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
 
     from tqdm.auto import tqdm
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
-               desc=f"{config.algo} {config.task}", disable=(not progress) if progress is not None else None)
+               desc=f"{config.algo} {config.task}", disable=True if not dctx.is_main else (not progress) if progress is not None else None)
     with _StopFlag() as stop:
         for it in bar:
-            batch = family.sample(meta_batch, task_gen, "train")
+            batch = family.sample(meta_batch, task_gen, "train")  # whole batch on every rank
+            lo, hi = dctx.shard(meta_batch)
             opt.zero_grad(set_to_none=True)
+            failed = False
             try:
-                stats = learner.meta_backward(batch)
+                with dctx.sharded(lo, meta_batch):
+                    stats = learner.meta_backward(batch if dctx.world_size == 1 else batch[lo:hi])
             except FloatingPointError as exc:  # an inner loop diverged: a bad step, not a crash
-                stats, last_error = {"nll_support": float("nan")}, str(exc)
-            if all(math.isfinite(v) for v in stats.values()) and _finite_grads(learner.parameters()):
+                stats, last_error, failed = {"nll_support": float("nan")}, str(exc), True
+            # all ranks decide on the same all-reduced values: skip or step, stop or go on together
+            stats, bad_ranks, stop_now = dctx.step(learner.parameters(), stats, hi - lo, meta_batch, failed,
+                                                   stop.signum is not None, it + 1)
+            if not bad_ranks and all(math.isfinite(v) for v in stats.values()) and _finite_grads(learner.parameters()):
                 opt.step()
+                _clamp_prior_rho(learner)
                 bad_run = 0
             else:  # skip the step: never write NaN into the meta-parameters
                 skipped += 1
@@ -285,10 +316,14 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
                 bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
             if on_iteration is not None:
                 on_iteration(done)
-            if done % config.checkpoint_every == 0 or done == config.iterations or stop.signum is not None:
+            if not dctx.enabled:  # distributed ranks act on the agreed flag only, never on a local one
+                stop_now = stop.signum is not None
+            if done % config.checkpoint_every == 0 or done == config.iterations or stop_now:
                 save(done)
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, done)
+            if stop_now:
+                raise Interrupted(stop.signum or signal.SIGTERM, done)
+    if not dctx.is_main:
+        return out
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,

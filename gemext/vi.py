@@ -87,13 +87,18 @@ class NaturalGradientVI(torch.optim.Optimizer):
     linear-Gaussian model one step with lr = 1 at the exact σ lands on the exact posterior mean.
     Parameters are passed as the μ list followed by the ρ list of the same length. ρ steps
     default to lr/20: its one-sample gradient g·ε·σ is far noisier than μ's, and a full natural
-    step on it diverges within a few steps on small networks."""
+    step on it diverges within a few steps on small networks. Each μ step is capped at
+    `max_step` posterior standard deviations (a trust region: the quadratic model behind the
+    natural step only holds near q; without it, rare tasks with large gradients overshoot and
+    diverge when adapted for more steps than at meta-training); None disables the cap."""
 
-    def __init__(self, params, lr: float = 0.5, rho_lr: float | None = None) -> None:
+    def __init__(self, params, lr: float = 0.5, rho_lr: float | None = None, max_step: float | None = 1.0) -> None:
         params = list(params)
         if len(params) % 2:
             raise ValueError("NaturalGradientVI expects the μ tensors followed by as many ρ tensors")
-        super().__init__(params, dict(lr=lr, rho_lr=lr / 20 if rho_lr is None else rho_lr))
+        if max_step is not None and not max_step > 0:
+            raise ValueError(f"NaturalGradientVI: max_step must be > 0 or None, got {max_step}")
+        super().__init__(params, dict(lr=lr, rho_lr=lr / 20 if rho_lr is None else rho_lr, max_step=max_step))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -102,7 +107,12 @@ class NaturalGradientVI(torch.optim.Optimizer):
             mus, rhos = ps[: len(ps) // 2], ps[len(ps) // 2:]
             for m, r in zip(mus, rhos):
                 if m.grad is not None:
-                    m.addcmul_(torch.exp(2 * r), m.grad, value=-group["lr"])
+                    var = torch.exp(2 * r)
+                    step = var * m.grad * group["lr"]
+                    if group["max_step"] is not None:
+                        bound = var.sqrt() * group["max_step"]
+                        step = torch.minimum(torch.maximum(step, -bound), bound)
+                    m.sub_(step)
                 if r.requires_grad and r.grad is not None:
                     r.add_(r.grad, alpha=-0.5 * group["rho_lr"])
         return None

@@ -99,3 +99,34 @@ def test_vi_config_rejects_bad_values():
         VIConfig(lr=-1)
     with pytest.raises(TypeError, match="optimizer"):
         VIConfig(optimizer=int)
+
+
+def test_natural_gradient_step_lands_on_exact_posterior_mean():
+    """With σ at the exact posterior's and the exact expected gradient, one natural step of lr = 1
+    from anywhere is Newton's step on the linear-Gaussian ELBO: it lands on the exact mean."""
+    from gemext.vi import NaturalGradientVI
+
+    phi, y, _, _, mu0, rho0, noise = problem(seed=5)
+    mu_exact, rho_exact = exact_posterior(phi, y, mu0, rho0, noise)
+    mu = (mu0 + 0.7).clone().requires_grad_()
+    rho = rho_exact.clone().requires_grad_()
+    mu.grad = phi.T @ (phi @ mu.detach() - y) / noise**2 + (mu.detach() - mu0) * torch.exp(-2 * rho0)
+    rho.grad = torch.zeros_like(rho)
+    NaturalGradientVI([mu, rho], lr=1.0, max_step=None).step()
+    torch.testing.assert_close(mu.detach(), mu_exact, rtol=1e-10, atol=1e-12)
+
+
+def test_natural_gradient_trust_region_caps_each_step_at_max_step_sigmas():
+    from gemext.vi import NaturalGradientVI
+
+    mu = torch.zeros(3, requires_grad=True)
+    rho = torch.log(torch.tensor([0.1, 0.2, 0.3])).requires_grad_()
+    mu.grad = torch.tensor([1e6, -1e6, 1e-3])
+    rho.grad = torch.zeros(3)
+    NaturalGradientVI([mu, rho], lr=1.0, max_step=2.0).step()
+    torch.testing.assert_close(mu.detach(), torch.tensor([-0.2, 0.4, -0.09e-3]))
+    import pytest
+    with pytest.raises(ValueError, match="max_step"):
+        NaturalGradientVI([mu, rho], max_step=0)
+    with pytest.raises(ValueError, match="ρ tensors"):
+        NaturalGradientVI([mu])

@@ -139,7 +139,25 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, config: RunConfig | None = None) -> dict:
-    """Load and check a checkpoint; refuse a corrupt or incompatible one with a clear message."""
+    """Load and check a checkpoint; refuse a corrupt or incompatible one with a clear message.
+    When <name>.prev (the checkpoint before it) is good, the message says so and how to resume
+    from it: a deliberate choice over a silent fallback, which would hide a failing disk and
+    quietly redo up to two checkpoint intervals."""
+    try:
+        return _load_checkpoint(path, config)
+    except ValueError as exc:
+        prev = path.with_name(path.name + ".prev")
+        try:
+            it = _load_checkpoint(prev, config)["iteration"] if prev.exists() else None
+        except ValueError:
+            it = None
+        if it is None:
+            raise
+        raise ValueError(f"{exc}. The previous checkpoint {prev} (iteration {it}) is good: to resume from it, "
+                         f"run `mv {prev} {path}` and start again with --resume") from exc
+
+
+def _load_checkpoint(path: Path, config: RunConfig | None) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -257,8 +275,12 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
     ckpt_path = out / "checkpoint.pt"
     if resume:
         ckpt = dctx.from_main(lambda: load_checkpoint(ckpt_path, config), "checkpoint")
-        learner.load_state_dict(ckpt["learner"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            learner.load_state_dict(ckpt["learner"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:  # e.g. a different model architecture
+            raise ValueError(f"checkpoint {ckpt_path} does not fit this run's model or optimizer: "
+                             f"{' '.join(str(exc).split())[:300]}") from exc
         _set_rng_state(ckpt["rng"], task_gen, learner)
         start, wall_before, skipped = ckpt["iteration"], ckpt["wall_s"], ckpt.get("skipped", 0)
     if dctx.is_main:

@@ -83,6 +83,13 @@ class SinusoidTasks:
     def sample(self, n: int, generator: torch.Generator, split: str = "train",
                shots: int | None = None, query: int | None = None) -> Task:
         c = self.config
+        for name, v in (("n", n), ("shots", shots), ("query", query)):
+            if v is None and name != "n":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"SinusoidTasks.sample: {name} must be an int, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"SinusoidTasks.sample: {name} must be >= 1, got {v}")
         k, q = shots or c.shots, query or c.query
         p = self.params(n, generator, split)
         lo, hi = c.x_range

@@ -151,7 +151,8 @@ def test_elbo_gradient_matches_unrolled_float64_vi(variant, optimizer):
     b = _batch(2, dtype=D64)
     s_lik, K, lr, beta, S = 0.5, 2, (0.003 if optimizer == "sgd" else 0.3), 0.7, 2
     learner = algorithms.create(variant, _tiny("plain"), sigma0=0.1, likelihood=GaussianLikelihood(s_lik),
-                                inner=dict(optimizer=optimizer, lr=lr, steps=K, mc_samples=S, beta=beta), seed=5)
+                                inner=dict(optimizer=optimizer, lr=lr, steps=K, mc_samples=S, beta=beta,
+                                           optimizer_kwargs={"rho_lr": lr} if optimizer == "ngvi" else {}), seed=5)
     learner.double()
     gen = torch.Generator().manual_seed(0)
     gen.set_state(learner.generator.get_state())
@@ -182,7 +183,9 @@ def test_elbo_gradient_matches_unrolled_float64_vi(variant, optimizer):
         if optimizer == "sgd":
             mu, rho = [m - lr * x for m, x in zip(mu, gm)], [r - lr * x for r, x in zip(rho, gr)]
         else:
-            mu, rho = ([m - lr * torch.exp(2 * r) * x for m, r, x in zip(mu, rho, gm)],
+            # natural-gradient step, μ step capped at one posterior std (NaturalGradientVI's trust region)
+            mu, rho = ([m - torch.clamp(lr * torch.exp(2 * r) * x, min=-torch.exp(r), max=torch.exp(r))
+                        for m, r, x in zip(mu, rho, gm)],
                        [r - 0.5 * lr * x for r, x in zip(rho, gr)])
     seed = ops.new_seed(gen)
     x, y = b.joint() if variant == "abml" else b.query
@@ -200,8 +203,8 @@ def _conjugate_learner(first_order: bool, steps: int, mc: int, seed: int = 0):
     phi_tr, y_tr, phi_val, y_val, mu0, rho0, noise = problem(seed)
     d = phi_tr.shape[1]
     learner = algorithms.create("kl-chaser", nn.Linear(d, 1, bias=False), likelihood=GaussianLikelihood(noise),
-                                first_order=first_order, inner=dict(optimizer="ngvi", lr=0.1, steps=steps,
-                                                                    mc_samples=mc), seed=seed).double()
+                                first_order=first_order, inner=dict(optimizer="ngvi", lr=0.1, steps=steps, mc_samples=mc,
+                                                                    optimizer_kwargs={"rho_lr": 0.1}), seed=seed).double()
     with torch.no_grad():
         learner.prior.mu0[0].copy_(mu0.view(1, -1))
         learner.prior.rho0[0].copy_(rho0.view(1, -1))

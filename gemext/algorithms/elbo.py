@@ -5,7 +5,8 @@ Per task, λ_K(Θ) = VI(Θ, D_support) is K differentiable steps on −ELBO(λ) 
 β·KL(q_λ‖p_Θ) from λ₀ = Θ, with reparameterised samples θ = μ + σ·ε (ε from the fused kernels'
 Philox stream, the same ε `gemext.vi.fit` draws for the same seed, so meta-test adaptation with the
 fused `fit` follows the same update). The step is plain SGD on (μ, ρ), or natural-gradient VI
-(μ ← μ − lr·σ²·∂μ, ρ ← ρ − lr/2·∂ρ, as `gemext.vi.NaturalGradientVI`). The fused `sample` and
+(μ ← μ − clip(lr·σ²·∂μ, ±max_step·σ), ρ ← ρ − rho_lr/2·∂ρ, with `gemext.vi.NaturalGradientVI`'s
+resolved defaults), and ρ is clamped to [RHO_MIN, RHO_MAX] after each step as `fit` does. The fused `sample` and
 `gaussian_kl` have first-order backward formulas only, so inside the unrolled loop (which needs
 the gradient of a gradient) θ = μ + σ·ε and the KL are written as differentiable torch
 composites; the meta-loss at λ_K uses the fused ops.
@@ -28,7 +29,7 @@ from torch import nn
 from .. import ops, reference
 from ..gaussian import GaussianPrior, Posterior
 from ..tasks import Task
-from ..vi import VIConfig, current_task_range, fit, task_starts
+from ..vi import RHO_MAX, RHO_MIN, NaturalGradientVI, VIConfig, current_task_range, fit, task_starts
 from .base import BayesianPredictor, register
 from .gem import _vi_config
 from .maml import FunctionalLearner, Params
@@ -55,7 +56,7 @@ class VILearner(FunctionalLearner):
         opt = self.inner.optimizer
         if not (isinstance(opt, str) and opt.lower() in _DIFFERENTIABLE_VI):
             raise ValueError(f"{self.name}: the differentiable VI supports optimizer 'sgd' or 'ngvi', got {opt!r}")
-        extra = set(self.inner.optimizer_kwargs) - ({"rho_lr"} if opt.lower() == "ngvi" else set())
+        extra = set(self.inner.optimizer_kwargs) - ({"rho_lr", "max_step"} if opt.lower() == "ngvi" else set())
         if extra or self.inner.batch_size is not None:
             raise ValueError(f"{self.name}: the differentiable VI takes no optimizer_kwargs {sorted(extra)} "
                              "and no batch_size")
@@ -75,7 +76,9 @@ class VILearner(FunctionalLearner):
             pm, pr = [m.detach() for m in pm], [r.detach() for r in pr]
         mu, rho = [m.clone() for m in pm], [r.clone() for r in pr]  # distinct from the prior's nodes
         ngvi = cfg.optimizer.lower() == "ngvi"
-        rho_lr = cfg.optimizer_kwargs.get("rho_lr", cfg.lr)
+        if ngvi:  # the optimizer's own resolved defaults (ρ step, trust region), so `fit` and `_vi` agree
+            hp = NaturalGradientVI([torch.zeros(1), torch.zeros(1)], lr=cfg.lr, **cfg.optimizer_kwargs).defaults
+            rho_lr, max_step = hp["rho_lr"], hp["max_step"]
         S, last = cfg.mc_samples, float("nan")
         with torch.enable_grad():
             for _ in range(steps):
@@ -91,11 +94,16 @@ class VILearner(FunctionalLearner):
                 g = torch.autograd.grad(data + cfg.beta * kl, mu + rho, create_graph=create_graph)
                 g_mu, g_rho = g[:len(mu)], g[len(mu):]
                 if ngvi:
-                    mu = [m - cfg.lr * torch.exp(2 * r) * gm for m, r, gm in zip(mu, rho, g_mu)]
+                    steps_mu = [cfg.lr * torch.exp(2 * r) * gm for r, gm in zip(rho, g_mu)]
+                    if max_step is not None:  # trust region of NaturalGradientVI: |step| ≤ max_step·σ
+                        steps_mu = [torch.minimum(torch.maximum(st, -max_step * r.exp()), max_step * r.exp())
+                                    for st, r in zip(steps_mu, rho)]
+                    mu = [m - st for m, st in zip(mu, steps_mu)]
                     rho = [r - 0.5 * rho_lr * gr for r, gr in zip(rho, g_rho)]
                 else:
                     mu = [m - cfg.lr * gm for m, gm in zip(mu, g_mu)]
                     rho = [r - cfg.lr * gr for r, gr in zip(rho, g_rho)]
+                rho = [r.clamp(RHO_MIN, RHO_MAX) for r in rho]  # as gemext.vi.fit (clamp_rho_)
                 last = float(data.detach())
         if not create_graph:
             mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]

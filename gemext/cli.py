@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,8 +36,8 @@ def _positive_float(s: str) -> float:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {v}")
     return v
 
 
@@ -118,6 +119,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    # argparse turns `--flag=--` into [] without calling the flag's type; no flag takes an empty list
+    empty = [k for k, v in vars(args).items() if isinstance(v, list) and not v]
+    if empty:
+        p.error(f"argument --{empty[0].replace('_', '-')}: expected a value")
     try:
         if args.command == "info":
             print(json.dumps(build_info(), indent=2))

@@ -21,7 +21,8 @@ from gemext.tasks.sinusoid import PRESETS, SinusoidTasks
 from gemext.vi import RHO_MAX, RHO_MIN, clamp_rho_
 
 torch.set_num_threads(1)
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 TRIED: Counter = Counter()
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
@@ -251,3 +252,66 @@ def test_task_batches_with_nan_or_inf_are_refused_naming_the_field(field, value,
     bad = Task(**{**{f: getattr(b, f) for f in ("x_support", "y_support", "x_query", "y_query")}, field: t})
     with pytest.raises(ValueError, match=f"tasks.{field} contains NaN or Inf"):
         as_batch(bad)
+
+
+# ----------------------------------------------------------------------------- command line
+INT_FLAGS = {("train", "--iterations"): 1, ("train", "--inner-steps"): 0, ("train", "--seed"): 0,
+             ("train", "--ways"): 1, ("train", "--shots"): 1, ("train", "--meta-batch"): 1,
+             ("train", "--log-every"): 1, ("train", "--checkpoint-every"): 1, ("train", "--eval-tasks"): 1,
+             ("train", "--eval-steps"): 0, ("eval", "--tasks"): 1, ("eval", "--steps"): 0,
+             ("bench", "--repeats"): 1}
+BASE = {"train": ["train", "sinusoid", "--algo", "gem-bml+", "--no-progress"], "eval": ["eval", "."],
+        "bench": ["bench", "memory", "--out", "unused"]}
+
+
+class _Reached(Exception):
+    pass
+
+
+def _cli_exit(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and stderr of `gemext argv`; a bad input must never get as far as running."""
+    import gemext.bench_memory
+    import gemext.train
+    from gemext import cli
+
+    def reached(*a, **k):
+        raise _Reached(argv)
+    saved = gemext.train.train, gemext.train.evaluate, gemext.bench_memory.run
+    gemext.train.train = gemext.train.evaluate = gemext.bench_memory.run = reached
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        gemext.train.train, gemext.train.evaluate, gemext.bench_memory.run = saved
+    return code, capsys.readouterr().err
+
+
+@SETTINGS
+@given(flag=st.sampled_from(sorted(INT_FLAGS)), data=st.data())
+def test_cli_int_flags_reject_bad_values_with_exit_2(flag, data, capsys):
+    TRIED["cli bad flag"] += 1
+    (cmd, name), least = flag, INT_FLAGS[flag]
+    bad = data.draw(st.one_of(st.integers(-10**6, least - 1).map(str), st.sampled_from(["", "x", "1.5", "1e3", "--", "0x"]),
+                              st.text("abc!-", min_size=1, max_size=4)))
+    code, err = _cli_exit(BASE[cmd] + [f"{name}={bad}"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("gemext") and "error:" in last and name in last, err
+
+
+@SETTINGS
+@given(argv=st.sampled_from([["train", "sinusoid", "--algo", "gem-bml+", "--meta-lr"],
+                        ["bench", "memory", "--out", "x", "--inner-steps"], ["train", "sinusoid", "--algo", "gem-bml+", "--options"],
+                        ["train", "sinusoid", "--algo"], ["train", "sinusoid", "--algo", "gem-bml+", "--device"],
+                        ["bench", "memory", "--out", "x", "--task"], ["train", "sinusoid", "--algo", "gem-bml+", "--data-root"],
+                        ["bench", "memory", "--out", "x", "--algos"]]),
+       bad=st.sampled_from(["0", "-1", "nan", "inf", "x", "[1]", "1,,-2", "/no/such/dir", "nope", "-0.0"]))
+def test_cli_other_flags_reject_bad_values_with_exit_2(argv, bad, capsys):
+    TRIED["cli bad flag"] += 1
+    if argv[-1] == "--options" and bad in ("0", "-1", "nan", "inf", "-0.0"):
+        bad = "[" + bad  # JSON scalars are valid JSON: make it invalid
+    if argv[-1] == "--inner-steps" and bad in ("0",):
+        return  # a valid list
+    code, err = _cli_exit(argv + [bad], capsys)
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert code == 2 and last.startswith("gemext") and "error:" in last, (argv, bad, err)

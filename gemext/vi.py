@@ -159,10 +159,11 @@ class VIConfig:
         raise TypeError(f"VIConfig.optimizer must be a name or a torch.optim.Optimizer class, got {self.optimizer!r}")
 
 
-# Safe range of every log standard deviation ρ (posterior and prior): σ ∈ [2e-9, 2.2e4]. Inside it
-# exp(±2ρ) and the GEM/KL terms stay finite in float32 (1/σ₀² ≤ 2.4e17); outside it a diverging
-# inner or meta step would produce inf/NaN a few steps later. `clamp_rho_` is the one place that
-# enforces it: after each VI step on the posterior ρ and after each meta-step on the prior ρ₀.
+# Safe range of the prior's log standard deviation ρ₀: σ₀ ∈ [2e-9, 2.2e4]. Inside it exp(±2ρ₀) and
+# the GEM/KL terms stay finite in float32 (1/σ₀² ≤ 2.4e17; the kernels are exact for |ρ₀| < 43).
+# gemext.train applies `clamp_rho_` to Θ after every meta-step: the one place. Posterior ρ is not
+# clamped on purpose: a diverging inner loop must still show up as non-finite, so that the
+# training loop's guards skip the step (clamping it made such runs continue on losses of 1e30).
 RHO_MIN, RHO_MAX = -20.0, 10.0
 
 
@@ -236,8 +237,7 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
     the posterior after 0, 1, …, steps updates (used for per-step meta-test curves).
     `task_range=(k, T_total)` (default: `current_task_range()`): the posterior's leading dimension
     holds tasks k.. of a meta-batch of T_total (a distributed shard); the noise is then that of
-    the full batch (`task_starts`).
-    The posterior ρ is kept in [RHO_MIN, RHO_MAX] after every step."""
+    the full batch (`task_starts`)."""
     if n_data < 1:
         raise ValueError("fit: the task has no data points")
     if delta and config.optimizer_class() is NaturalGradientVI:
@@ -288,8 +288,6 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
         if not math.isfinite(last):
             raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")
         opt.step()
-        if not delta:
-            clamp_rho_(rho)
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, [m.detach() for m in mu], [r.detach() for r in rho]), last)

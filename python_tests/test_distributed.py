@@ -161,6 +161,11 @@ def _spawn_worker(rank: int, world: int, port: int, out: str) -> None:
     result = {}
     for algo, grads, stats in _meta_steps(ctx):
         result[algo] = (grads, stats)
+    # non-finite agreement: only rank 1's step failed, only rank 0 was signalled
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    ctx._stat_keys = None
+    result["guard"] = ctx.step([p], {"nll": 1.0}, 1, 2, local_bad=rank == 1, stop=rank == 0, iteration=1)
     if ctx.is_main:
         torch.save(result, out)
     ctx.close()
@@ -194,6 +199,7 @@ def test_every_learner_two_ranks_match_one(tmp_path):
     out = tmp_path / "grads.pt"
     torch.multiprocessing.spawn(_spawn_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
+    assert two.pop("guard") == ({"nll": 1.0}, 1, True)  # every rank skips and stops together
     for algo, grads, stats in _meta_steps(DistContext()):
         g2, s2 = two[algo]
         assert len(grads) == len(g2), algo
@@ -263,6 +269,14 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path):
     # rank 1's flag travels in iteration 6's buffer: both ranks stop after it, rank 0 checkpoints
     assert "rank 0 interrupted at 6" in proc.stdout and "rank 1 interrupted at 6" in proc.stdout, proc.stdout
     assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 6
+
+
+def test_prior_rho_is_clamped_after_each_meta_step(tmp_path):
+    from gemext.vi import RHO_MAX, RHO_MIN
+    run = train(RunConfig(**{**RUN, "iterations": 3, "meta_lr": 50.0}, out=str(tmp_path / "r")), progress=False)
+    rho0 = [v for k, v in _theta(run).items() if ".rho0." in k]
+    assert rho0 and all(bool(((r >= RHO_MIN) & (r <= RHO_MAX)).all()) for r in rho0)
+    assert any(bool(((r == RHO_MIN) | (r == RHO_MAX)).any()) for r in rho0)  # the clamp was needed
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -6,7 +6,7 @@ Per task, λ_K(Θ) = VI(Θ, D_support) is K differentiable steps on −ELBO(λ) 
 Philox stream, the same ε `gemext.vi.fit` draws for the same seed, so meta-test adaptation with the
 fused `fit` follows the same update). The step is plain SGD on (μ, ρ), or natural-gradient VI
 (μ ← μ − clip(lr·σ²·∂μ, ±max_step·σ), ρ ← ρ − rho_lr/2·∂ρ, with `gemext.vi.NaturalGradientVI`'s
-resolved defaults), and ρ is clamped to [RHO_MIN, RHO_MAX] after each step as `fit` does. The fused `sample` and
+resolved defaults). The fused `sample` and
 `gaussian_kl` have first-order backward formulas only, so inside the unrolled loop (which needs
 the gradient of a gradient) θ = μ + σ·ε and the KL are written as differentiable torch
 composites; the meta-loss at λ_K uses the fused ops.
@@ -29,7 +29,7 @@ from torch import nn
 from .. import ops, reference
 from ..gaussian import GaussianPrior, Posterior
 from ..tasks import Task
-from ..vi import RHO_MAX, RHO_MIN, NaturalGradientVI, VIConfig, current_task_range, fit, task_starts
+from ..vi import NaturalGradientVI, VIConfig, current_task_range, fit, task_starts
 from .base import BayesianPredictor, register
 from .gem import _vi_config
 from .maml import FunctionalLearner, Params
@@ -103,7 +103,6 @@ class VILearner(FunctionalLearner):
                 else:
                     mu = [m - cfg.lr * gm for m, gm in zip(mu, g_mu)]
                     rho = [r - cfg.lr * gr for r, gr in zip(rho, g_rho)]
-                rho = [r.clamp(RHO_MIN, RHO_MAX) for r in rho]  # as gemext.vi.fit (clamp_rho_)
                 last = float(data.detach())
         if not create_graph:
             mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]

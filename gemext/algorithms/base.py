@@ -25,6 +25,15 @@ def register(*names: str) -> Callable:
     return wrap
 
 
+def register_variants(cls: type, *variants: str) -> None:
+    """Register `cls(model, variant=name, **options)` under each variant name."""
+    for v in variants:
+        def make(model: nn.Module, _variant: str = v, **options) -> "MetaLearner":
+            return cls(model, variant=_variant, **options)
+        make.__doc__ = f"Create a {v} learner (see {cls.__name__} for the options)."
+        register(v)(make)
+
+
 def has_running_stats(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 

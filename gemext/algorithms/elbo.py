@@ -30,7 +30,7 @@ from .. import ops, reference
 from ..gaussian import GaussianPrior, Posterior
 from ..tasks import Task
 from ..vi import NaturalGradientVI, VIConfig, current_task_range, fit, task_starts
-from .base import BayesianPredictor, register
+from .base import BayesianPredictor, register_variants
 from .gem import _vi_config
 from .maml import FunctionalLearner, Params
 
@@ -179,12 +179,4 @@ class ELBOLearner(VILearner):
         return stats
 
 
-def _factory(variant: str):
-    def make(model: nn.Module, **options: Any) -> ELBOLearner:
-        return ELBOLearner(model, variant=variant, **options)
-    make.__doc__ = f"Create a {variant} learner (see ELBOLearner / VILearner for the options)."
-    return make
-
-
-for _v in ("abml", "pmaml-elbo"):
-    register(_v)(_factory(_v))
+register_variants(ELBOLearner, "abml", "pmaml-elbo")

@@ -17,7 +17,7 @@ from .. import ops
 from ..gaussian import GaussianPrior, Posterior, detach_parameters
 from ..tasks import Task
 from ..vi import FitResult, GaussianLikelihood, VIConfig, fit
-from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register
+from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register_variants
 
 
 class _Net(nn.Module):
@@ -152,12 +152,4 @@ class GEMLearner(MetaLearner):
         return path
 
 
-def _factory(variant: str):
-    def make(model: nn.Module, **options: Any) -> GEMLearner:
-        return GEMLearner(model, variant=variant, **options)
-    make.__doc__ = f"Create a {variant} learner (see GEMLearner for the options)."
-    return make
-
-
-for _v in ("gem-bml", "gem-bml+", "reptile"):
-    register(_v)(_factory(_v))
+register_variants(GEMLearner, "gem-bml", "gem-bml+", "reptile")

@@ -19,7 +19,7 @@ match), and the inner update is SGD with step size `lr` on it: φ ← φ − lr�
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from torch.func import grad, grad_and_value, jvp, vmap
 from ..gaussian import Posterior, detach_parameters, split_parameters
 from ..tasks import Task
 from ..vi import GaussianLikelihood, VIConfig
-from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register
+from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register_variants
 from .gem import _Net
 
 Params = list[torch.Tensor]
@@ -260,12 +260,4 @@ def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int
     return x
 
 
-def _factory(variant: str):
-    def make(model: nn.Module, **options: Any) -> MAMLLearner:
-        return MAMLLearner(model, variant=variant, **options)
-    make.__doc__ = f"Create a {variant} learner (see MAMLLearner for the options)."
-    return make
-
-
-for _v in ("maml", "fomaml", "imaml"):
-    register(_v)(_factory(_v))
+register_variants(MAMLLearner, "maml", "fomaml", "imaml")

@@ -4,7 +4,16 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("GEMEXT_TEST_THREADS", "1")))
 sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (conjugate.py)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path, monkeypatch):
+    """Each test (and any process it starts) runs in its own folder: files land there, and a
+    `python -m gemext` child never imports the source tree's ./gemext (which has no compiled
+    module after a non-editable `pip install .`) instead of the installed package."""
+    monkeypatch.chdir(tmp_path)

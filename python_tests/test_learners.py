@@ -50,7 +50,10 @@ def test_meta_gradient_matches_exact_marginal_likelihood(variant):
     """With VI run to convergence, Θ.grad = −∇ log p(D_all) (GEM-BML) or −∇ log p(D_val | D_tr)."""
     d, noise = 4, 0.3
     phi_tr, y_tr, phi_val, y_val = _conjugate_task(d=d, noise=noise)
+    torch.manual_seed(0)  # μ₀ = the model's init: fixed, so the outcome does not depend on test order
     model = nn.Linear(d, 1, bias=False).double()
+    # (checked over inits 0-5: the errors stay below 0.91× the tolerances; they come from Adam's
+    # noisy fixed point in ρ, which shorter or longer runs barely change)
     learner = algorithms.create(variant, model, likelihood=GaussianLikelihood(noise), sigma0=0.8,
                                 inner=dict(optimizer="adam", lr=0.01, steps=400, mc_samples=4), seed=0)
     learner.double()

@@ -80,6 +80,9 @@ class CategoricalLikelihood(nn.Module):
 
 
 # ----------------------------------------------------------------------------- VI loop
+_SQRT_HALF = math.sqrt(0.5)
+
+
 class NaturalGradientVI(torch.optim.Optimizer):
     """Natural-gradient descent for a diagonal Gaussian q(μ, ρ = log σ): the Fisher information is
     1/σ² for μ and 2 for ρ, so μ ← μ − lr·σ²·∂/∂μ and ρ ← ρ − lr/2·∂/∂ρ. The posterior variance
@@ -88,7 +91,8 @@ class NaturalGradientVI(torch.optim.Optimizer):
     Parameters are passed as the μ list followed by the ρ list of the same length. ρ steps
     default to lr/20: its one-sample gradient g·ε·σ is far noisier than μ's, and a full natural
     step on it diverges within a few steps on small networks. Each μ step is capped at
-    `max_step` posterior standard deviations (a trust region: the quadratic model behind the
+    `max_step` posterior standard deviations, and each ρ step at `max_step`/√2 (its own
+    Fisher-metric unit) (a trust region: the quadratic model behind the
     natural step only holds near q; without it, rare tasks with large gradients overshoot and
     diverge when adapted for more steps than at meta-training); None disables the cap."""
 
@@ -114,7 +118,10 @@ class NaturalGradientVI(torch.optim.Optimizer):
                         step = torch.minimum(torch.maximum(step, -bound), bound)
                     m.sub_(step)
                 if r.requires_grad and r.grad is not None:
-                    r.add_(r.grad, alpha=-0.5 * group["rho_lr"])
+                    step = 0.5 * group["rho_lr"] * r.grad
+                    if group["max_step"] is not None:  # ρ's natural unit: Fisher 2 → one std = 1/√2
+                        step = step.clamp(-group["max_step"] * _SQRT_HALF, group["max_step"] * _SQRT_HALF)
+                    r.sub_(step)
         return None
 
 

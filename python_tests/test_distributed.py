@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,9 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def _torchrun(n: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    # cwd outside the source tree: `-m gemext` must import the installed package, not ./gemext
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout,
+                          cwd=tempfile.gettempdir())
 
 
 def _worker(tmp: Path, out: Path, action: str, at: int, **kw) -> list[str]:

@@ -182,3 +182,10 @@ def test_batchnorm_model_runs_with_looped_inner_loop():
     assert not learner.forward_net.vectorize  # running statistics are mutated: loop over tasks
     stats = learner.meta_backward(_sinusoid_batch(2))
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def test_learn_sigma_false_meta_learns_the_mean_only():
+    learner = algorithms.create("gem-bml+", SinusoidTasks("finn").make_model(), inner_steps=2, learn_sigma=False)
+    learner.meta_backward(_sinusoid_batch(2))
+    assert all(not r.requires_grad and r.grad is None for r in learner.prior.rho0)
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in learner.prior.mu0)

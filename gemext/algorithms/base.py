@@ -2,6 +2,7 @@
 per-task parameters, and Bayesian prediction from a posterior."""
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import torch
@@ -56,22 +57,24 @@ class FunctionalNet:
         return torch.stack([self._one(tuple(t[i] for t in theta), x[i]) for i in range(x.shape[0])])
 
 
-class MetaLearner(nn.Module):
+class MetaLearner(nn.Module, abc.ABC):
     """Interface of every algorithm: parameters() are the meta-parameters;
     `meta_backward(tasks)` accumulates the meta-gradient into .grad and returns float statistics;
     `adapt(support)` returns a predictor for a new task."""
 
     name: str = "?"
 
+    @abc.abstractmethod
     def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
-        raise NotImplementedError
+        """Accumulate the meta-gradient of a batch of tasks into the meta-parameters' .grad."""
 
+    @abc.abstractmethod
     def adapt(self, support: tuple[torch.Tensor, torch.Tensor], steps: int | None = None):
-        raise NotImplementedError
+        """A predictor for one task (or a stacked batch) adapted on its support set."""
 
+    @abc.abstractmethod
     def adapt_path(self, support: tuple[torch.Tensor, torch.Tensor], steps: int) -> list:
         """Predictors after 0..steps inner updates on a stacked batch of supports (for meta-test)."""
-        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:

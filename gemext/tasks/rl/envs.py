@@ -22,6 +22,7 @@ mean inside the actuator range.
 """
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import gymnasium as gym
@@ -102,7 +103,7 @@ class Nav2DEnv(gym.Env):
         return self._state.astype(np.float32), -dist, terminated, False, {"distance": dist}
 
 
-class _MujocoTaskEnv(gym.Wrapper):
+class _MujocoTaskEnv(gym.Wrapper, abc.ABC):
     """A gymnasium MuJoCo v5 env whose reward is recomputed for the current task."""
 
     task_key: str
@@ -125,11 +126,13 @@ class _MujocoTaskEnv(gym.Wrapper):
         info["reward_task"] = reward
         return obs, reward, terminated, truncated, info
 
+    @abc.abstractmethod
     def forward_reward(self, x_velocity: float) -> float:
-        raise NotImplementedError
+        """The task term of the reward (velocity or direction task)."""
 
+    @abc.abstractmethod
     def cost(self, info: dict, action: np.ndarray) -> float:
-        raise NotImplementedError
+        """The robot's control (and contact) costs."""
 
 
 class _VelocityTask:

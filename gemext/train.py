@@ -72,10 +72,14 @@ class RunConfig:
 # 0.05 (lr 0.2): MSE after 10 steps 1.02 vs 1.49 at 1000 iterations (less sampling noise in θ).
 # Inner Adam moved every weight by ≈ lr per step whatever its prior and stalled at MSE ≈ 3.8 after
 # 400 iterations. β = 0.1 down-weights the KL of ~1.7k weights against 10 points.
+# σ₀ is kept fixed (learn_sigma=False): with natural-gradient VI it is both the prior width and the
+# inner step size, and meta-learning it by the GEM ρ₀ statistic let it grow until meta-training
+# degraded (MSE after 10 steps 7.9 at 6000 iterations vs 1.6 at 1500); fixed, GEM-BML+ reached 0.51
+# at 3000 iterations (benchmarks/RESULTS.md, "Core: sinusoid").
 _NGVI = dict(optimizer="ngvi")  # ρ steps at lr/20 (NaturalGradientVI's default)
 SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gem-bml": dict(sigma0=0.02, lr=1.25, beta=0.1, inner=_NGVI, inner_steps=5, sigma=0.5),
-    "gem-bml+": dict(sigma0=0.02, lr=1.25, beta=0.1, inner=_NGVI, inner_steps=5, sigma=0.5),
+    "gem-bml": dict(sigma0=0.02, lr=1.25, beta=0.1, inner=_NGVI, inner_steps=5, sigma=0.5, learn_sigma=False),
+    "gem-bml+": dict(sigma0=0.02, lr=1.25, beta=0.1, inner=_NGVI, inner_steps=5, sigma=0.5, learn_sigma=False),
     # Reptile: plain SGD on the summed NLL, same effective step as above, C₀ = 1 (ĝ = μ − μ₀)
     "reptile": dict(sigma0=1.0, lr=5e-4, inner=dict(optimizer="sgd"), inner_steps=5, sigma=0.5),
     # Catalogue learners (benchmarks/sinusoid_study.py; one setting each, chosen by rule, not swept):

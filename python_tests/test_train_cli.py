@@ -172,9 +172,9 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path):
 
 
 def test_diverging_inner_loop_is_skipped_then_stops_cleanly(tmp_path):
-    """A huge inner step size makes every VI diverge: steps are skipped, never written as NaN, and the
+    """A huge inner SGD step (no trust region) makes every VI diverge: steps are skipped, never written as NaN, and the
     run stops with a clear error after max_bad_steps."""
-    cfg = _config(tmp_path / "r", iterations=50, max_bad_steps=3, algo_options={"lr": 1e6, "inner_steps": 3})
+    cfg = _config(tmp_path / "r", iterations=50, max_bad_steps=3, algo_options={"lr": 1e6, "inner_steps": 3, "inner": {"optimizer": "sgd"}})
     with pytest.raises(FloatingPointError, match="3 consecutive meta-iterations"):
         train(cfg, progress=False)
     state = _state(tmp_path / "r")

@@ -276,7 +276,9 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path):
 
 def test_prior_rho_is_clamped_after_each_meta_step(tmp_path):
     from gemext.vi import RHO_MAX, RHO_MIN
-    run = train(RunConfig(**{**RUN, "iterations": 3, "meta_lr": 50.0}, out=str(tmp_path / "r")), progress=False)
+    opts = {**RUN.get("algo_options", {}), "learn_sigma": True}  # the sinusoid default keeps σ₀ fixed
+    run = train(RunConfig(**{**RUN, "iterations": 3, "meta_lr": 50.0, "algo_options": opts}, out=str(tmp_path / "r")),
+                progress=False)
     rho0 = [v for k, v in _theta(run).items() if ".rho0." in k]
     assert rho0 and all(bool(((r >= RHO_MIN) & (r <= RHO_MAX)).all()) for r in rho0)
     assert any(bool(((r == RHO_MIN) | (r == RHO_MAX)).any()) for r in rho0)  # the clamp was needed

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-from gemext import algorithms
 from gemext.train import RunConfig, build
 from gemext.vi import NaturalGradientVI
 

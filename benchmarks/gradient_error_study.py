@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_tests"))
 from conjugate import exact_posterior, log_marginal, problem  # noqa: E402
 
 from gemext import algorithms, ops, reference  # noqa: E402
-from gemext.gaussian import Posterior  # noqa: E402
 from gemext.vi import GaussianLikelihood  # noqa: E402
 
 STEPS = (1, 2, 5, 10, 50, 200)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures import write_miniimagenet
 from PIL import Image
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -163,26 +164,8 @@ def test_sampler_rejects_impossible_episodes():
         V.FewShotTasks(split, ways=2, shots=3, query=4)
 
 
-# ----------------------------------------------------------------------------- miniImageNet fixture
-def _write_mini(root: Path, per_class: int = 4) -> Path:
-    d = root / "miniimagenet"
-    (d / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for s, wnids in {"train": ["n01", "n02", "n03"], "val": ["n04", "n05"], "test": ["n06", "n07"]}.items():
-        rows = ["filename,label"]
-        for w in wnids:
-            for i in range(per_class):
-                name = f"{w}{i:08d}.jpg"
-                arr = rng.integers(0, 256, (50 + 10 * i, 70, 3), dtype=np.uint8)
-                img = Image.fromarray(arr)
-                (img.convert("L") if i == 0 else img).save(d / "images" / name, quality=90)
-                rows.append(f"{name},{w}")
-        (d / f"{s}.csv").write_text("\n".join(rows) + "\n")
-    return d
-
-
 def test_mini_imagenet_fixture(tmp_path):
-    d = _write_mini(tmp_path)
+    d = write_miniimagenet(tmp_path)
     train = V.mini_imagenet("train", tmp_path, tmp_path / "cache")
     assert train.num_classes == 3 and train.class_names == ["n01", "n02", "n03"]
     assert train.images.shape == (12, 3, 84, 84) and train.images.dtype == torch.uint8

@@ -6,10 +6,9 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from fixtures import write_miniimagenet
 
 from gemext.tasks import vision_train as VT
 from gemext.train import RunConfig, evaluate, train
@@ -82,24 +81,8 @@ def test_learner_defaults_follow_the_step_rule():
     assert mini["lr"] == pytest.approx(0.002) and mini["inner_steps"] == 5
 
 
-def _write_mini(root: Path, per_class: int = 16) -> None:
-    """Ravi & Larochelle layout: {train,val,test}.csv ('filename,label') and images/<filename>."""
-    d = root / "miniimagenet"
-    (d / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, wnids in {"train": ["n01", "n02", "n03"], "val": ["n04", "n05"], "test": ["n06", "n07"]}.items():
-        rows = ["filename,label"]
-        for c, w in enumerate(wnids):
-            for i in range(per_class):
-                name = f"{w}{i:08d}.jpg"
-                arr = (rng.integers(0, 64, (21, 21, 3)) + 60 * c).astype(np.uint8)  # class-dependent brightness
-                Image.fromarray(arr).save(d / "images" / name, quality=90)
-                rows.append(f"{name},{w}")
-        (d / f"{split}.csv").write_text("\n".join(rows) + "\n")
-
-
 def test_miniimagenet_fixture_through_vision_family(tmp_path, monkeypatch):
-    _write_mini(tmp_path / "data")
+    write_miniimagenet(tmp_path / "data", per_class=16)  # 1 shot + 15 query per class
     monkeypatch.setenv("GEMEXT_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(task="miniimagenet", algo="maml", ways=2, shots=1, iterations=2, meta_batch=2, inner_steps=1,
                     eval_tasks=3, data_root=str(tmp_path / "data"), out=str(tmp_path / "run"))

@@ -72,3 +72,37 @@ def test_errors_name_the_problem():
         metrics.brier_score(torch.rand(4, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="n_bins"):
         metrics.expected_calibration_error(torch.rand(4, 3), torch.zeros(4, dtype=torch.long), n_bins=0)
+
+
+# ----------------------------------------------------------------------------- regression metrics
+def test_mean_ci95_is_normal_approximation():
+    from gemext.metrics import mean_ci95
+
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    m, h = mean_ci95(v)
+    assert m == pytest.approx(2.5) and h == pytest.approx(1.96 * float(v.std()) / 2)
+    assert math.isnan(mean_ci95([3.0])[1])
+    with pytest.raises(ValueError, match="no values"):
+        mean_ci95([])
+
+
+def test_gaussian_nll_matches_torch_distributions():
+    from gemext.metrics import gaussian_nll
+
+    g = torch.Generator().manual_seed(0)
+    mean, std, y = torch.randn(50, generator=g), torch.rand(50, generator=g) + 0.1, torch.randn(50, generator=g)
+    expected = -torch.distributions.Normal(mean.double(), std.double()).log_prob(y.double())
+    torch.testing.assert_close(gaussian_nll(mean, std, y), expected)
+
+
+def test_interval_coverage_counts_points_inside_the_central_interval():
+    from gemext.metrics import interval_coverage
+
+    mean, std = torch.zeros(4), torch.ones(4)
+    y = torch.tensor([0.0, 1.6, 1.7, -1.64])  # the 90% interval is ±1.6449
+    assert interval_coverage(mean, std, y) == pytest.approx(0.75)
+    assert interval_coverage(mean, std, y, level=0.5) == pytest.approx(0.25)  # ±0.6745
+    big = torch.randn(200_000, generator=torch.Generator().manual_seed(1))
+    assert interval_coverage(torch.zeros_like(big), torch.ones_like(big), big) == pytest.approx(0.9, abs=0.005)
+    with pytest.raises(ValueError, match="level"):
+        interval_coverage(mean, std, y, level=1.0)

@@ -341,7 +341,8 @@ def test_point_posterior_vi_step_equals_policy_gradient_step():
     tasks = rl.sample_tasks("nav2d", 2, 1)
     mu0 = {n: m.detach() for n, m in zip(learner.names, learner.learner.prior.mu0)}
     batches = [sampler.rollouts(mu0, t) for t in tasks]
-    fitted = learner._fit(batches, learner.learner.prior.expand(2), learner.learner.start(2), 1).posterior
+    prior = learner.learner.prior.expand(2)
+    fitted = learner._fit(batches, prior, learner.learner.start(prior), 1).posterior
     for i, b in enumerate(batches):
         expect = rl.reinforce_step(sampler.policy, mu0, b, settings.inner_lr)
         for n, m in zip(learner.names, fitted.task(i).mu):

@@ -83,12 +83,12 @@ class GEMLearner(MetaLearner):
             return self.net.likelihood.nll(out, ys, lik)
         return nll
 
-    def start(self, tasks: int) -> Posterior:
-        """Where each task's inner loop starts: the prior (with σ = 0 for point posteriors)."""
-        prior = self.prior.expand(tasks)
-        if self.delta:
-            prior.rho = [torch.full_like(r, float("-inf")) for r in prior.rho]
-        return prior
+    def start(self, prior: Posterior) -> Posterior:
+        """Where each task's inner loop starts, given the expanded prior: the prior itself (fit
+        copies its start, so no second expansion is needed), or σ = 0 for point posteriors."""
+        if not self.delta:
+            return prior
+        return Posterior(prior.names, prior.mu, [torch.full_like(r, float("-inf")) for r in prior.rho])
 
     def fit_posterior(self, nll, n_data: int, prior: Posterior, init: Posterior, steps: int,
                       callback=None) -> FitResult:
@@ -121,7 +121,7 @@ class GEMLearner(MetaLearner):
         b = self._batch(tasks)
         T = len(b)
         prior = self.prior.expand(T)
-        tr = self._fit(b.x_support, b.y_support, prior, self.start(T), self.inner.steps)
+        tr = self._fit(b.x_support, b.y_support, prior, self.start(prior), self.inner.steps)
         all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps)
         self.accumulate_meta_grad(tr.posterior, all_.posterior)
         stats = {"nll_support": tr.nll / (T * b.x_support.shape[1]),
@@ -140,7 +140,8 @@ class GEMLearner(MetaLearner):
         x, y, squeeze = self._support_batch(support)
         x, y = x.to(self.device), y.to(self.device)
         T = x.shape[0]
-        res = self._fit(x, y, self.prior.expand(T), self.start(T), self.inner.steps if steps is None else steps)
+        prior = self.prior.expand(T)
+        res = self._fit(x, y, prior, self.start(prior), self.inner.steps if steps is None else steps)
         return self._predictor(res.posterior, squeeze)
 
     def adapt_path(self, support, steps: int) -> list[BayesianPredictor]:
@@ -148,7 +149,8 @@ class GEMLearner(MetaLearner):
         x, y = x.to(self.device), y.to(self.device)
         T = x.shape[0]
         path: list[BayesianPredictor] = []
-        self._fit(x, y, self.prior.expand(T), self.start(T), steps,
+        prior = self.prior.expand(T)
+        self._fit(x, y, prior, self.start(prior), steps,
                   callback=lambda k, post: path.append(self._predictor(post.clone(), squeeze)))
         return path
 

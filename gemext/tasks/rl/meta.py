@@ -173,11 +173,11 @@ class GEMRL:
         return self.learner.fit_posterior(self._nll(batches), batches[0].num_episodes, prior, init, steps)
 
     def meta_step(self, tasks: list[Task]) -> dict[str, float]:
-
         T, prior = len(tasks), self.learner.prior
         mu0 = [m.detach() for m in prior.mu0]
         support = [self.sampler.rollouts(self._params(mu0), t) for t in tasks]
-        tr = self._fit(support, prior.expand(T), self.learner.start(T), self.settings.inner_steps)
+        expanded = prior.expand(T)
+        tr = self._fit(support, expanded, self.learner.start(expanded), self.settings.inner_steps)
         query = [self.sampler.rollouts(self._params(tr.posterior.task(i).mu), t) for i, t in enumerate(tasks)]
         all_ = self._fit(query, tr.posterior, tr.posterior, self.settings.query_steps)
         self.optimizer.zero_grad(set_to_none=True)
@@ -194,7 +194,8 @@ class GEMRL:
         """Rollout batches of each task after 0..steps inner updates (each a VI fit of inner_steps
         steps on fresh rollouts of the current posterior mean, KL to the prior Θ)."""
         T = len(tasks)
-        prior, post = self.learner.prior.expand(T), self.learner.start(T)
+        prior = self.learner.prior.expand(T)
+        post = self.learner.start(prior)
         path = []
         for k in range(steps + 1):
             batches = [self.sampler.rollouts(self._params(post.task(i).mu), t, episodes) for i, t in enumerate(tasks)]

@@ -177,7 +177,7 @@ def test_bad_arguments_raise_the_documented_error_naming_it(shapes, dtype, kind,
     elif kind == "bf16":
         bad[0] = bad[0].bfloat16()
     elif kind == "noncontig":
-        bad[0] = torch.zeros(*bad[0].shape, 2, dtype=dtype)[..., 0] if bad[0].numel() > 1 else bad[0].expand(2)
+        bad[0] = torch.zeros(*bad[0].shape, 2, dtype=dtype)[..., 0] if bad[0].numel() > 1 else bad[0].reshape(1).expand(2)  # one element: a size-1 dim is always contiguous
     elif kind == "shape":
         bad[0] = torch.zeros(bad[0].numel() + 1, dtype=dtype)
     elif kind == "device":

@@ -3,20 +3,21 @@
 Script mode (writes DIR/kernels.md and DIR/kernels.json, prints the table last):
 
     python benchmarks/bench_kernels.py --out benchmarks/out [--sizes 1e5,1e6,1e7]
-        [--tensors 10,200] [--device cpu|cuda] [--ops sample,elbo_backward,gaussian_kl,gem_grad+]
+        [--tensors 10,200] [--device cpu|cuda] [--ops sample,elbo_backward,gaussian_kl,gem_grad+,von_step]
 
 pytest-benchmark mode: ``pytest benchmarks/bench_kernels.py`` (10^6 weights in 10 tensors).
 
 For each op, N weights split over T float32 tensors, rows:
 - eager:    gemext.reference formulas, writing into preallocated buffers where the op is in
-            place; ε stored for elbo_backward (eager cannot regenerate Philox noise cheaply),
+            place; ε stored for elbo_backward and von_step (eager cannot regenerate Philox noise cheaply),
             torch.randn_like for sample;
 - foreach:  the same maths with torch._foreach_* over the list;
 - compile:  torch.compile(dynamic=True) of the eager per-tensor formula, writing into the
             preallocated outputs (compiled once, called per tensor from Python);
 - fused:    gemext.ops (one call for the whole list).
 Effective GB/s use the minimum bytes per weight (DESIGN §2): sample 12, elbo_backward 28,
-gaussian_kl 16, gem_grad+ in place 40. The reference bandwidth is STREAM triad a = b + s·c on
+gaussian_kl 16, gem_grad+ in place 40, von_step in place (curvature estimated from ε, no
+correction) 36. The reference bandwidth is STREAM triad a = b + s·c on
 64M float32 (CPU) or tensor.copy_ (CUDA), measured in the same run.
 """
 from __future__ import annotations
@@ -39,8 +40,9 @@ import torch  # noqa: E402
 from gemext import ops  # noqa: E402
 from gemext import reference as R  # noqa: E402
 
-BYTES = {"sample": 12, "elbo_backward": 28, "gaussian_kl": 16, "gem_grad+": 40}
+BYTES = {"sample": 12, "elbo_backward": 28, "gaussian_kl": 16, "gem_grad+": 40, "von_step": 36}
 SEED, OFFSET, BETA, WEIGHT = 1234, 0, 0.5, -0.25
+LR, H_DECAY, DAMPING = 0.1, 0.3, 1e-3  # von_step: repeated steps converge, so timing loops stay finite
 
 
 # ----------------------------------------------------------------------------- timing
@@ -100,6 +102,9 @@ class Workload:
         self.rho, self.rho0, self.rho_b = lst(-3, -1), lst(-3, -1), lst(-3, -1)
         self.eps = lst(normal=True)
         self.out1, self.out2 = lst(), lst()
+        # von_step updates its own copy of the posterior, so the other ops' inputs stay fixed
+        self.v_mu, self.v_rho, self.v_h = ([t.clone() for t in self.mu], [t.clone() for t in self.rho],
+                                           lst(0, 1))
 
 
 def _eager(op: str, w: Workload) -> Callable[[], object]:
@@ -111,6 +116,9 @@ def _eager(op: str, w: Workload) -> Callable[[], object]:
                                         OFFSET, BETA, eps=w.eps)
     if op == "gaussian_kl":
         return lambda: R.gaussian_kl(w.mu, w.rho, w.mu0, w.rho0)
+    if op == "von_step":
+        return lambda: R.von_step_(w.v_mu, w.v_rho, w.v_h, w.g, None, w.mu0, w.rho0, SEED, OFFSET,
+                                   LR, BETA, H_DECAY, DAMPING, eps=w.eps)
     return lambda: R.gem_grad_(w.out1, w.out2, w.mu0, w.rho0, w.mu, w.rho, w.mu_b, w.rho_b,
                                weight=WEIGHT)
 
@@ -148,7 +156,19 @@ def _foreach(op: str, w: Workload) -> Callable[[], object]:
                            F._foreach_add(F._foreach_mul(db, db), F._foreach_exp(F._foreach_mul(w.rho_b, 2.0))))
         F._foreach_add_(w.out2, F._foreach_mul(t, inv0), alpha=WEIGHT)
 
-    return {"sample": sample, "elbo_backward": elbo, "gaussian_kl": kl, "gem_grad+": gem}[op]
+    def von():
+        c = F._foreach_mul(F._foreach_mul(w.g, w.eps), F._foreach_exp(F._foreach_neg(w.v_rho)))
+        F._foreach_clamp_min_(c, 0.0)
+        F._foreach_mul_(w.v_h, 1 - H_DECAY)
+        F._foreach_add_(w.v_h, c, alpha=H_DECAY)
+        lam0 = F._foreach_mul(F._foreach_exp(F._foreach_mul(w.rho0, -2.0)), BETA)
+        prec = F._foreach_add(lam0, w.v_h)
+        num = F._foreach_add(w.g, F._foreach_mul(F._foreach_sub(w.v_mu, w.mu0), lam0))
+        F._foreach_sub_(w.v_mu, F._foreach_div(F._foreach_mul(num, LR), F._foreach_add(prec, DAMPING)))
+        F._foreach_copy_(w.v_rho, F._foreach_mul(F._foreach_log(prec), -0.5))
+
+    return {"sample": sample, "elbo_backward": elbo, "gaussian_kl": kl, "gem_grad+": gem,
+            "von_step": von}[op]
 
 
 # per-tensor eager formulas, compiled once each (dynamic shapes) for the "compile" rows
@@ -172,12 +192,19 @@ def _gem_one(o1, o2, m0, r0, ma, ra, mb, rb):
     o2.add_(g_rho, alpha=WEIGHT)
 
 
+def _von_one(m, r, h, g, m0, r0, e):
+    mu_new, rho_new, h_new = R.von_terms(m, r, h, g, None, m0, r0, e, LR, BETA, H_DECAY, DAMPING)
+    m.copy_(mu_new)
+    r.copy_(rho_new)
+    h.copy_(h_new)
+
+
 _COMPILED: dict[str, Callable] = {}
 
 
 def _compiled(op: str, w: Workload) -> Callable[[], object]:
     one = {"sample": _sample_one, "elbo_backward": _elbo_one, "gaussian_kl": _kl_one,
-           "gem_grad+": _gem_one}[op]
+           "gem_grad+": _gem_one, "von_step": _von_one}[op]
     fn = _COMPILED.setdefault(op, torch.compile(one, dynamic=True))
     if op == "sample":
         return lambda: [fn(*a) for a in zip(w.out1, w.mu, w.rho)]
@@ -185,6 +212,8 @@ def _compiled(op: str, w: Workload) -> Callable[[], object]:
         return lambda: [fn(*a) for a in zip(w.out1, w.out2, w.g, w.mu, w.rho, w.mu0, w.rho0, w.eps)]
     if op == "gaussian_kl":
         return lambda: torch.stack([fn(*a) for a in zip(w.mu, w.rho, w.mu0, w.rho0)]).sum()
+    if op == "von_step":
+        return lambda: [fn(*a) for a in zip(w.v_mu, w.v_rho, w.v_h, w.g, w.mu0, w.rho0, w.eps)]
     return lambda: [fn(*a) for a in zip(w.out1, w.out2, w.mu0, w.rho0, w.mu, w.rho, w.mu_b, w.rho_b)]
 
 
@@ -196,6 +225,9 @@ def _fused(op: str, w: Workload) -> Callable[[], object]:
                                           OFFSET, BETA)
     if op == "gaussian_kl":
         return lambda: ops.gaussian_kl(w.mu, w.rho, w.mu0, w.rho0)
+    if op == "von_step":
+        return lambda: ops.von_step_(w.v_mu, w.v_rho, w.v_h, w.g, None, w.mu0, w.rho0, SEED, OFFSET,
+                                     LR, BETA, H_DECAY, DAMPING)
     return lambda: ops.gem_grad_(w.out1, w.out2, w.mu0, w.rho0, w.mu, w.rho, w.mu_b, w.rho_b,
                                  weight=WEIGHT)
 

@@ -53,7 +53,8 @@ template <class Op> void cuda_run(Op op, const Table& t, Rng rng, uintptr_t stre
 #define GEMEXT_FOR_EACH_OP_T(X, T)                                                            \
   X(SampleOp<T>) X(ReparamGradOp<T>) X(ElboBackwardOp<T>) X(KlOp<T>) X(KlBackwardOp<T>)       \
   X(GemOp<T, false, false>) X(GemOp<T, true, false>) X(GemOp<T, false, true>)                 \
-  X(GemOp<T, true, true>)
+  X(GemOp<T, true, true>) X(VonStepOp<T, false, false>) X(VonStepOp<T, true, false>)          \
+  X(VonStepOp<T, false, true>) X(VonStepOp<T, true, true>)
 #define GEMEXT_FOR_EACH_OP(X) GEMEXT_FOR_EACH_OP_T(X, float) GEMEXT_FOR_EACH_OP_T(X, double)
 
 }  // namespace gemext

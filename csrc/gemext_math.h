@@ -386,4 +386,43 @@ template <typename T, bool PLUS, bool ACC> struct GemOp : OpBase<T> {
   }
 };
 
+// One step of variational online Newton on q = N(μ, σ²) with prior N(μ₀, σ₀²):
+//   c  = curv, or the reparameterisation estimate max(g ε / σ, 0) (CURV=false; ε regenerated)
+//   h' = (1-δ) h + δ c,   λ₀ = β/σ₀²
+//   μ' = μ - lr (g + λ₀(μ-μ₀)) / (λ₀ + h' + damping)          (CORR=false)
+//   μ' = μ - lr (g + λ₀(μ-μ₀) - corr) / (λ₀ + damping)         (CORR=true)
+//   ρ' = -½ log(λ₀ + h')
+// in: μ, ρ, h, g, [curv], μ₀, ρ₀, [corr]   out: μ, ρ, h (the same buffers as the first three)
+template <typename T, bool CURV, bool CORR> struct VonStepOp : OpBase<T> {
+  static constexpr int NIN = 6 + (CURV ? 1 : 0) + (CORR ? 1 : 0), NOUT = 3;
+  static constexpr bool EPS = !CURV;
+  T lr, beta, keep, decay, damping;  // keep = 1 - decay, rounded once on the host
+  GEMEXT_HD T operator()(const T* v, T* o, T eps) const {
+    const T mu = v[0], rho = v[1], h = v[2], g = v[3];
+    const T mu0 = v[CURV ? 5 : 4], rho0 = v[CURV ? 6 : 5];
+    T c;
+    if constexpr (CURV) {
+      c = v[4];
+    } else {
+      // 1/σ as exp(-ρ): no division; a select, not std::max, so NaN passes through
+      const T est = (g * eps) * exp_(-rho);
+      c = est < T(0) ? T(0) : est;
+    }
+    const T h_new = fma_(decay, c, keep * h);
+    const T lam0 = beta * exp_(T(-2) * rho0);
+    const T prec = lam0 + h_new;
+    T num = fma_(lam0, mu - mu0, g), den;
+    if constexpr (CORR) {
+      num = num - v[NIN - 1];
+      den = lam0 + damping;
+    } else {
+      den = prec + damping;
+    }
+    o[0] = fma_(-lr, num / den, mu);
+    o[1] = T(-0.5) * log_(prec);
+    o[2] = h_new;
+    return T(0);
+  }
+};
+
 }  // namespace gemext

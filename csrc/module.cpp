@@ -138,6 +138,36 @@ PYBIND11_MODULE(_C, m) {
     });
   }, "Gradient-EM ascent direction (GEM-BML, or GEM-BML+ with mu_b/rho_b)");
 
+  // in: mu, rho, h, grad, [curv], mu0, rho0, [corr] (empty lists: absent); mu, rho, h are
+  // updated in place. Without curv, eps is drawn as sample() draws it for (seed, offset, starts).
+  m.def("von_step", [](const Exec& ex, const Ptrs& mu, const Ptrs& rho, const Ptrs& h,
+                       const Ptrs& g, const Ptrs& curv, const Ptrs& mu0, const Ptrs& rho0,
+                       const Ptrs& corr, const Numels& n, uint64_t seed, uint64_t offset,
+                       double lr, double beta, double h_decay, double damping,
+                       const Numels& starts) {
+    with_dtype(ex, [&](auto tag) {
+      using T = decltype(tag);
+      auto go = [&](auto op) {
+        op.lr = static_cast<T>(lr);
+        op.beta = static_cast<T>(beta);
+        op.keep = static_cast<T>(1.0 - h_decay);
+        op.decay = static_cast<T>(h_decay);
+        op.damping = static_cast<T>(damping);
+        std::vector<Ptrs> lists = concat({&mu, &rho, &h, &g});
+        if (!curv.empty()) lists.push_back(curv);
+        lists.push_back(mu0);
+        lists.push_back(rho0);
+        if (!corr.empty()) lists.push_back(corr);
+        for (const Ptrs* out : {&mu, &rho, &h}) lists.push_back(*out);
+        run(op, ex, std::move(lists), n, Rng{seed, offset}, 0, starts);
+      };
+      if (!curv.empty() && !corr.empty()) go(VonStepOp<T, true, true>{});
+      else if (!curv.empty()) go(VonStepOp<T, true, false>{});
+      else if (!corr.empty()) go(VonStepOp<T, false, true>{});
+      else go(VonStepOp<T, false, false>{});
+    });
+  }, "one variational online Newton step on (mu, rho, h), in place");
+
   // Test hooks (CPU): the shared maths on n values. fn: 0 exp, 1 log, 2 sincos_turns (y=sin, y2=cos).
   m.def("math", [](int fn, int dtype, uintptr_t x, uintptr_t y, uintptr_t y2, int64_t n) {
     if (dtype == 0)

@@ -13,9 +13,10 @@ the list, or from ``starts[t]`` for tensor t when given) is a function of (seed,
 ``sample`` regenerate it instead of storing it, and CPU and CUDA draw the same ε. ``seed`` is
 an int in [0, 2^63), ``offset`` an int in [0, 2^63); take seeds from :func:`new_seed` so that
 ``torch.manual_seed`` makes runs reproducible. ``starts`` (``sample``, ``elbo_backward``,
-``elbo_backward_``) sets the global index of each tensor's element 0 explicitly, so that a shard
-of a batch (e.g. the tasks one rank owns, see :func:`gemext.vi.task_starts`) draws exactly the
-ε its elements draw in the full batch; any non-negative ints (not only multiples of 4).
+``elbo_backward_``, ``von_step_``) sets the global index of each tensor's element 0 explicitly,
+so that a shard of a batch (e.g. the tasks one rank owns, see :func:`gemext.vi.task_starts`)
+draws exactly the ε its elements draw in the full batch; any non-negative ints (not only
+multiples of 4).
 
 Each op is a ``torch.library.custom_op`` in the ``gemext`` namespace with a fake (meta)
 implementation, so ``torch.compile(fullgraph=True)`` traces through it; ``sample``,
@@ -35,7 +36,7 @@ from . import _C
 from . import reference
 
 __all__ = ["sample", "gaussian_kl", "elbo_backward", "elbo_backward_", "gem_grad", "gem_grad_",
-           "new_seed"]
+           "von_step_", "new_seed"]
 
 TensorOrList = Union[Tensor, Sequence[Tensor]]
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
@@ -134,6 +135,18 @@ def _check_real(op: str, name: str, x: object) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{op}: {name} must be a real number, got {type(x).__name__}")
     return float(x)
+
+
+def _check_bounded(op: str, name: str, x: object, lo: float, hi: Optional[float] = None,
+                   lo_open: bool = False) -> float:
+    """A real in [lo, hi] ((lo, hi] with lo_open); NaN is rejected."""
+    x = _check_real(op, name, x)
+    ok = (x > lo if lo_open else x >= lo) and (hi is None or x <= hi)
+    if not ok:
+        lo_s = f"{'> ' if lo_open else '>= '}{lo:g}"
+        want = f"{lo_s} and <= {hi:g}" if hi is not None else lo_s
+        raise ValueError(f"{op}: {name} must be {want}, got {x}")
+    return x
 
 
 def new_seed(generator: Optional[torch.Generator] = None) -> int:
@@ -285,6 +298,21 @@ def _gem_grad_impl(mu0: list[Tensor], rho0: list[Tensor], mu_a: list[Tensor], rh
 _gem_grad = torch.library.custom_op("gemext::gem_grad", _gem_grad_impl, mutates_args=())
 
 
+def _von_step__impl(mu: list[Tensor], rho: list[Tensor], h: list[Tensor], grad: list[Tensor],
+                    curv: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
+                    correction: list[Tensor], seed: int, offset: int, lr: float, beta: float,
+                    h_decay: float, damping: float, starts: Optional[list[int]] = None) -> None:
+    """``curv == []`` estimates the curvature from regenerated ε; ``correction == []`` puts
+    h' in the μ preconditioner instead of subtracting a correction."""
+    _launch(_C.von_step, mu, _ptrs(mu), _ptrs(rho), _ptrs(h), _ptrs(grad), _ptrs(curv),
+            _ptrs(mu0), _ptrs(rho0), _ptrs(correction), _numels(mu), seed, offset, lr, beta,
+            h_decay, damping, starts or [])
+
+
+_von_step_ = torch.library.custom_op("gemext::von_step_", _von_step__impl,
+                                     mutates_args=("mu", "rho", "h"))
+
+
 # fake (meta) implementations: shapes only, for torch.compile / FakeTensor tracing
 @_sample.register_fake
 def _(mu, rho, seed, offset, starts=None):
@@ -324,6 +352,12 @@ def _(g_mu0, g_rho0, mu0, rho0, mu_a, rho_a, mu_b, rho_b, weight):
 @_gem_grad.register_fake
 def _(mu0, rho0, mu_a, rho_a, mu_b, rho_b):
     return _empty_like(mu0), _empty_like(rho0)
+
+
+@_von_step_.register_fake
+def _(mu, rho, h, grad, curv, mu0, rho0, correction, seed, offset, lr, beta, h_decay, damping,
+      starts=None):
+    return None
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -484,3 +518,36 @@ def gem_grad_(g_mu0: TensorOrList, g_rho0: TensorOrList, mu0: TensorOrList, rho0
                                    "rho_b")]
         _call(_gem_grad_, _gem_grad__impl, *args, weight, differentiable=False,
               mutated=(lists["g_mu0"], lists["g_rho0"]))
+
+
+def von_step_(mu: TensorOrList, rho: TensorOrList, h: TensorOrList, grad: TensorOrList,
+              curv: Optional[TensorOrList], mu0: TensorOrList, rho0: TensorOrList, seed: int,
+              offset: int, lr: float, beta: float, h_decay: float, damping: float,
+              correction: Optional[TensorOrList] = None,
+              starts: Optional[Sequence[int]] = None) -> None:
+    """One variational online Newton step on q = N(μ, σ²), σ = exp(ρ), with prior
+    N(μ₀, σ₀²), updating ``mu``, ``rho`` and the curvature average ``h`` in place:
+
+    - c = ``curv``, or max(g·ε/σ, 0) with ε regenerated as ``sample(mu, rho, seed, offset,
+      starts)`` drew it (so pass the seed/offset of the sample that ``grad`` was taken at);
+    - h' = (1 − h_decay)·h + h_decay·c, λ₀ = β/σ₀²;
+    - μ' = μ − lr·(g + λ₀(μ − μ₀)) / (λ₀ + h' + damping), or with ``correction``
+      μ' = μ − lr·(g + λ₀(μ − μ₀) − correction) / (λ₀ + damping);
+    - ρ' = −½·log(λ₀ + h').
+
+    All use the old μ, ρ, h. ``grad``, ``curv``, ``mu0``, ``rho0``, ``correction`` are read only.
+    lr > 0, beta >= 0, 0 < h_decay <= 1, damping >= 0."""
+    op = "von_step_"
+    lists, single = _validate(op, "mu", mu=mu, rho=rho, h=h, grad=grad, curv=curv, mu0=mu0,
+                              rho0=rho0, correction=correction)
+    seed, offset = _check_int(op, "seed", seed), _check_int(op, "offset", offset)
+    lr = _check_bounded(op, "lr", lr, 0.0, lo_open=True)
+    beta = _check_bounded(op, "beta", beta, 0.0)
+    h_decay = _check_bounded(op, "h_decay", h_decay, 0.0, 1.0, lo_open=True)
+    damping = _check_bounded(op, "damping", damping, 0.0)
+    starts = _check_starts(op, starts, lists["mu"], single)
+    if lists["mu"]:
+        args = [lists.get(k, []) for k in ("mu", "rho", "h", "grad", "curv", "mu0", "rho0",
+                                            "correction")]
+        _call(_von_step_, _von_step__impl, *args, seed, offset, lr, beta, h_decay, damping,
+              starts, differentiable=False, mutated=(lists["mu"], lists["rho"], lists["h"]))

@@ -170,3 +170,52 @@ def gem_grad_(g_mu0: TensorOrList, g_rho0: TensorOrList, mu0: TensorOrList, rho0
     for b, d in zip(g_mu0 + g_rho0, d_mu + d_rho):
         b.add_(d, alpha=weight)
 
+
+def von_terms(mu: Tensor, rho: Tensor, h: Tensor, grad: Tensor, curv: Optional[Tensor],
+              mu0: Tensor, rho0: Tensor, eps: Optional[Tensor], lr: float, beta: float,
+              h_decay: float, damping: float, correction: Optional[Tensor] = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(μ', ρ', h') of one VON step for one tensor; ``eps`` is needed only when ``curv`` is None."""
+    c = curv if curv is not None else torch.clamp_min(grad * eps / torch.exp(rho), 0)
+    h_new = (1 - h_decay) * h + h_decay * c
+    lam0 = beta * torch.exp(-2 * rho0)
+    num = grad + lam0 * (mu - mu0)
+    if correction is None:
+        mu_new = mu - lr * num / (lam0 + h_new + damping)
+    else:
+        mu_new = mu - lr * (num - correction) / (lam0 + damping)
+    return mu_new, -0.5 * torch.log(lam0 + h_new), h_new
+
+
+def von_step(mu: TensorOrList, rho: TensorOrList, h: TensorOrList, grad: TensorOrList,
+             curv: Optional[TensorOrList], mu0: TensorOrList, rho0: TensorOrList, seed: int,
+             offset: int, lr: float, beta: float, h_decay: float, damping: float,
+             correction: Optional[TensorOrList] = None, starts: Optional[Sequence[int]] = None,
+             eps: Optional[TensorOrList] = None):
+    """(μ', ρ', h') of a VON step, functionally; ε regenerated from (seed, offset, starts)
+    unless given (only used without ``curv``)."""
+    (mu, rho, h, grad, curv, mu0, rho0, correction, eps), single = _listify(
+        mu, rho, h, grad, curv, mu0, rho0, correction, eps)
+    n = len(mu)
+    if curv is None and eps is None:
+        eps = _noise_like(mu, seed, offset, starts)
+    curv, correction, eps = (x if x is not None else [None] * n for x in (curv, correction, eps))
+    out = [von_terms(m, r, hh, g, c, m0, r0, e, lr, beta, h_decay, damping, corr)
+           for m, r, hh, g, c, m0, r0, e, corr in zip(mu, rho, h, grad, curv, mu0, rho0, eps,
+                                                       correction)]
+    return _unlist(single, [o[0] for o in out], [o[1] for o in out], [o[2] for o in out])
+
+
+def von_step_(mu: TensorOrList, rho: TensorOrList, h: TensorOrList, grad: TensorOrList,
+              curv: Optional[TensorOrList], mu0: TensorOrList, rho0: TensorOrList, seed: int,
+              offset: int, lr: float, beta: float, h_decay: float, damping: float,
+              correction: Optional[TensorOrList] = None, starts: Optional[Sequence[int]] = None,
+              eps: Optional[TensorOrList] = None) -> None:
+    """:func:`von_step` written back into ``mu``, ``rho``, ``h`` (eager, with temporaries)."""
+    new = von_step(mu, rho, h, grad, curv, mu0, rho0, seed, offset, lr, beta, h_decay, damping,
+                   correction, starts, eps)
+    (mu, rho, h), single = _listify(mu, rho, h)
+    if single:
+        new = tuple([x] for x in new)
+    for dst, src in zip(mu + rho + h, new[0] + new[1] + new[2]):
+        dst.copy_(src)

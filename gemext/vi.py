@@ -54,6 +54,18 @@ class GaussianLikelihood(nn.Module):
         ls = self._log_sigma(params)
         return (0.5 * (y - out).pow(2) * torch.exp(-2 * ls) + ls + 0.5 * math.log(2 * math.pi)).sum()
 
+    fisher_per_output = 2.0  # Fisher information of log s per observed output
+
+    def ggn_cotangents(self, out: torch.Tensor, params: dict[str, torch.Tensor] | None,
+                       generator: torch.Generator | None) -> torch.Tensor:
+        """Output-space cotangents [M, *out.shape] whose pullbacks are the exact GGN rows: one per
+        point and output, 1/s at its position (the Hessian of ½(y−f)²/s² in f is 1/s²)."""
+        inv_s = torch.exp(-self._log_sigma(params)).to(out.dtype)
+        T, rest = out.shape[0], out.shape[1:]
+        eye = torch.eye(rest.numel(), dtype=out.dtype, device=out.device).reshape(-1, 1, *rest)
+        cot = eye.expand(-1, T, *rest)
+        return cot * (inv_s if inv_s.dim() == 0 else inv_s.reshape(1, T, *([1] * len(rest))))
+
     def predictive(self, outs: torch.Tensor, params: list[dict[str, torch.Tensor]] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the predictive mixture from S sampled outputs (dim 0)."""
@@ -74,9 +86,88 @@ class CategoricalLikelihood(nn.Module):
             raise TypeError(f"CategoricalLikelihood: labels must be int64, got {y.dtype}")
         return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
 
+    fisher_per_output = 0.0
+
+    def ggn_cotangents(self, out: torch.Tensor, params: dict | None,
+                       generator: torch.Generator | None) -> torch.Tensor:
+        """Cotangents [N, *out.shape]: for point n, p_n − onehot(ỹ_n) with ỹ_n ~ softmax(f_n) at
+        its position. E[(p − e_ỹ)(p − e_ỹ)ᵀ] = diag(p) − ppᵀ, the softmax cross-entropy's Hessian,
+        so the rows' outer products are an unbiased (Monte-Carlo Fisher) estimate of the GGN."""
+        T, N, C = out.shape[0], out.shape[1], out.shape[-1]
+        p = out.reshape(T, N, -1, C).double().softmax(-1)
+        u = torch.rand(p.shape[:-1] + (1,), generator=generator, dtype=p.dtype).to(p.device)
+        label = (p.cumsum(-1) < u).sum(-1, keepdim=True).clamp_max(C - 1)
+        resid = (p - torch.zeros_like(p).scatter_(-1, label, 1.0)).to(out.dtype).reshape(out.shape)
+        eye = torch.eye(N, dtype=out.dtype, device=out.device).reshape(N, 1, N, *([1] * (out.dim() - 2)))
+        return eye * resid.unsqueeze(0)
+
     def predictive(self, outs: torch.Tensor, params: list | None = None) -> torch.Tensor:
         """Class probabilities averaged over the S sampled outputs (dim 0)."""
         return outs.softmax(-1).mean(0)
+
+
+# ----------------------------------------------------------------------------- data terms
+class DataTerm:
+    """The summed negative log-likelihood of a batch of tasks, −Σ log p(y | f(x; θ)), as the
+    callable ``nll(theta, index)`` that `fit` takes, plus what curvature-aware VI needs: the rows
+    of a square-root factor R of the generalised Gauss-Newton matrix, G = RᵀR = Σ_n J_nᵀ H_n J_n
+    (J_n the Jacobian of point n's outputs, H_n the likelihood's Hessian in output space).
+
+    forward(theta, x) -> outputs [T, N, ...] (θ with a leading task dimension); θ entries named
+    ``likelihood.*`` (a learned noise scale) are passed to the likelihood instead of the model."""
+
+    def __init__(self, forward: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
+                 likelihood: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> None:
+        self.forward, self.likelihood, self.x, self.y, self.names = forward, likelihood, x, y, names
+        self.lik_idx = [i for i, n in enumerate(names) if n.startswith("likelihood.")]
+
+    def _data(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.x, self.y) if index is None else (self.x[:, index], self.y[:, index])
+
+    def _lik_params(self, theta: list[torch.Tensor], ys: torch.Tensor) -> dict[str, torch.Tensor]:
+        # per-task likelihood parameters [T] broadcast over the data dims
+        return {self.names[i]: theta[i].reshape(theta[i].shape[0], *([1] * (ys.dim() - 1))) for i in self.lik_idx}
+
+    def __call__(self, theta: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor:
+        xs, ys = self._data(index)
+        return self.likelihood.nll(self.forward(theta, xs), ys, self._lik_params(theta, ys))
+
+    def ggn_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None,
+                 generator: torch.Generator | None) -> list[torch.Tensor]:
+        """Rows of R per task: a list over θ of [T, M, *shape] tensors (zero for ``likelihood.*``
+        entries, whose curvature `lik_curvature` gives). Gaussian likelihoods give the exact GGN
+        (M = points × outputs); the categorical one a Monte-Carlo Fisher with one label sampled
+        from the model per point (M = points; unbiased for the GGN)."""
+        xs, ys = self._data(index)
+        model_idx = [i for i in range(len(theta)) if i not in self.lik_idx]
+        with torch.enable_grad():
+            out, pullback = torch.func.vjp(lambda *th: self.forward(self._fill(theta, model_idx, th), xs),
+                                           *[theta[i].detach() for i in model_idx])
+            cot = self.likelihood.ggn_cotangents(out.detach(), self._lik_params(theta, ys), generator)
+            rows_model = torch.func.vmap(pullback)(cot)  # cotangents [M, *out.shape] -> grads [M, T, ...]
+        rows: list[torch.Tensor] = []
+        it = iter(rows_model)
+        for i, t in enumerate(theta):
+            if i in self.lik_idx:
+                rows.append(t.new_zeros(t.shape[0], cot.shape[0], *t.shape[1:]))
+            else:
+                rows.append(next(it).detach().transpose(0, 1))
+        return rows
+
+    @staticmethod
+    def _fill(theta: list[torch.Tensor], model_idx: list[int], model_theta) -> list[torch.Tensor]:
+        full = [t.detach() for t in theta]
+        for i, t in zip(model_idx, model_theta):
+            full[i] = t
+        return full
+
+    def lik_curvature(self, theta: list[torch.Tensor], index: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Fisher information of the likelihood's own parameters (diagonal): {θ index: [T, ...]}."""
+        if not self.lik_idx:
+            return {}
+        _, ys = self._data(index)
+        n = ys[0].numel()  # points × outputs per task
+        return {i: torch.full_like(theta[i], self.likelihood.fisher_per_output * n) for i in self.lik_idx}
 
 
 # ----------------------------------------------------------------------------- VI loop
@@ -125,17 +216,123 @@ class NaturalGradientVI(torch.optim.Optimizer):
         return None
 
 
+class VariationalOnlineNewton:
+    """Curvature-aware natural-gradient VI ("von") for a diagonal Gaussian q = N(μ, σ²), the
+    variational online Newton family (VON/VOGN, Khan et al. 2018; IVON, Shen et al. 2024): per
+    weight a running estimate h of the data term's curvature (its GGN diagonal), and
+
+        h ← (1−τ)·h + τ·ĥ,       σ² = 1 / (β/σ₀² + h),
+        μ ← μ − lr·P⁻¹·(∇E_q[nll] + β(μ−μ₀)/σ₀²),
+
+    lr = 1 being a full Newton step. The posterior variance is derived, so it shrinks exactly where
+    the data are informative, and σ₀ is only the prior precision, never a step size.
+
+    ``coupling="full"`` (default) uses P = β/σ₀² + RᵀR with the GGN factor R of `DataTerm`
+    (M rows per task: points × outputs, or points for a classifier) and solves with Woodbury in
+    the M-dimensional data space (an M×M Cholesky per task). Few-shot tasks have few points, so
+    this is cheap, and it matters: weights that move the same output are coupled, and a diagonal
+    Newton step (``coupling="diag"``, P = β/σ₀² + h) adds their steps up and overshoots.
+    ``curvature="reparam"`` is IVON's single-sample estimate ĥ = g·ε/σ (for any `nll` callable;
+    noisy for few steps). ``control_variate`` subtracts Rᵀ R(θ−μ) from the sampled gradient: zero
+    mean for a linear model, it removes the reparameterisation noise of the mean step.
+    `damping` is added to the precision the mean step divides by (Levenberg-Marquardt)."""
+
+    def __init__(self, lr: float = 1.0, h_decay: float = 1.0, damping: float = 0.0, coupling: str = "full",
+                 curvature: str = "ggn", control_variate: bool = True) -> None:
+        if not lr > 0:
+            raise ValueError(f"von: lr must be > 0, got {lr}")
+        if not 0 < h_decay <= 1:
+            raise ValueError(f"von: h_decay must be in (0, 1], got {h_decay}")
+        if not damping >= 0:
+            raise ValueError(f"von: damping must be >= 0, got {damping}")
+        if coupling not in ("full", "diag"):
+            raise ValueError(f"von: coupling must be 'full' or 'diag', got {coupling!r}")
+        if curvature not in ("ggn", "reparam"):
+            raise ValueError(f"von: curvature must be 'ggn' or 'reparam', got {curvature!r}")
+        if curvature == "reparam" and coupling == "full":
+            raise ValueError("von: coupling='full' needs curvature='ggn' (the GGN factor); use coupling='diag'")
+        self.lr, self.h_decay, self.damping = lr, h_decay, damping
+        self.coupling, self.curvature, self.control_variate = coupling, curvature, control_variate
+
+    def uses_ggn(self) -> bool:
+        return self.curvature == "ggn"
+
+    @staticmethod
+    def control_variate_(grad: list[torch.Tensor], rows: list[torch.Tensor], offset_theta: list[torch.Tensor]) -> None:
+        """grad −= RᵀR(θ − μ) in place: the sampled gradient's fluctuation under the GGN model."""
+        T = grad[0].shape[0]
+        R = torch.cat([r.reshape(T, r.shape[1], -1) for r in rows], -1)
+        cv = torch.einsum("tmd,tm->td", R, torch.einsum("tmd,td->tm", R, _flat(offset_theta)))
+        for g, c in zip(grad, _unflatten(cv, grad)):
+            g.sub_(c)
+
+    @torch.no_grad()
+    def step(self, mu: list[torch.Tensor], rho: list[torch.Tensor], h: list[torch.Tensor],
+             grad: list[torch.Tensor], rows: list[torch.Tensor] | None, extra_curv: dict[int, torch.Tensor],
+             prior: Posterior, beta: float, seed: int, starts: list[int] | None,
+             curv: list[torch.Tensor] | None = None) -> None:
+        """One update in place of μ, ρ, h. `grad`: the sampled gradient of the data term (summed
+        over MC samples of the loss already divided by their number); `rows`: GGN factor rows
+        [T, M, *shape] of that loss (None for "reparam": the kernel then forms g·ε/σ from the ε of
+        (seed, 0) unless `curv` is given)."""
+        T = mu[0].shape[0]
+        correction = None
+        if rows is not None:
+            R = torch.cat([r.reshape(T, r.shape[1], -1) for r in rows], -1)  # [T, M, D]
+            curv = _unflatten((R * R).sum(1), mu)
+            for i, c in extra_curv.items():
+                curv[i] = c
+            if self.coupling == "full":
+                prec0 = [beta * torch.exp(-2 * r0) for r0 in prior.rho]
+                resid = [g + p0 * (m - m0) for g, p0, m, m0 in zip(grad, prec0, mu, prior.mu)]
+                # likelihood parameters have no GGN rows: their own (diagonal) Fisher joins Λ
+                lam = _flat([p0 + self.damping + extra_curv.get(i, 0.0) for i, p0 in enumerate(prec0)])
+                # I + RΛ⁻¹Rᵀ in float64: its eigenvalues span 1 to ~‖R‖²/Λ (1e8 on small nets with a
+                # wide prior), beyond float32, whose rounding then breaks positive-definiteness
+                Rs = (R / lam.sqrt().unsqueeze(1)).double()
+                K = Rs @ Rs.transpose(1, 2)
+                K.diagonal(dim1=1, dim2=2).add_(1.0)
+                rhs = (Rs @ (_flat(resid) / lam.sqrt()).double().unsqueeze(-1))
+                z = torch.cholesky_solve(rhs, torch.linalg.cholesky(K)).to(R.dtype)
+                z = z.squeeze(-1)
+                # P⁻¹r = (r − Rᵀz)/Λ (Woodbury); the kernel divides by β/σ₀² + damping, so a
+                # likelihood parameter's extra Fisher F enters as the correction r·F/Λ
+                correction = _unflatten(torch.einsum("tmd,tm->td", R, z), mu)
+                for i, f in extra_curv.items():
+                    correction[i] = resid[i] * f / (prec0[i] + self.damping + f)
+        grad = [g.contiguous() for g in grad]
+        ops.von_step_(mu, rho, h, grad, [c.contiguous() for c in curv] if curv is not None else None,
+                      prior.mu, prior.rho, seed, 0, self.lr, beta, self.h_decay, self.damping,
+                      [c.contiguous() for c in correction] if correction is not None else None, starts)
+
+
+def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(t.shape[0], -1) for t in ts], -1)
+
+
+def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, pos = [], 0
+    for t in like:
+        n = t[0].numel()
+        out.append(flat[:, pos:pos + n].reshape(t.shape))
+        pos += n
+    return out
+
+
+
 _OPTIMIZERS["ngvi"] = NaturalGradientVI
+_OPTIMIZERS["von"] = VariationalOnlineNewton
 
 
 @dataclass
 class VIConfig:
     """How a posterior is fitted. `optimizer` is a torch.optim class or one of
-    adam/sgd/rmsprop/adamw/adagrad/ngvi (natural-gradient VI); `batch_size` None uses every point each step."""
+    adam/sgd/rmsprop/adamw/adagrad/ngvi (natural-gradient VI)/von (variational online Newton, its
+    options in optimizer_kwargs); `batch_size` None uses every point each step."""
 
     steps: int = 5
     optimizer: str | type = "adam"
-    lr: float = 0.01
+    lr: float | None = None  # None: 1.0 (a full Newton step) for von, else 0.01
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     mc_samples: int = 1
     beta: float = 1.0
@@ -146,13 +343,16 @@ class VIConfig:
             raise ValueError(f"VIConfig.steps must be >= 0, got {self.steps}")
         if self.mc_samples < 1:
             raise ValueError(f"VIConfig.mc_samples must be >= 1, got {self.mc_samples}")
+        if self.lr is None:
+            self.lr = 1.0 if self.optimizer_class() is VariationalOnlineNewton else 0.01
         if not self.lr > 0:
             raise ValueError(f"VIConfig.lr must be > 0, got {self.lr}")
         if self.beta < 0:
             raise ValueError(f"VIConfig.beta must be >= 0, got {self.beta}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"VIConfig.batch_size must be >= 1 or None, got {self.batch_size}")
-        self.optimizer_class()  # fail early on an unknown name
+        if self.optimizer_class() is VariationalOnlineNewton:  # fail early on bad options
+            VariationalOnlineNewton(lr=self.lr, **self.optimizer_kwargs)
 
     def optimizer_class(self) -> type:
         if isinstance(self.optimizer, str):
@@ -247,15 +447,18 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
     the full batch (`task_starts`)."""
     if n_data < 1:
         raise ValueError("fit: the task has no data points")
-    if delta and config.optimizer_class() is NaturalGradientVI:
-        raise ValueError("fit: natural-gradient VI needs a Gaussian posterior; a point estimate (delta=True) "
+    opt_class = config.optimizer_class()
+    if delta and opt_class in (NaturalGradientVI, VariationalOnlineNewton):
+        raise ValueError(f"fit: {config.optimizer} VI needs a Gaussian posterior; a point estimate (delta=True) "
                          "has σ = 0 and would never move: use sgd or adam")
+    if opt_class is VariationalOnlineNewton:
+        return _fit_von(nll, n_data, prior, init, config, generator, callback, task_range)
     mu = [m.detach().clone().requires_grad_(True) for m in init.mu]
     rho = [r.detach().clone().requires_grad_(not delta) for r in init.rho]
     variables = mu if delta else mu + rho  # μ list then ρ list (NaturalGradientVI relies on it)
     for v in variables:
         v.grad = torch.zeros_like(v)  # persistent buffers: the fused op writes into them
-    opt = config.optimizer_class()(variables, lr=config.lr, **config.optimizer_kwargs)
+    opt = opt_class(variables, lr=config.lr, **config.optimizer_kwargs)
     S, beta = config.mc_samples, config.beta
     scratch = [torch.empty_like(v) for v in variables] if S > 1 and not delta else None
     starts = None if delta else task_starts(mu, task_range or current_task_range())
@@ -298,3 +501,67 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, [m.detach() for m in mu], [r.detach() for r in rho]), last)
+
+
+def _minibatch(n_data: int, config: VIConfig, generator: torch.Generator | None,
+               device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """A random subset of the data (and the factor that rescales its sum to the full data)."""
+    if config.batch_size is not None and config.batch_size < n_data:
+        return torch.randperm(n_data, generator=generator)[: config.batch_size].to(device), n_data / config.batch_size
+    return None, 1.0
+
+
+def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConfig,
+             generator: torch.Generator | None, callback: Callable[[int, Posterior], None] | None,
+             task_range: tuple[int, int] | None) -> FitResult:
+    """`fit` with the variational online Newton step (see VariationalOnlineNewton)."""
+    von = VariationalOnlineNewton(lr=config.lr, **config.optimizer_kwargs)
+    if von.uses_ggn() and not hasattr(nll, "ggn_rows"):
+        raise TypeError("fit: von with curvature='ggn' needs a gemext.vi.DataTerm (the model's outputs and "
+                        "likelihood) instead of a plain nll callable; pass optimizer_kwargs="
+                        "{'curvature': 'reparam', 'coupling': 'diag'} for any callable")
+    mu = [m.detach().clone() for m in init.mu]
+    rho = [r.detach().clone() for r in init.rho]
+    h = [torch.zeros_like(m) for m in mu]
+    S, beta = config.mc_samples, config.beta
+    starts = task_starts(mu, task_range or current_task_range())
+    last = float("nan")
+    if callback is not None:
+        callback(0, Posterior(init.names, mu, rho))
+    for step in range(config.steps):
+        index, scale = _minibatch(n_data, config, generator, mu[0].device)
+        seed = ops.new_seed(generator)
+        grad = [torch.zeros_like(m) for m in mu]
+        rows: list[list[torch.Tensor]] = []
+        curv = None
+        extra: dict[int, torch.Tensor] = {}
+        total = 0.0
+        for s in range(S):
+            with torch.no_grad():
+                theta = ops.sample(mu, rho, seed, s, starts)
+            theta = [t.requires_grad_(True) for t in theta]
+            loss = nll(theta, index) * (scale / S)
+            g = list(torch.autograd.grad(loss, theta))
+            total += float(loss.detach())
+            if von.uses_ggn():
+                r_s = [r * math.sqrt(scale / S) for r in nll.ggn_rows(theta, index, generator)]
+                if von.control_variate:
+                    with torch.no_grad():
+                        von.control_variate_(g, r_s, [t.detach() - m for t, m in zip(theta, mu)])
+                rows.append(r_s)
+                for i, c in nll.lik_curvature(theta, index).items():
+                    extra[i] = extra.get(i, 0.0) + c * (scale / S)
+            elif S > 1:  # the kernel's own g·ε/σ uses sample 0 only: average the estimate here
+                with torch.no_grad():
+                    eps = ops.sample([torch.zeros_like(m) for m in mu], [torch.zeros_like(r) for r in rho], seed, s, starts)
+                    c_s = [(gi * e * torch.exp(-r) * S).clamp_min(0) / S for gi, e, r in zip(g, eps, rho)]
+                curv = c_s if curv is None else [a + b for a, b in zip(curv, c_s)]
+            torch._foreach_add_(grad, [gi.detach() for gi in g])
+        last = total
+        if not math.isfinite(last):
+            raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")
+        stacked = [torch.cat(parts, 1) for parts in zip(*rows)] if rows else None
+        von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv)
+        if callback is not None:
+            callback(step + 1, Posterior(init.names, mu, rho))
+    return FitResult(Posterior(init.names, mu, rho), last)

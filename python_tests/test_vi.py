@@ -1,12 +1,13 @@
 """The Gradient-EM theorem and the VI loop against the exact conjugate model."""
 from __future__ import annotations
 
+import pytest
 import torch
 from conjugate import exact_posterior, log_marginal, problem
 
 from gemext import ops
 from gemext.gaussian import Posterior
-from gemext.vi import GaussianLikelihood, VIConfig, fit
+from gemext.vi import CategoricalLikelihood, DataTerm, GaussianLikelihood, VIConfig, fit
 
 
 def _grads(fn, mu0, rho0):
@@ -130,3 +131,175 @@ def test_natural_gradient_trust_region_caps_each_step_at_max_step_sigmas():
         NaturalGradientVI([mu, rho], max_step=0)
     with pytest.raises(ValueError, match="ρ tensors"):
         NaturalGradientVI([mu])
+
+
+# ----------------------------------------------------------------------------- von
+def _von_cfg(steps, **kw):
+    return VIConfig(steps=steps, optimizer="von", mc_samples=kw.pop("mc_samples", 1), beta=kw.pop("beta", 1.0),
+                    batch_size=kw.pop("batch_size", None), lr=kw.pop("lr", None), optimizer_kwargs=kw)
+
+
+def _conjugate_tasks(seeds):
+    """A stacked batch of conjugate problems (same prior) as (DataTerm, prior, exact λ per task)."""
+    from gemext.algorithms.base import FunctionalNet
+    probs = [problem(seed=s) for s in seeds]
+    mu0, rho0, noise = probs[0][4], probs[0][5], probs[0][6]
+    phis = [torch.cat([p[0], p[2]]) for p in probs]
+    ys = [torch.cat([p[1], p[3]]) for p in probs]
+    lin = torch.nn.Linear(len(mu0), 1, bias=False).double()
+    net = FunctionalNet(lin, ["weight"], vectorize=True)
+    term = DataTerm(net, GaussianLikelihood(noise).double(), torch.stack(phis), torch.stack(ys).unsqueeze(-1), ["weight"])
+    T = len(seeds)
+    prior = Posterior(["weight"], [mu0.view(1, 1, -1).expand(T, 1, -1).contiguous()],
+                      [rho0.view(1, 1, -1).expand(T, 1, -1).contiguous()])
+    exact = [exact_posterior(ph, yy, mu0, rho0, noise) for ph, yy in zip(phis, ys)]
+    return term, prior, exact, (mu0, rho0, noise, phis, ys)
+
+
+def test_von_one_step_lands_on_the_exact_posterior_of_every_task():
+    # linear-Gaussian: a full Newton step with the exact GGN and the control variate is exact,
+    # whatever ε was drawn; the GEM statistic is then the exact marginal-likelihood gradient
+    term, prior, exact, (mu0, rho0, noise, phis, ys) = _conjugate_tasks([0, 4, 5])
+    q = fit(term, term.x.shape[1], prior, prior, _von_cfg(1), torch.Generator().manual_seed(0)).posterior
+    for t, (em, er) in enumerate(exact):
+        torch.testing.assert_close(q.mu[0][t, 0], em, rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(q.rho[0][t, 0], er, rtol=0, atol=1e-7)
+        g = ops.gem_grad(mu0, rho0, q.mu[0][t, 0].contiguous(), q.rho[0][t, 0].contiguous())
+        e = _grads(lambda m, r: log_marginal(phis[t], ys[t], m, r, noise), mu0, rho0)
+        torch.testing.assert_close(torch.cat(g), torch.cat(e), rtol=1e-6, atol=1e-7)
+    assert float((exact[0][0] - mu0).abs().max()) > 0.3  # far from the start: the check can fail
+    # without the control variate one sample's noise stays in the mean
+    q = fit(term, term.x.shape[1], prior, prior, _von_cfg(1, control_variate=False),
+            torch.Generator().manual_seed(0)).posterior
+    assert float((q.mu[0][0, 0] - exact[0][0]).abs().max()) > 1e-3
+
+
+def _dense_von_reference(net, lik_sigma, x, y, mu, rho, mu0, rho0, eps, beta, lr, cv):
+    """One von step in float64 with dense matrices: θ = μ + σε, g = ∇nll(θ), G = JᵀJ/s² at θ,
+    μ' = μ − lr·(β/σ₀² + G)⁻¹(g [− G(θ−μ)] + β(μ−μ₀)/σ₀²), ρ' = −½ log(β/σ₀² + diag G)."""
+    from torch.func import functional_call
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+
+    def f(flat):
+        params, pos = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[pos:pos + s.numel()].reshape(s)
+            pos += s.numel()
+        return functional_call(net, params, (x,)).reshape(-1)
+    theta = mu + torch.exp(rho) * eps
+    J = torch.autograd.functional.jacobian(f, theta)
+    r = f(theta) - y.reshape(-1)
+    g = J.T @ r / lik_sigma**2
+    G = J.T @ J / lik_sigma**2
+    if cv:
+        g = g - G @ (theta - mu)
+    p0 = beta * torch.exp(-2 * rho0)
+    step = torch.linalg.solve(torch.diag(p0) + G, g + p0 * (mu - mu0))
+    return mu - lr * step, -0.5 * torch.log(p0 + torch.diagonal(G))
+
+
+def test_von_full_coupling_matches_a_dense_newton_step_on_a_nonlinear_model():
+    from gemext.algorithms.base import FunctionalNet
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    names = [n for n, _ in model.named_parameters()]
+    T, N, s = 2, 4, 0.3
+    x = torch.randn(T, N, 2, dtype=torch.float64)
+    y = torch.randn(T, N, 1, dtype=torch.float64)
+    term = DataTerm(FunctionalNet(model, names, True), GaussianLikelihood(s).double(), x, y, names)
+    mu = [p.detach().unsqueeze(0).repeat(T, *[1] * p.dim()) for p in model.parameters()]
+    mu = [m + 0.1 * torch.randn_like(m) for m in mu]
+    rho = [torch.full_like(m, -1.0) + 0.2 * torch.randn_like(m) for m in mu]
+    mu0 = [m + 0.05 * torch.randn_like(m) for m in mu]
+    rho0 = [torch.full_like(m, -0.5) for m in mu]
+    prior, init = Posterior(names, mu0, rho0), Posterior(names, mu, rho)
+    for cv, lr, beta in ((True, 1.0, 1.0), (False, 0.5, 0.3)):
+        gen = torch.Generator().manual_seed(3)
+        seed = ops.new_seed(torch.Generator().manual_seed(3))
+        q = fit(term, N, prior, init, _von_cfg(1, lr=lr, beta=beta, control_variate=cv), gen).posterior
+        eps = ops.sample([torch.zeros_like(m) for m in mu], [torch.zeros_like(r) for r in rho], seed, 0)
+        flat = lambda ts, t: torch.cat([v[t].reshape(-1) for v in ts])  # noqa: E731
+        for t in range(T):
+            em, er = _dense_von_reference(model, s, x[t], y[t], flat(mu, t), flat(rho, t), flat(mu0, t),
+                                          flat(rho0, t), flat(eps, t), beta, lr, cv)
+            torch.testing.assert_close(flat(q.mu, t), em, rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(flat(q.rho, t), er, rtol=1e-7, atol=1e-9)
+        # the diagonal rule differs on this coupled model: the comparison can fail
+        qd = fit(term, N, prior, init, _von_cfg(1, lr=lr, beta=beta, control_variate=cv, coupling="diag"),
+                 torch.Generator().manual_seed(3)).posterior
+        assert float((flat(qd.mu, 0) - flat(q.mu, 0)).abs().max()) > 1e-3
+
+
+def test_categorical_ggn_rows_are_an_unbiased_fisher():
+    # E[RᵀR] over the sampled labels = Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n (dense reference)
+    from gemext.algorithms.base import FunctionalNet
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 4).double()
+    names = [n for n, _ in model.named_parameters()]
+    x = torch.randn(1, 5, 3, dtype=torch.float64)
+    term = DataTerm(FunctionalNet(model, names, True), CategoricalLikelihood(), x,
+                    torch.zeros(1, 5, dtype=torch.long), names)
+    theta = [p.detach().unsqueeze(0) for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    acc, n_draws = 0, 4000
+    for _ in range(n_draws):
+        R = torch.cat([r.reshape(1, r.shape[1], -1) for r in term.ggn_rows(theta, None, gen)], -1)[0]
+        acc = acc + R.T @ R
+    from torch.func import functional_call
+
+    def f(flat):
+        return functional_call(model, {"weight": flat[:12].reshape(4, 3), "bias": flat[12:]}, (x[0],))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    J = torch.autograd.functional.jacobian(f, flat)  # [5, 4, 16]
+    p = f(flat).softmax(-1)
+    H = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    G = torch.einsum("nci,ncd,ndj->ij", J, H, J)
+    torch.testing.assert_close(acc / n_draws, G, atol=0.03 * float(G.abs().max()), rtol=0)
+    assert float(G.abs().max()) > 0.1
+
+
+def test_von_options_and_errors():
+    phi, y, _, _, mu0, rho0, noise = problem(seed=2)
+    prior = Posterior(["w"], [mu0.unsqueeze(0)], [rho0.unsqueeze(0)])
+    lik = GaussianLikelihood(noise)
+
+    def nll(theta, index):  # a plain callable: no GGN factor
+        return lik.nll(phi.unsqueeze(0) @ theta[0].unsqueeze(-1), y.view(1, -1, 1))
+    with pytest.raises(TypeError, match="DataTerm"):
+        fit(nll, len(y), prior, prior, _von_cfg(1))
+    q = fit(nll, len(y), prior, prior, _von_cfg(3, curvature="reparam", coupling="diag", mc_samples=2),
+            torch.Generator().manual_seed(0)).posterior
+    assert all(torch.isfinite(t).all() for t in q.mu + q.rho)
+    with pytest.raises(ValueError, match="point estimate"):
+        fit(nll, len(y), prior, prior, _von_cfg(1, curvature="reparam", coupling="diag"), delta=True)
+    for bad in ({"h_decay": 0.0}, {"coupling": "kfac"}, {"curvature": "hutchinson"}, {"damping": -1.0},
+                {"curvature": "reparam"}, {"lr": 0.0}):
+        with pytest.raises(ValueError):
+            _von_cfg(1, **bad)
+    assert VIConfig(optimizer="von").lr == 1.0 and VIConfig(optimizer="adam").lr == 0.01
+
+
+def test_von_minibatches_samples_and_learned_noise_move_toward_the_posterior():
+    from gemext.algorithms.base import FunctionalNet
+    term, prior, exact, _ = _conjugate_tasks([1, 2])
+    cfg = _von_cfg(6, mc_samples=3, batch_size=7, h_decay=0.5, lr=0.7)
+    q = fit(term, term.x.shape[1], prior, prior, cfg, torch.Generator().manual_seed(0)).posterior
+    for t, (em, er) in enumerate(exact):
+        start = float((prior.mu[0][t, 0] - em).abs().max())
+        assert float((q.mu[0][t, 0] - em).abs().max()) < 0.2 * start
+    # a learned likelihood noise is a Bayesian parameter too: its Fisher (2 per output) sets its σ
+    model = torch.nn.Linear(4, 1, bias=False).double()
+    lik = GaussianLikelihood(0.3, learn=True).double()
+    holder = torch.nn.ModuleDict({"model": model, "likelihood": lik})
+    names = ["model.weight", "likelihood.log_sigma"]
+    net = FunctionalNet(holder, names, True)
+    net_fwd = lambda theta, x: net.__class__(model, ["weight"], True)([theta[0]], x)  # noqa: E731
+    term2 = DataTerm(net_fwd, lik, term.x, term.y, names)
+    T = term.x.shape[0]
+    p2 = Posterior(names, [prior.mu[0], torch.full((T,), -1.0, dtype=torch.float64)],
+                   [prior.rho[0], torch.full((T,), -1.0, dtype=torch.float64)])
+    q2 = fit(term2, term.x.shape[1], p2, p2, _von_cfg(3), torch.Generator().manual_seed(0)).posterior
+    n_out = term.y[0].numel()
+    torch.testing.assert_close(q2.rho[1], -0.5 * torch.log(torch.exp(torch.tensor(2.0)) + 2.0 * n_out)
+                               .expand(T).to(torch.float64))

@@ -16,7 +16,7 @@ from torch import nn
 from .. import ops
 from ..gaussian import GaussianPrior, Posterior, detach_parameters
 from ..tasks import Task
-from ..vi import FitResult, GaussianLikelihood, VIConfig, fit
+from ..vi import DataTerm, FitResult, GaussianLikelihood, VIConfig, fit
 from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register_variants
 
 
@@ -72,16 +72,8 @@ class GEMLearner(MetaLearner):
         self.generator = torch.Generator().manual_seed(seed)
 
     # -- data terms -------------------------------------------------------------------------
-    def _nll(self, x: torch.Tensor, y: torch.Tensor):
-        names = self.prior.names
-        lik_idx = [i for i, n in enumerate(names) if n.startswith("likelihood.")]
-
-        def nll(theta: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor:
-            xs, ys = (x, y) if index is None else (x[:, index], y[:, index])
-            out = self.forward_net(theta, xs)
-            lik = {names[i]: theta[i].reshape(theta[i].shape[0], *([1] * (ys.dim() - 1))) for i in lik_idx}
-            return self.net.likelihood.nll(out, ys, lik)
-        return nll
+    def _nll(self, x: torch.Tensor, y: torch.Tensor) -> DataTerm:
+        return DataTerm(self.forward_net, self.net.likelihood, x, y, self.prior.names)
 
     def start(self, prior: Posterior) -> Posterior:
         """Where each task's inner loop starts, given the expanded prior: the prior itself (fit

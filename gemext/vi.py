@@ -138,21 +138,37 @@ class DataTerm:
         entries, whose curvature `lik_curvature` gives). Gaussian likelihoods give the exact GGN
         (M = points × outputs); the categorical one a Monte-Carlo Fisher with one label sampled
         from the model per point (M = points; unbiased for the GGN)."""
+        return self.value_grad_rows(theta, index, generator)[2]
+
+    def value_grad_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None,
+                        generator: torch.Generator | None) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        """(nll, ∂nll/∂θ, GGN rows) from ONE forward pass: the data gradient is the pullback of
+        ∂nll/∂outputs, batched with the rows' cotangents into a single vmapped backward."""
         xs, ys = self._data(index)
         model_idx = [i for i in range(len(theta)) if i not in self.lik_idx]
         with torch.enable_grad():
             out, pullback = torch.func.vjp(lambda *th: self.forward(self._fill(theta, model_idx, th), xs),
                                            *[theta[i].detach() for i in model_idx])
-            cot = self.likelihood.ggn_cotangents(out.detach(), self._lik_params(theta, ys), generator)
-            rows_model = torch.func.vmap(pullback)(cot)  # cotangents [M, *out.shape] -> grads [M, T, ...]
+            o = out.detach().requires_grad_(True)
+            full = [t.detach() for t in theta]
+            lik_theta = [full[i].requires_grad_(True) for i in self.lik_idx]
+            loss = self.likelihood.nll(o, ys, self._lik_params(full, ys))
+            d_out, *d_lik = torch.autograd.grad(loss, [o] + lik_theta)
+            cot = self.likelihood.ggn_cotangents(out.detach(), self._lik_params([t.detach() for t in full], ys),
+                                                 generator)
+            pulled = torch.func.vmap(pullback)(torch.cat([d_out.unsqueeze(0), cot]))  # [1 + M, T, ...]
+        grads: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
-        it = iter(rows_model)
+        it, it_lik = iter(pulled), iter(d_lik)
         for i, t in enumerate(theta):
             if i in self.lik_idx:
+                grads.append(next(it_lik))
                 rows.append(t.new_zeros(t.shape[0], cot.shape[0], *t.shape[1:]))
             else:
-                rows.append(next(it).detach().transpose(0, 1))
-        return rows
+                p = next(it).detach()
+                grads.append(p[0])
+                rows.append(p[1:].transpose(0, 1))
+        return float(loss.detach()), grads, rows
 
     @staticmethod
     def _fill(theta: list[torch.Tensor], model_idx: list[int], model_theta) -> list[torch.Tensor]:
@@ -257,28 +273,20 @@ class VariationalOnlineNewton:
     def uses_ggn(self) -> bool:
         return self.curvature == "ggn"
 
-    @staticmethod
-    def control_variate_(grad: list[torch.Tensor], rows: list[torch.Tensor], offset_theta: list[torch.Tensor]) -> None:
-        """grad −= RᵀR(θ − μ) in place: the sampled gradient's fluctuation under the GGN model."""
-        T = grad[0].shape[0]
-        R = torch.cat([r.reshape(T, r.shape[1], -1) for r in rows], -1)
-        cv = torch.einsum("tmd,tm->td", R, torch.einsum("tmd,td->tm", R, _flat(offset_theta)))
-        for g, c in zip(grad, _unflatten(cv, grad)):
-            g.sub_(c)
-
     @torch.no_grad()
     def step(self, mu: list[torch.Tensor], rho: list[torch.Tensor], h: list[torch.Tensor],
              grad: list[torch.Tensor], rows: list[torch.Tensor] | None, extra_curv: dict[int, torch.Tensor],
              prior: Posterior, beta: float, seed: int, starts: list[int] | None,
-             curv: list[torch.Tensor] | None = None) -> None:
+             curv: list[torch.Tensor] | None = None, row_offset: torch.Tensor | None = None) -> None:
         """One update in place of μ, ρ, h. `grad`: the sampled gradient of the data term (summed
         over MC samples of the loss already divided by their number); `rows`: GGN factor rows
         [T, M, *shape] of that loss (None for "reparam": the kernel then forms g·ε/σ from the ε of
-        (seed, 0) unless `curv` is given)."""
+        (seed, 0) unless `curv` is given); `row_offset` [T, M]: each row applied to its own
+        sample's θ − μ, for the control variate (the rows of S samples are stacked)."""
         T = mu[0].shape[0]
         correction = None
         if rows is not None:
-            R = torch.cat([r.reshape(T, r.shape[1], -1) for r in rows], -1)  # [T, M, D]
+            R = _flat_rows(rows)  # [T, M, D]
             curv = _unflatten((R * R).sum(1), mu)
             for i, c in extra_curv.items():
                 curv[i] = c
@@ -287,19 +295,34 @@ class VariationalOnlineNewton:
                 resid = [g + p0 * (m - m0) for g, p0, m, m0 in zip(grad, prec0, mu, prior.mu)]
                 # likelihood parameters have no GGN rows: their own (diagonal) Fisher joins Λ
                 lam = _flat([p0 + self.damping + extra_curv.get(i, 0.0) for i, p0 in enumerate(prec0)])
-                # I + RΛ⁻¹Rᵀ in float64: its eigenvalues span 1 to ~‖R‖²/Λ (1e8 on small nets with a
-                # wide prior), beyond float32, whose rounding then breaks positive-definiteness
-                Rs = (R / lam.sqrt().unsqueeze(1)).double()
-                K = Rs @ Rs.transpose(1, 2)
+                # Woodbury: (Λ + RᵀR)⁻¹r = (r − Rᵀz)/Λ with z = (I + RΛ⁻¹Rᵀ)⁻¹RΛ⁻¹r. With the control
+                # variate r = r₀ − Rᵀw (w = the rows applied to θ − μ), which folds into z:
+                # r − Rᵀz = r₀ − Rᵀ(I + RΛ⁻¹Rᵀ)⁻¹(RΛ⁻¹r₀ + w): one solve covers both.
+                # The small M×M system is factorised in float64: the eigenvalues of I + RΛ⁻¹Rᵀ span 1
+                # to ~‖R‖²/Λ (1e8 on small nets with a wide prior). Should float32 rounding of the
+                # product still break positive-definiteness, the product is redone in float64.
+                isq = lam.rsqrt()
+                Rs = R * isq.unsqueeze(1)
+                K = (Rs @ Rs.transpose(1, 2)).double()
                 K.diagonal(dim1=1, dim2=2).add_(1.0)
-                rhs = (Rs @ (_flat(resid) / lam.sqrt()).double().unsqueeze(-1))
-                z = torch.cholesky_solve(rhs, torch.linalg.cholesky(K)).to(R.dtype)
-                z = z.squeeze(-1)
-                # P⁻¹r = (r − Rᵀz)/Λ (Woodbury); the kernel divides by β/σ₀² + damping, so a
-                # likelihood parameter's extra Fisher F enters as the correction r·F/Λ
-                correction = _unflatten(torch.einsum("tmd,tm->td", R, z), mu)
+                L, info = torch.linalg.cholesky_ex(K)
+                if bool((info > 0).any()):
+                    Rd = Rs.double()
+                    K = Rd @ Rd.transpose(1, 2)
+                    K.diagonal(dim1=1, dim2=2).add_(1.0)
+                    L = torch.linalg.cholesky(K)
+                rhs = (Rs @ (_flat(resid) * isq).unsqueeze(-1)).double()
+                if self.control_variate and row_offset is not None:
+                    rhs = rhs + row_offset.double().unsqueeze(-1)
+                z = torch.cholesky_solve(rhs, L).to(R.dtype)
+                # the kernel divides by β/σ₀² + damping: a likelihood parameter's Fisher F enters the
+                # correction as r·F/Λ
+                correction = _unflatten(torch.einsum("tmd,tm->td", R, z.squeeze(-1)), mu)
                 for i, f in extra_curv.items():
                     correction[i] = resid[i] * f / (prec0[i] + self.damping + f)
+            elif self.control_variate and row_offset is not None:
+                cv = torch.einsum("tmd,tm->td", R, row_offset)
+                grad = [g - c for g, c in zip(grad, _unflatten(cv, mu))]
         grad = [g.contiguous() for g in grad]
         ops.von_step_(mu, rho, h, grad, [c.contiguous() for c in curv] if curv is not None else None,
                       prior.mu, prior.rho, seed, 0, self.lr, beta, self.h_decay, self.damping,
@@ -308,6 +331,11 @@ class VariationalOnlineNewton:
 
 def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(t.shape[0], -1) for t in ts], -1)
+
+
+def _flat_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-parameter rows [T, M, *shape] as one [T, M, D] matrix per task."""
+    return torch.cat([r.reshape(r.shape[0], r.shape[1], -1) for r in rows], -1)
 
 
 def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -516,7 +544,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
              task_range: tuple[int, int] | None) -> FitResult:
     """`fit` with the variational online Newton step (see VariationalOnlineNewton)."""
     von = VariationalOnlineNewton(lr=config.lr, **config.optimizer_kwargs)
-    if von.uses_ggn() and not hasattr(nll, "ggn_rows"):
+    if von.uses_ggn() and not hasattr(nll, "value_grad_rows"):
         raise TypeError("fit: von with curvature='ggn' needs a gemext.vi.DataTerm (the model's outputs and "
                         "likelihood) instead of a plain nll callable; pass optimizer_kwargs="
                         "{'curvature': 'reparam', 'coupling': 'diag'} for any callable")
@@ -533,25 +561,31 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         seed = ops.new_seed(generator)
         grad = [torch.zeros_like(m) for m in mu]
         rows: list[list[torch.Tensor]] = []
+        offsets: list[torch.Tensor] = []
         curv = None
         extra: dict[int, torch.Tensor] = {}
         total = 0.0
         for s in range(S):
             with torch.no_grad():
                 theta = ops.sample(mu, rho, seed, s, starts)
-            theta = [t.requires_grad_(True) for t in theta]
-            loss = nll(theta, index) * (scale / S)
-            g = list(torch.autograd.grad(loss, theta))
-            total += float(loss.detach())
             if von.uses_ggn():
-                r_s = [r * math.sqrt(scale / S) for r in nll.ggn_rows(theta, index, generator)]
+                value, g, r_s = nll.value_grad_rows(theta, index, generator)
+                total += value * (scale / S)
+                g = [gi * (scale / S) for gi in g]
+                r_s = [r * math.sqrt(scale / S) for r in r_s]
+                rows.append(r_s)
                 if von.control_variate:
                     with torch.no_grad():
-                        von.control_variate_(g, r_s, [t.detach() - m for t, m in zip(theta, mu)])
-                rows.append(r_s)
+                        delta = _flat([t - m for t, m in zip(theta, mu)])
+                        offsets.append(torch.einsum("tmd,td->tm", _flat_rows(r_s), delta))
                 for i, c in nll.lik_curvature(theta, index).items():
                     extra[i] = extra.get(i, 0.0) + c * (scale / S)
-            elif S > 1:  # the kernel's own g·ε/σ uses sample 0 only: average the estimate here
+            else:
+                theta = [t.requires_grad_(True) for t in theta]
+                loss = nll(theta, index) * (scale / S)
+                g = list(torch.autograd.grad(loss, theta))
+                total += float(loss.detach())
+            if not von.uses_ggn() and S > 1:  # the kernel's own g·ε/σ uses sample 0 only: average here
                 with torch.no_grad():
                     eps = ops.sample([torch.zeros_like(m) for m in mu], [torch.zeros_like(r) for r in rho], seed, s, starts)
                     c_s = [(gi * e * torch.exp(-r) * S).clamp_min(0) / S for gi, e, r in zip(g, eps, rho)]
@@ -561,7 +595,8 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         if not math.isfinite(last):
             raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")
         stacked = [torch.cat(parts, 1) for parts in zip(*rows)] if rows else None
-        von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv)
+        von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv,
+                 torch.cat(offsets, 1) if offsets else None)
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, mu, rho), last)

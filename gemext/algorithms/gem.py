@@ -96,17 +96,23 @@ class GEMLearner(MetaLearner):
         """Θ.grad −= mean over tasks of ĝ(λ_all) [− ĝ(λ_tr) for GEM-BML+]: the descent direction
         any torch.optim optimizer steps. λ_tr, λ_all carry a leading task dimension."""
         mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
-        g_mu0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mu0]
-        g_rho0 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in rho0]
-        plus = self.variant == "gem-bml+"
         T = all_.mu[0].shape[0]
-        for t in range(T):
-            a, s = all_.task(t), tr.task(t)
-            ops.gem_grad_(g_mu0, g_rho0, mu0, rho0, a.mu, a.rho,
-                          s.mu if plus else None, s.rho if plus else None, weight=-1.0 / T)
-        for p, g in zip(mu0 + rho0, g_mu0 + g_rho0):
-            if p.requires_grad and p.grad is None:
-                p.grad = g
+        plus = self.variant == "gem-bml+"
+        # one fused launch over every task: the prior broadcast to [T, ...], ĝ per task into
+        # scratch buffers, then the task mean into Θ.grad (instead of T launches from Python)
+        exp0 = [p.detach().unsqueeze(0).expand(T, *p.shape).contiguous() for p in mu0]
+        expr = [p.detach().unsqueeze(0).expand(T, *p.shape).contiguous() for p in rho0]
+        g_mu = [torch.zeros_like(m) for m in exp0]
+        g_rho = [torch.zeros_like(r) for r in expr]
+        ops.gem_grad_(g_mu, g_rho, exp0, expr, all_.mu, all_.rho,
+                      tr.mu if plus else None, tr.rho if plus else None, weight=-1.0 / T)
+        for p, g in zip(mu0 + rho0, g_mu + g_rho):
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = g.sum(0)
+            else:
+                p.grad.add_(g.sum(0))
 
     # -- meta-training ----------------------------------------------------------------------
     def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:

@@ -47,12 +47,14 @@ class GaussianLikelihood(nn.Module):
         return self.log_sigma
 
     def nll(self, out: torch.Tensor, y: torch.Tensor,
-            params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Summed −log p(y | out) over every point and output (all leading dims summed)."""
+            params: dict[str, torch.Tensor] | None = None, per_task: bool = False) -> torch.Tensor:
+        """Summed −log p(y | out) over every point and output (all leading dims summed, or all but
+        the task dimension 0 with per_task=True)."""
         if out.shape != y.shape:
             raise ValueError(f"GaussianLikelihood: prediction shape {tuple(out.shape)} != target shape {tuple(y.shape)}")
         ls = self._log_sigma(params)
-        return (0.5 * (y - out).pow(2) * torch.exp(-2 * ls) + ls + 0.5 * math.log(2 * math.pi)).sum()
+        terms = 0.5 * (y - out).pow(2) * torch.exp(-2 * ls) + ls + 0.5 * math.log(2 * math.pi)
+        return terms.reshape(terms.shape[0], -1).sum(1) if per_task else terms.sum()
 
     fisher_per_output = 2.0  # Fisher information of log s per observed output
 
@@ -81,9 +83,13 @@ class CategoricalLikelihood(nn.Module):
 
     kind = "classification"
 
-    def nll(self, out: torch.Tensor, y: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+    def nll(self, out: torch.Tensor, y: torch.Tensor, params: dict | None = None,
+            per_task: bool = False) -> torch.Tensor:
         if y.dtype != torch.long:
             raise TypeError(f"CategoricalLikelihood: labels must be int64, got {y.dtype}")
+        if per_task:
+            ce = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+            return ce.reshape(out.shape[0], -1).sum(1)
         return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
 
     fisher_per_output = 0.0
@@ -132,6 +138,12 @@ class DataTerm:
         xs, ys = self._data(index)
         return self.likelihood.nll(self.forward(theta, xs), ys, self._lik_params(theta, ys))
 
+    @torch.no_grad()
+    def task_nll(self, theta: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor:
+        """The data term of each task, [T]."""
+        xs, ys = self._data(index)
+        return self.likelihood.nll(self.forward(theta, xs), ys, self._lik_params(theta, ys), per_task=True)
+
     def ggn_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None,
                  generator: torch.Generator | None) -> list[torch.Tensor]:
         """Rows of R per task: a list over θ of [T, M, *shape] tensors (zero for ``likelihood.*``
@@ -147,8 +159,19 @@ class DataTerm:
         xs, ys = self._data(index)
         model_idx = [i for i in range(len(theta)) if i not in self.lik_idx]
         with torch.enable_grad():
-            out, pullback = torch.func.vjp(lambda *th: self.forward(self._fill(theta, model_idx, th), xs),
-                                           *[theta[i].detach() for i in model_idx])
+            if getattr(self.forward, "vectorize", True):
+                out, vjp = torch.func.vjp(lambda *th: self.forward(self._fill(theta, model_idx, th), xs),
+                                          *[theta[i].detach() for i in model_idx])
+                pullback = torch.func.vmap(vjp)
+            else:
+                # a forward that updates buffers (BatchNorm's running statistics, looped tasks) cannot
+                # run under torch.func.vjp: plain autograd, the backward batched over the cotangents
+                # (several times slower on small nets)
+                model_theta = [theta[i].detach().requires_grad_(True) for i in model_idx]
+                out = self.forward(self._fill(theta, model_idx, model_theta), xs)
+
+                def pullback(cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    return torch.autograd.grad(out, model_theta, cot, is_grads_batched=True)
             o = out.detach().requires_grad_(True)
             full = [t.detach() for t in theta]
             lik_theta = [full[i].requires_grad_(True) for i in self.lik_idx]
@@ -156,7 +179,7 @@ class DataTerm:
             d_out, *d_lik = torch.autograd.grad(loss, [o] + lik_theta)
             cot = self.likelihood.ggn_cotangents(out.detach(), self._lik_params([t.detach() for t in full], ys),
                                                  generator)
-            pulled = torch.func.vmap(pullback)(torch.cat([d_out.unsqueeze(0), cot]))  # [1 + M, T, ...]
+            pulled = pullback(torch.cat([d_out.unsqueeze(0), cot]))  # [1 + M, T, ...]
         grads: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
         it, it_lik = iter(pulled), iter(d_lik)
@@ -251,10 +274,14 @@ class VariationalOnlineNewton:
     ``curvature="reparam"`` is IVON's single-sample estimate ĥ = g·ε/σ (for any `nll` callable;
     noisy for few steps). ``control_variate`` subtracts Rᵀ R(θ−μ) from the sampled gradient: zero
     mean for a linear model, it removes the reparameterisation noise of the mean step.
-    `damping` is added to the precision the mean step divides by (Levenberg-Marquardt)."""
+    `damping` is added to the precision the mean step divides by (Levenberg-Marquardt).
+    `backtrack` (needs a `DataTerm`): the Gauss-Newton model is only local, and on a network a full
+    step can overshoot badly; each task's mean step is halved up to `backtrack` times until the
+    deterministic objective at the mean, nll(μ) + β‖μ − μ₀‖²/(2σ₀²), no longer increases, and is
+    dropped if it still does (the variance update stands). 0 disables it."""
 
     def __init__(self, lr: float = 1.0, h_decay: float = 1.0, damping: float = 0.0, coupling: str = "full",
-                 curvature: str = "ggn", control_variate: bool = True) -> None:
+                 curvature: str = "ggn", control_variate: bool = True, backtrack: int = 4) -> None:
         if not lr > 0:
             raise ValueError(f"von: lr must be > 0, got {lr}")
         if not 0 < h_decay <= 1:
@@ -265,10 +292,13 @@ class VariationalOnlineNewton:
             raise ValueError(f"von: coupling must be 'full' or 'diag', got {coupling!r}")
         if curvature not in ("ggn", "reparam"):
             raise ValueError(f"von: curvature must be 'ggn' or 'reparam', got {curvature!r}")
+        if not (isinstance(backtrack, int) and backtrack >= 0):
+            raise ValueError(f"von: backtrack must be an int >= 0, got {backtrack!r}")
         if curvature == "reparam" and coupling == "full":
             raise ValueError("von: coupling='full' needs curvature='ggn' (the GGN factor); use coupling='diag'")
         self.lr, self.h_decay, self.damping = lr, h_decay, damping
         self.coupling, self.curvature, self.control_variate = coupling, curvature, control_variate
+        self.backtrack = backtrack
 
     def uses_ggn(self) -> bool:
         return self.curvature == "ggn"
@@ -310,7 +340,10 @@ class VariationalOnlineNewton:
                     Rd = Rs.double()
                     K = Rd @ Rd.transpose(1, 2)
                     K.diagonal(dim1=1, dim2=2).add_(1.0)
-                    L = torch.linalg.cholesky(K)
+                    L, info = torch.linalg.cholesky_ex(K)
+                    if bool((info > 0).any()):  # only non-finite rows get here: a diverged inner loop
+                        raise FloatingPointError("von step: the curvature of the data term is not finite "
+                                                 f"(task {int((info > 0).nonzero()[0, 0])})")
                 rhs = (Rs @ (_flat(resid) * isq).unsqueeze(-1)).double()
                 if self.control_variate and row_offset is not None:
                     rhs = rhs + row_offset.double().unsqueeze(-1)
@@ -595,8 +628,37 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         if not math.isfinite(last):
             raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")
         stacked = [torch.cat(parts, 1) for parts in zip(*rows)] if rows else None
+        search = von.backtrack > 0 and hasattr(nll, "task_nll")
+        if search:
+            mu_old = [m.clone() for m in mu]
+            merit_old = _merit(nll, mu, prior, beta, index, scale)
         von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv,
                  torch.cat(offsets, 1) if offsets else None)
+        if search:
+            _backtrack_(nll, mu, mu_old, merit_old, prior, beta, index, scale, von.backtrack)
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, mu, rho), last)
+
+
+def _merit(nll: "DataTerm", mu: list[torch.Tensor], prior: Posterior, beta: float,
+           index: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Per-task deterministic objective at the mean: nll(μ) + β‖μ − μ₀‖²/(2σ₀²), [T]."""
+    prior_term = sum(((m - m0).pow(2) * torch.exp(-2 * r0)).reshape(m.shape[0], -1).sum(1)
+                     for m, m0, r0 in zip(mu, prior.mu, prior.rho))
+    return nll.task_nll(mu, index) * scale + 0.5 * beta * prior_term
+
+
+@torch.no_grad()
+def _backtrack_(nll: "DataTerm", mu: list[torch.Tensor], mu_old: list[torch.Tensor], merit_old: torch.Tensor,
+                prior: Posterior, beta: float, index: torch.Tensor | None, scale: float, halvings: int) -> None:
+    """Halve the mean step of every task whose objective rose (NaN counts as a rise); undo it after
+    `halvings` tries."""
+    for k in range(halvings + 1):
+        bad = ~(_merit(nll, mu, prior, beta, index, scale) <= merit_old)
+        if not bool(bad.any()):
+            return
+        factor = 0.5 if k < halvings else 0.0
+        for m, m_old in zip(mu, mu_old):
+            b = bad.reshape(-1, *([1] * (m.dim() - 1)))
+            m.copy_(torch.where(b, m_old + factor * (m - m_old), m))

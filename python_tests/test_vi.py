@@ -217,7 +217,7 @@ def test_von_full_coupling_matches_a_dense_newton_step_on_a_nonlinear_model():
     for cv, lr, beta in ((True, 1.0, 1.0), (False, 0.5, 0.3)):
         gen = torch.Generator().manual_seed(3)
         seed = ops.new_seed(torch.Generator().manual_seed(3))
-        q = fit(term, N, prior, init, _von_cfg(1, lr=lr, beta=beta, control_variate=cv), gen).posterior
+        q = fit(term, N, prior, init, _von_cfg(1, lr=lr, beta=beta, control_variate=cv, backtrack=0), gen).posterior
         eps = ops.sample([torch.zeros_like(m) for m in mu], [torch.zeros_like(r) for r in rho], seed, 0)
         flat = lambda ts, t: torch.cat([v[t].reshape(-1) for v in ts])  # noqa: E731
         for t in range(T):
@@ -226,7 +226,7 @@ def test_von_full_coupling_matches_a_dense_newton_step_on_a_nonlinear_model():
             torch.testing.assert_close(flat(q.mu, t), em, rtol=1e-6, atol=1e-8)
             torch.testing.assert_close(flat(q.rho, t), er, rtol=1e-7, atol=1e-9)
         # the diagonal rule differs on this coupled model: the comparison can fail
-        qd = fit(term, N, prior, init, _von_cfg(1, lr=lr, beta=beta, control_variate=cv, coupling="diag"),
+        qd = fit(term, N, prior, init, _von_cfg(1, lr=lr, beta=beta, control_variate=cv, coupling="diag", backtrack=0),
                  torch.Generator().manual_seed(3)).posterior
         assert float((flat(qd.mu, 0) - flat(q.mu, 0)).abs().max()) > 1e-3
 
@@ -303,3 +303,28 @@ def test_von_minibatches_samples_and_learned_noise_move_toward_the_posterior():
     n_out = term.y[0].numel()
     torch.testing.assert_close(q2.rho[1], -0.5 * torch.log(torch.exp(torch.tensor(2.0)) + 2.0 * n_out)
                                .expand(T).to(torch.float64))
+
+
+def test_von_backtracking_never_raises_the_objective_at_the_mean():
+    # a wide prior and a sharp likelihood on a tanh net: full Gauss-Newton steps overshoot
+    from gemext.algorithms.base import FunctionalNet
+    from gemext.vi import _merit
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
+    names = [n for n, _ in model.named_parameters()]
+    T, N = 6, 8
+    x = torch.rand(T, N, 1, dtype=torch.float64) * 10 - 5
+    y = 4 * torch.sin(2 * x + torch.rand(T, 1, 1, dtype=torch.float64) * 3)
+    term = DataTerm(FunctionalNet(model, names, True), GaussianLikelihood(0.05).double(), x, y, names)
+    mu0 = [p.detach().unsqueeze(0).repeat(T, *[1] * p.dim()) for p in model.parameters()]
+    prior = Posterior(names, mu0, [torch.full_like(m, 0.0) for m in mu0])
+
+    def merits(cfg):
+        out = []
+        fit(term, N, prior, prior, cfg, torch.Generator().manual_seed(0),
+            callback=lambda k, q: out.append(_merit(term, q.mu, prior, 1.0, None, 1.0)))
+        return torch.stack(out)
+    guarded = merits(_von_cfg(5))
+    assert bool((guarded[1:] <= guarded[:-1] + 1e-9).all())
+    free = merits(_von_cfg(5, backtrack=0))
+    assert bool((free[1:] > free[:-1]).any())  # without it some step does overshoot: the check can fail

@@ -41,8 +41,9 @@ class GEMLearner(MetaLearner):
     """Gradient-EM meta-learner over any nn.Module.
 
     Options: likelihood (GaussianLikelihood(0.5) default; CategoricalLikelihood for
-    classification), sigma0 (initial prior std), inner (VIConfig or dict: optimizer, lr, steps,
-    mc_samples, beta, batch_size), inner_steps / query_steps (VI steps on support / on query,
+    classification), sigma0 (initial prior std), inner (VIConfig or dict: optimizer — "von", the
+    variational online Newton VI, by default for gem-bml/gem-bml+ —, lr, steps, mc_samples, beta,
+    batch_size), inner_steps / query_steps (VI steps on support / on query,
     default inner.steps), bayesian (which parameters the prior covers; the others stay fixed),
     vectorize (True/False/"auto": vmap the inner loops over the tasks of a meta-batch),
     predict_samples, seed, learn_sigma (False keeps σ₀ fixed and meta-learns μ₀ only)."""
@@ -57,6 +58,8 @@ class GEMLearner(MetaLearner):
             raise ValueError(f"GEMLearner: unknown variant {variant!r}")
         self.name, self.variant = variant, variant
         self.delta = variant == "reptile"
+        if not self.delta and (inner is None or (isinstance(inner, dict) and "optimizer" not in inner)):
+            inner = {**(inner or {}), "optimizer": "von"}  # the curvature-aware VI; Reptile's points use Adam
         self.inner = _vi_config(inner, steps=inner_steps, lr=lr, beta=0.0 if self.delta else beta)
         self.query_steps = self.inner.steps if query_steps is None else query_steps
         self.net = _Net(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))

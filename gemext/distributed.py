@@ -19,14 +19,22 @@ Design (DESIGN.md §3, issue "Scale out and hold up"):
   naming their rank, the collective and the iteration.
 - Rank 0 alone writes files (config, log, checkpoints, metrics); it reads the checkpoint on
   ``--resume`` and broadcasts it, so ranks never see different states.
+- Shutdown (:meth:`DistContext.close`): a rank that finished meets the others at a barrier (under
+  the same timeout) before the group is destroyed, so no rank closes its connections while a peer
+  is still communicating or writing its files; a rank that failed destroys the group at once. The
+  group must really be freed by then: its gloo threads, if still alive at interpreter exit, abort
+  the process (SIGABRT) even though the run succeeded.
 
 Backends: gloo for CPU tensors, NCCL for CUDA (each rank uses ``cuda:LOCAL_RANK``).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -179,11 +187,46 @@ class DistContext:
             self._stat_keys = list(dict.fromkeys(k for keys in gathered for k in keys))  # rank 0's order first
         return self._stat_keys
 
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
-            self.owns_group = False
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group if this context created it. clean: this rank left the run
+        in step with the others (finished, or stopped at the agreed iteration), so it first waits
+        at a barrier until every rank is done with its collectives and its files; a barrier that
+        fails raises PeerFailure after the group is destroyed. Not clean (an error): no barrier,
+        since a peer may be dead or stuck in a collective."""
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        self.owns_group = False
+        err: BaseException | None = None
+        if clean:
+            try:
+                self._barrier()
+            except BaseException as exc:  # a dead or hung peer, or Ctrl-C: still destroy the group
+                err = exc
+        try:
+            group = weakref.ref(dist.group.WORLD)
+        except TypeError:  # a build whose ProcessGroup takes no weak references: skip the check
+            group = None
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            if clean and err is None:
+                raise
+            # otherwise the error that got us here is the one to report
+        if group is not None and group() is not None:
+            warnings.warn("the process group outlived destroy_process_group (something still references "
+                          "it): its threads will be torn down during interpreter shutdown, which can abort "
+                          "the process", RuntimeWarning, stacklevel=2)
+        if isinstance(err, Exception):
+            raise self._fail("the barrier before shutdown", err) from err
+        if err is not None:
+            raise err
+
+    def _barrier(self) -> None:
+        timeout = timedelta(seconds=self.timeout_s)
+        if dist.get_backend() == "gloo":  # names the ranks that did not arrive
+            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+        else:  # NCCL: a CPU-blocking barrier on this rank's device, under the group's timeout
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
 
 def setup(device: str = "cpu") -> DistContext:
@@ -199,6 +242,10 @@ def setup(device: str = "cpu") -> DistContext:
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # torch.distributed.nn binds group.WORLD as a default argument when first imported; that
+        # happens lazily (torch.optim → torch._dynamo), and after init it would pin the default
+        # group, keeping it alive past destroy_process_group. Imported first, it binds None.
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
         owns = True
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

@@ -75,19 +75,39 @@ def detach_parameters(module: nn.Module, names: list[str]) -> None:
 class GaussianPrior(nn.Module):
     """p(θ; Θ) = Π N(θᵢ; μ₀ᵢ, σ₀ᵢ²) over selected parameters of `module`, with μ₀ initialised to
     the module's current values and σ₀ = `sigma0` everywhere. μ₀ and ρ₀ = log σ₀ are nn.Parameters;
-    `learn_sigma=False` keeps ρ₀ fixed (e.g. Reptile's fixed prior variance)."""
+    `learn_sigma=False` keeps ρ₀ fixed (e.g. Reptile's fixed prior variance); `sigma0_range=(lo, hi)`
+    bounds a learned σ₀ (enforced by `clamp_`, which gemext.train calls after every meta-step)."""
 
     def __init__(self, module: nn.Module, sigma0: float = 0.05,
-                 bayesian: ParamFilter | Iterable[str] | None = None, learn_sigma: bool = True) -> None:
+                 bayesian: ParamFilter | Iterable[str] | None = None, learn_sigma: bool = True,
+                 sigma0_range: tuple[float, float] | None = None) -> None:
         super().__init__()
         if not (sigma0 > 0 and math.isfinite(sigma0)):
             raise ValueError(f"sigma0 must be a positive finite number, got {sigma0}")
+        lo, hi = sigma0_range if sigma0_range is not None else (0.0, math.inf)
+        if not (0 <= lo <= sigma0 <= hi):
+            raise ValueError(f"sigma0_range must be (lo, hi) with 0 <= lo <= sigma0 <= hi, got {sigma0_range} "
+                             f"for sigma0 {sigma0}")
+        # bounds of the learned σ₀ that `clamp_` enforces (within the numerically safe range)
+        self.register_buffer("rho0_range", torch.tensor([math.log(lo) if lo > 0 else -math.inf,
+                                                         math.log(hi) if math.isfinite(hi) else math.inf]),
+                             persistent=False)
         self.names = split_parameters(module, bayesian)
         params = dict(module.named_parameters())
         self.mu0 = nn.ParameterList([nn.Parameter(params[n].detach().clone()) for n in self.names])
         self.rho0 = nn.ParameterList([
             nn.Parameter(torch.full_like(params[n], math.log(sigma0)), requires_grad=learn_sigma)
             for n in self.names])
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp ρ₀ into sigma0_range and the numerically safe range (gemext.vi.RHO_MIN, RHO_MAX),
+        in place (NaN stays NaN, for the non-finite guards); call it after each meta-step."""
+        from .vi import RHO_MAX, RHO_MIN
+        lo = max(RHO_MIN, float(self.rho0_range[0]))
+        hi = min(RHO_MAX, float(self.rho0_range[1]))
+        for r in self.rho0:
+            r.clamp_(lo, hi)
 
     def expand(self, tasks: int) -> Posterior:
         """The prior repeated for `tasks` tasks, as detached contiguous tensors (no gradient)."""

@@ -232,10 +232,12 @@ LOG_FIELDS = ["iteration", "wall_s", "skipped"]
 
 
 def _clamp_prior_rho(learner) -> None:
-    """Keep the prior's ρ₀ in the safe range of gemext.vi (RHO_MIN, RHO_MAX)."""
-    rho0 = getattr(getattr(learner, "prior", None), "rho0", None)
-    if rho0 is not None:
-        clamp_rho_(list(rho0))
+    """Keep the prior's ρ₀ in its sigma0_range and the safe range of gemext.vi (RHO_MIN, RHO_MAX)."""
+    prior = getattr(learner, "prior", None)
+    if hasattr(prior, "clamp_"):
+        prior.clamp_()
+    elif getattr(prior, "rho0", None) is not None:
+        clamp_rho_(list(prior.rho0))
 
 
 def _finite_grads(params) -> bool:
@@ -253,10 +255,16 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
         from .tasks.rl.meta import train_rl
         return train_rl(config, resume=resume, progress=progress)
     dctx = distributed.setup(config.device)
+    clean = False  # whether every rank is expected at the closing barrier
     try:
-        return _train(config, dctx, resume, progress, on_iteration)
+        run = _train(config, dctx, resume, progress, on_iteration)
+        clean = True
+        return run
+    except Interrupted:
+        clean = True  # every rank stopped after the same agreed iteration
+        raise
     finally:
-        dctx.close()
+        dctx.close(clean)
 
 
 def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progress: bool | None,

@@ -188,3 +188,19 @@ def test_learn_sigma_false_meta_learns_the_mean_only():
     learner.meta_backward(_sinusoid_batch(2))
     assert all(not r.requires_grad and r.grad is None for r in learner.prior.rho0)
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in learner.prior.mu0)
+
+
+def test_sigma0_range_bounds_the_learned_prior_std():
+    import math
+
+    from gemext import algorithms
+    learner = algorithms.create("gem-bml+", torch.nn.Linear(3, 1), sigma0=0.05, sigma0_range=(0.01, 0.05))
+    with torch.no_grad():
+        learner.prior.rho0[0].fill_(2.0)
+        learner.prior.rho0[1].fill_(-9.0)
+        learner.prior.rho0[1][0] = math.nan
+    learner.prior.clamp_()
+    torch.testing.assert_close(learner.prior.rho0[0].exp(), torch.full((1, 3), 0.05))
+    assert math.isnan(float(learner.prior.rho0[1][0]))  # NaN stays visible to the guards
+    with pytest.raises(ValueError, match="sigma0_range"):
+        algorithms.create("gem-bml+", torch.nn.Linear(3, 1), sigma0=0.05, sigma0_range=(0.1, 1.0))

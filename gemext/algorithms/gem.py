@@ -46,13 +46,14 @@ class GEMLearner(MetaLearner):
     batch_size), inner_steps / query_steps (VI steps on support / on query,
     default inner.steps), bayesian (which parameters the prior covers; the others stay fixed),
     vectorize (True/False/"auto": vmap the inner loops over the tasks of a meta-batch),
-    predict_samples, seed, learn_sigma (False keeps σ₀ fixed and meta-learns μ₀ only)."""
+    predict_samples, seed, learn_sigma (False keeps σ₀ fixed and meta-learns μ₀ only), sigma0_range
+    ((lo, hi) bounds of the learned σ₀; `learner.prior.clamp_()` after each meta-step enforces them)."""
 
     def __init__(self, model: nn.Module, variant: str = "gem-bml+", likelihood: nn.Module | None = None,
                  sigma0: float = 0.05, inner: VIConfig | dict | None = None, inner_steps: int | None = None,
                  query_steps: int | None = None, beta: float | None = None, lr: float | None = None,
                  bayesian=None, vectorize: bool | str = "auto", predict_samples: int = 20,
-                 seed: int = 0, learn_sigma: bool = True) -> None:
+                 seed: int = 0, learn_sigma: bool = True, sigma0_range: tuple[float, float] | None = None) -> None:
         super().__init__()
         if variant not in ("gem-bml", "gem-bml+", "reptile"):
             raise ValueError(f"GEMLearner: unknown variant {variant!r}")
@@ -65,7 +66,7 @@ class GEMLearner(MetaLearner):
         self.net = _Net(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
         # Reptile: fixed prior variance C₀ = sigma0² (ĝ_μ₀ = (μ − μ₀)/C₀²), point posteriors.
         self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian,
-                                   learn_sigma=learn_sigma and not self.delta)
+                                   learn_sigma=learn_sigma and not self.delta, sigma0_range=sigma0_range)
         # every module parameter now lives in the prior or stays fixed: parameters() = Θ only
         detach_parameters(self.net, [n for n, _ in self.net.named_parameters()])
         if vectorize == "auto":

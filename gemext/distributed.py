@@ -212,7 +212,8 @@ class DistContext:
             if clean and err is None:
                 raise
             # otherwise the error that got us here is the one to report
-        if group is not None and group() is not None:
+        # (after an error the traceback's frames may still hold the group: no verdict then)
+        if clean and err is None and group is not None and group() is not None:
             warnings.warn("the process group outlived destroy_process_group (something still references "
                           "it): its threads will be torn down during interpreter shutdown, which can abort "
                           "the process", RuntimeWarning, stacklevel=2)

@@ -65,21 +65,21 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------ per-task defaults
-# Sinusoid hyper-parameters, chosen on `finn` with 500-1000-iteration sweeps (benchmarks/RESULTS.md).
-# GEM: natural-gradient VI makes the prior variance a per-weight step size (μ moves by lr·σ²·∇,
-# capped at one σ per step), which GEM meta-learns through ρ₀; lr·σ₀² = 5e-4 matches MAML's step of
-# 0.01 on the mean squared error for a summed Gaussian NLL with noise 0.5. σ₀ = 0.02 (lr 1.25) beat
-# 0.05 (lr 0.2): MSE after 10 steps 1.02 vs 1.49 at 1000 iterations (less sampling noise in θ).
-# Inner Adam moved every weight by ≈ lr per step whatever its prior and stalled at MSE ≈ 3.8 after
-# 400 iterations. β = 0.1 down-weights the KL of ~1.7k weights against 10 points.
-# σ₀ is kept fixed (learn_sigma=False): with natural-gradient VI it is both the prior width and the
-# inner step size, and meta-learning it by the GEM ρ₀ statistic let it grow until meta-training
-# degraded (MSE after 10 steps 7.9 at 6000 iterations vs 1.6 at 1500); fixed, GEM-BML+ reached 0.51
-# at 3000 iterations (benchmarks/RESULTS.md, "Core: sinusoid").
-_NGVI = dict(optimizer="ngvi")  # ρ steps at lr/20 (NaturalGradientVI's default)
+# Sinusoid hyper-parameters, chosen on `finn` with 1000-iteration sweeps (benchmarks/von_sweep.py;
+# table in benchmarks/RESULTS.md, "GEM with the von inner VI").
+# GEM: the variational online Newton VI ("von": Gauss-Newton mean step coupled through the data,
+# σ² = 1/(β/σ₀² + GGN diagonal), backtracking), β = 1 (exact VI). σ₀ is only the prior precision
+# now, not a step size, and with 10 points and ~1.7k weights it also sets how far the posterior
+# mean can move: MSE after 10 steps at 1000 iterations, fixed σ₀ / likelihood noise s: 0.02/0.05
+# 0.53, 0.03/0.05 0.58, 0.01/0.05 0.66, 0.02/0.1 0.69, 0.05/0.1 1.12 (MAML 0.39). The `finn` data
+# are noise-free, so a sharp s = 0.05 helps. A freely learned σ₀ drifts upward under both GEM
+# statistics (median 0.02 → 0.035–0.044 in 1000 iterations) and degrades (0.78–1.09), so σ₀ is
+# learned within sigma0_range = "shrink", (σ₀/10, σ₀): it may only become more certain than its start
+# (0.55 at 1000 iterations).
+_VON = dict(optimizer="von")  # lr 1: a full (backtracked) Gauss-Newton step
 SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gem-bml": dict(sigma0=0.02, lr=1.25, beta=0.1, inner=_NGVI, inner_steps=5, sigma=0.5, learn_sigma=False),
-    "gem-bml+": dict(sigma0=0.02, lr=1.25, beta=0.1, inner=_NGVI, inner_steps=5, sigma=0.5, learn_sigma=False),
+    "gem-bml": dict(sigma0=0.02, beta=1.0, inner=_VON, inner_steps=5, sigma=0.05, sigma0_range="shrink"),
+    "gem-bml+": dict(sigma0=0.02, beta=1.0, inner=_VON, inner_steps=5, sigma=0.05, sigma0_range="shrink"),
     # Reptile: plain SGD on the summed NLL, same effective step as above, C₀ = 1 (ĝ = μ − μ₀)
     "reptile": dict(sigma0=1.0, lr=5e-4, inner=dict(optimizer="sgd"), inner_steps=5, sigma=0.5),
     # Catalogue learners (benchmarks/sinusoid_study.py; one setting each, chosen by rule, not swept):
@@ -89,8 +89,8 @@ SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
     "maml": dict(lr=5e-4, inner_steps=5, sigma=0.5),
     "fomaml": dict(lr=5e-4, inner_steps=5, sigma=0.5),
     "imaml": dict(lr=5e-4, inner_steps=5, reg=400.0, cg_steps=5, sigma=0.5),
-    # VI-based learners: the GEM learners' inner VI (natural-gradient VI, lr 0.2, ρ step 0.01,
-    # β = 0.1, σ₀ = 0.05, 5 steps) so the rows differ only in how the meta-gradient is estimated.
+    # VI-based learners that back-propagate through their VI (which supports sgd and ngvi only):
+    # natural-gradient VI, lr 0.2, ρ step 0.01, β = 0.1, σ₀ = 0.05, 5 steps.
     "abml": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=dict(optimizer="ngvi", optimizer_kwargs={"rho_lr": 0.01}),
                  inner_steps=5, sigma=0.5),
     "pmaml-elbo": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=dict(optimizer="ngvi", optimizer_kwargs={"rho_lr": 0.01}),

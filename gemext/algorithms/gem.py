@@ -47,13 +47,15 @@ class GEMLearner(MetaLearner):
     default inner.steps), bayesian (which parameters the prior covers; the others stay fixed),
     vectorize (True/False/"auto": vmap the inner loops over the tasks of a meta-batch),
     predict_samples, seed, learn_sigma (False keeps σ₀ fixed and meta-learns μ₀ only), sigma0_range
-    ((lo, hi) bounds of the learned σ₀; `learner.prior.clamp_()` after each meta-step enforces them)."""
+    ((lo, hi) bounds of the learned σ₀, or "shrink" for (sigma0/10, sigma0); `learner.prior.clamp_()`
+    after each meta-step enforces them)."""
 
     def __init__(self, model: nn.Module, variant: str = "gem-bml+", likelihood: nn.Module | None = None,
                  sigma0: float = 0.05, inner: VIConfig | dict | None = None, inner_steps: int | None = None,
                  query_steps: int | None = None, beta: float | None = None, lr: float | None = None,
                  bayesian=None, vectorize: bool | str = "auto", predict_samples: int = 20,
-                 seed: int = 0, learn_sigma: bool = True, sigma0_range: tuple[float, float] | None = None) -> None:
+                 seed: int = 0, learn_sigma: bool = True,
+                 sigma0_range: tuple[float, float] | str | None = None) -> None:
         super().__init__()
         if variant not in ("gem-bml", "gem-bml+", "reptile"):
             raise ValueError(f"GEMLearner: unknown variant {variant!r}")
@@ -65,6 +67,8 @@ class GEMLearner(MetaLearner):
         self.query_steps = self.inner.steps if query_steps is None else query_steps
         self.net = _Net(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
         # Reptile: fixed prior variance C₀ = sigma0² (ĝ_μ₀ = (μ − μ₀)/C₀²), point posteriors.
+        if sigma0_range == "shrink":  # σ₀ may only become more certain than its start (down to 1/10)
+            sigma0_range = (sigma0 / 10, sigma0)
         self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian,
                                    learn_sigma=learn_sigma and not self.delta, sigma0_range=sigma0_range)
         # every module parameter now lives in the prior or stays fixed: parameters() = Θ only

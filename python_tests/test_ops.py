@@ -13,9 +13,9 @@ import torch
 
 from gemext import _C, ops
 from gemext import reference as R
+from tolerances import RTOL, assert_close  # noqa: F401
 
 DTYPES = [torch.float32, torch.float64]
-RTOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 HAS_CUDA = torch.cuda.is_available() and _C.cuda
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or gemext built without CUDA)")
 
@@ -42,14 +42,6 @@ def rand_lists(shapes, dtype, k: int, lo: float = -3.0, hi: float = 1.0, seed: i
 def f64(ts):
     return [t.double() for t in ts]
 
-
-def assert_close(got, expected, scale, dtype):
-    """|got − expected| <= rtol·scale element-wise (scale: magnitude of the formula's terms)."""
-    for i, (a, e, s) in enumerate(zip(got, expected, scale)):
-        assert a.dtype == dtype and a.shape == e.shape, i
-        assert torch.isfinite(a).all(), i
-        err = (a.double() - e).abs()
-        assert (err <= RTOL[dtype] * (s + e.abs()) + 1e-300).all(), (i, (err / (s + 1e-30)).max())
 
 
 # ----------------------------------------------------------------------------- values

@@ -13,9 +13,9 @@ import torch
 
 from gemext import _C, ops
 from gemext import reference as R
+from tolerances import RTOL, assert_close  # noqa: F401
 
 DTYPES = [torch.float32, torch.float64]
-RTOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 HAS_CUDA = torch.cuda.is_available() and _C.cuda
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or gemext built without CUDA)")
 SEED, OFFSET = 17, 5
@@ -88,14 +88,6 @@ def _expected(s: State, curv: bool, corr: bool, hyper, starts=None):
         scales[2].append(s_h)
     return out, scales
 
-
-def assert_close(got, expected, scale, dtype):
-    """|got − expected| <= rtol·(scale + |expected|) element-wise."""
-    for i, (a, e, s) in enumerate(zip(got, expected, scale)):
-        assert a.dtype == dtype and a.shape == e.shape, i
-        assert torch.isfinite(a).all(), i
-        err = (a.double() - e).abs()
-        assert (err <= RTOL[dtype] * (s + e.abs()) + 1e-300).all(), (i, (err / (s + 1e-30)).max())
 
 
 # ----------------------------------------------------------------------------- values

@@ -587,6 +587,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
     S, beta = config.mc_samples, config.beta
     starts = task_starts(mu, task_range or current_task_range())
     last = float("nan")
+    merit: torch.Tensor | None = None
     if callback is not None:
         callback(0, Posterior(init.names, mu, rho))
     for step in range(config.steps):
@@ -631,11 +632,12 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         search = von.backtrack > 0 and hasattr(nll, "task_nll")
         if search:
             mu_old = [m.clone() for m in mu]
-            merit_old = _merit(nll, mu, prior, beta, index, scale)
+            if merit is None or index is not None:  # full-data steps reuse the last accepted value
+                merit = _merit(nll, mu, prior, beta, index, scale)
         von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv,
                  torch.cat(offsets, 1) if offsets else None)
         if search:
-            _backtrack_(nll, mu, mu_old, merit_old, prior, beta, index, scale, von.backtrack)
+            merit = _backtrack_(nll, mu, mu_old, merit, prior, beta, index, scale, von.backtrack)
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, mu, rho), last)
@@ -651,14 +653,17 @@ def _merit(nll: "DataTerm", mu: list[torch.Tensor], prior: Posterior, beta: floa
 
 @torch.no_grad()
 def _backtrack_(nll: "DataTerm", mu: list[torch.Tensor], mu_old: list[torch.Tensor], merit_old: torch.Tensor,
-                prior: Posterior, beta: float, index: torch.Tensor | None, scale: float, halvings: int) -> None:
+                prior: Posterior, beta: float, index: torch.Tensor | None, scale: float,
+                halvings: int) -> torch.Tensor:
     """Halve the mean step of every task whose objective rose (NaN counts as a rise); undo it after
-    `halvings` tries."""
+    `halvings` tries. Returns the objective at the accepted means."""
     for k in range(halvings + 1):
-        bad = ~(_merit(nll, mu, prior, beta, index, scale) <= merit_old)
+        merit = _merit(nll, mu, prior, beta, index, scale)
+        bad = ~(merit <= merit_old)
         if not bool(bad.any()):
-            return
+            return merit
         factor = 0.5 if k < halvings else 0.0
         for m, m_old in zip(mu, mu_old):
             b = bad.reshape(-1, *([1] * (m.dim() - 1)))
             m.copy_(torch.where(b, m_old + factor * (m - m_old), m))
+    return torch.where(bad, merit_old, merit)

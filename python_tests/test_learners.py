@@ -204,3 +204,19 @@ def test_sigma0_range_bounds_the_learned_prior_std():
     assert math.isnan(float(learner.prior.rho0[1][0]))  # NaN stays visible to the guards
     with pytest.raises(ValueError, match="sigma0_range"):
         algorithms.create("gem-bml+", torch.nn.Linear(3, 1), sigma0=0.05, sigma0_range=(0.1, 1.0))
+
+
+def test_gem_learners_default_to_von_and_the_sinusoid_preset_bounds_sigma0():
+    import math
+
+    from gemext.train import RunConfig, build
+    from gemext.vi import VariationalOnlineNewton
+    assert algorithms.create("gem-bml+", nn.Linear(2, 1)).inner.optimizer_class() is VariationalOnlineNewton
+    assert algorithms.create("gem-bml", nn.Linear(2, 1), inner=dict(steps=2)).inner.optimizer == "von"
+    assert algorithms.create("gem-bml+", nn.Linear(2, 1), inner=dict(optimizer="adam")).inner.optimizer == "adam"
+    assert algorithms.create("reptile", nn.Linear(2, 1)).inner.optimizer == "adam"  # point posteriors
+    _, learner, _ = build(RunConfig(task="sinusoid", algo="gem-bml+", out="unused"))
+    assert learner.inner.optimizer == "von" and learner.inner.lr == 1.0 and learner.inner.beta == 1.0
+    lo, hi = learner.prior.rho0_range.tolist()
+    assert math.isclose(math.exp(hi), 0.02, rel_tol=1e-6) and math.isclose(math.exp(lo), 0.002, rel_tol=1e-6)
+    assert all(r.requires_grad for r in learner.prior.rho0)  # σ₀ is learned (within its range)

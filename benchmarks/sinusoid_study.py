@@ -14,6 +14,7 @@ per preset, one line per algorithm), memory/memory.csv + memory.png, runs/<prese
 
     python benchmarks/sinusoid_study.py --out study            # full
     python benchmarks/sinusoid_study.py --quick --out /tmp/q   # minutes on 2 cores
+    python benchmarks/sinusoid_study.py --merge a,b --out ab   # one table/plot from parallel studies
 """
 from __future__ import annotations
 
@@ -164,9 +165,19 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-algos", default="gem-bml+,reptile,maml,fomaml,imaml,abml")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge", default=None, help="comma-separated study folders: one table and plot of their "
+                    "results.json in --out (studies run in parallel as separate processes)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.merge:
+        rows = [r for d in args.merge.split(",") for r in json.loads((Path(d) / "results.json").read_text())]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_tables(rows, out, f"Sinusoid study, merged from {args.merge}: {rows[0].get('iterations')} "
+                     "meta-iterations per run. NLL/coverage in parentheses: delta-posterior learners.")
+        plot(rows, out / "mse_vs_steps.png")
         return
     from gemext import algorithms
 

@@ -84,6 +84,8 @@ class GaussianPrior(nn.Module):
         super().__init__()
         if not (sigma0 > 0 and math.isfinite(sigma0)):
             raise ValueError(f"sigma0 must be a positive finite number, got {sigma0}")
+        if sigma0_range is not None and not (isinstance(sigma0_range, (tuple, list)) and len(sigma0_range) == 2):
+            raise ValueError(f"sigma0_range must be None or a pair (lo, hi), got {sigma0_range!r}")
         lo, hi = sigma0_range if sigma0_range is not None else (0.0, math.inf)
         if not (0 <= lo <= sigma0 <= hi):
             raise ValueError(f"sigma0_range must be (lo, hi) with 0 <= lo <= sigma0 <= hi, got {sigma0_range} "

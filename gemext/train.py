@@ -18,7 +18,6 @@ import torch
 
 from . import __version__, algorithms, distributed
 from .metrics import gaussian_nll, interval_coverage, mean_ci95
-from .vi import clamp_rho_
 
 CHECKPOINT_VERSION = 1
 EVAL_SEED = 20201206  # meta-test tasks are the same for every run and seed
@@ -234,10 +233,8 @@ LOG_FIELDS = ["iteration", "wall_s", "skipped"]
 def _clamp_prior_rho(learner) -> None:
     """Keep the prior's ρ₀ in its sigma0_range and the safe range of gemext.vi (RHO_MIN, RHO_MAX)."""
     prior = getattr(learner, "prior", None)
-    if hasattr(prior, "clamp_"):
+    if prior is not None:
         prior.clamp_()
-    elif getattr(prior, "rho0", None) is not None:
-        clamp_rho_(list(prior.rho0))
 
 
 def _finite_grads(params) -> bool:

@@ -415,6 +415,10 @@ class VIConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"VIConfig.batch_size must be >= 1 or None, got {self.batch_size}")
         if self.optimizer_class() is VariationalOnlineNewton:  # fail early on bad options
+            known = {"h_decay", "damping", "coupling", "curvature", "control_variate", "backtrack"}
+            unknown = sorted(set(self.optimizer_kwargs) - known)
+            if unknown:
+                raise ValueError(f"von: unknown optimizer_kwargs {unknown}; its options are {sorted(known)}")
             VariationalOnlineNewton(lr=self.lr, **self.optimizer_kwargs)
 
     def optimizer_class(self) -> type:
@@ -529,10 +533,7 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
     if callback is not None:
         callback(0, Posterior(init.names, mu, rho))
     for step in range(config.steps):
-        index, scale = None, 1.0
-        if config.batch_size is not None and config.batch_size < n_data:
-            index = torch.randperm(n_data, generator=generator)[: config.batch_size].to(mu[0].device)
-            scale = n_data / config.batch_size
+        index, scale = _minibatch(n_data, config, generator, mu[0].device)
         if delta:
             theta = [m.detach().requires_grad_(True) for m in mu]
             loss = nll(theta, index) * scale
@@ -595,7 +596,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
     for step in range(config.steps):
         index, scale = _minibatch(n_data, config, generator, mu[0].device)
         seed = ops.new_seed(generator)
-        grad = [torch.zeros_like(m) for m in mu]
+        grad: list[torch.Tensor] | None = None  # summed over the MC samples
         rows: list[list[torch.Tensor]] = []
         offsets: list[torch.Tensor] = []
         curv = None
@@ -626,7 +627,11 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
                     eps = ops.sample([torch.zeros_like(m) for m in mu], [torch.zeros_like(r) for r in rho], seed, s, starts)
                     c_s = [(gi * e * torch.exp(-r) * S).clamp_min(0) / S for gi, e, r in zip(g, eps, rho)]
                 curv = c_s if curv is None else [a + b for a, b in zip(curv, c_s)]
-            torch._foreach_add_(grad, [gi.detach() for gi in g])
+            g = [gi.detach() for gi in g]
+            if grad is None:
+                grad = g
+            else:
+                torch._foreach_add_(grad, g)
         last = total
         if not math.isfinite(last):
             raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")

@@ -204,6 +204,13 @@ def test_sigma0_range_bounds_the_learned_prior_std():
     assert math.isnan(float(learner.prior.rho0[1].detach()[0]))  # NaN stays visible to the guards
     with pytest.raises(ValueError, match="sigma0_range"):
         algorithms.create("gem-bml+", torch.nn.Linear(3, 1), sigma0=0.05, sigma0_range=(0.1, 1.0))
+    for bad in ("grow", (0.01,), 0.05):
+        with pytest.raises(ValueError, match="sigma0_range"):
+            algorithms.create("gem-bml+", torch.nn.Linear(3, 1), sigma0=0.05, sigma0_range=bad)
+    shrink = algorithms.create("gem-bml", torch.nn.Linear(3, 1), sigma0=0.04, sigma0_range="shrink")
+    torch.testing.assert_close(shrink.prior.rho0_range.exp(), torch.tensor([0.004, 0.04]))
+    with pytest.raises(ValueError, match="point posteriors"):
+        algorithms.create("reptile", torch.nn.Linear(3, 1), inner=dict(optimizer="von"))
 
 
 def test_gem_learners_default_to_von_and_the_sinusoid_preset_bounds_sigma0():

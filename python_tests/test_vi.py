@@ -274,7 +274,7 @@ def test_von_options_and_errors():
     with pytest.raises(ValueError, match="point estimate"):
         fit(nll, len(y), prior, prior, _von_cfg(1, curvature="reparam", coupling="diag"), delta=True)
     for bad in ({"h_decay": 0.0}, {"coupling": "kfac"}, {"curvature": "hutchinson"}, {"damping": -1.0},
-                {"curvature": "reparam"}, {"lr": 0.0}):
+                {"curvature": "reparam"}, {"lr": 0.0}, {"bogus": 1}, {"backtrack": -1}):
         with pytest.raises(ValueError):
             _von_cfg(1, **bad)
     assert VIConfig(optimizer="von").lr == 1.0 and VIConfig(optimizer="adam").lr == 0.01
@@ -328,3 +328,18 @@ def test_von_backtracking_never_raises_the_objective_at_the_mean():
     assert bool((guarded[1:] <= guarded[:-1] + 1e-9).all())
     free = merits(_von_cfg(5, backtrack=0))
     assert bool((free[1:] > free[:-1]).any())  # without it some step does overshoot: the check can fail
+
+
+def test_per_task_nll_splits_the_summed_nll_by_task():
+    torch.manual_seed(0)
+    out, y = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
+    lik = GaussianLikelihood(0.7)
+    per = lik.nll(out, y, per_task=True)
+    assert per.shape == (3,)
+    torch.testing.assert_close(per.sum(), lik.nll(out, y))
+    torch.testing.assert_close(per[1], lik.nll(out[1:2], y[1:2]))
+    logits, labels = torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5))
+    cat = CategoricalLikelihood()
+    per = cat.nll(logits, labels, per_task=True)
+    torch.testing.assert_close(per.sum(), cat.nll(logits, labels))
+    torch.testing.assert_close(per[2], cat.nll(logits[2:], labels[2:]))

@@ -16,7 +16,8 @@ from torch import nn
 from .. import ops
 from ..gaussian import GaussianPrior, Posterior, detach_parameters
 from ..tasks import Task
-from ..vi import DataTerm, FitResult, GaussianLikelihood, VIConfig, fit
+from ..vi import (DataTerm, FitResult, GaussianLikelihood, NaturalGradientVI, VariationalOnlineNewton, VIConfig,
+                  fit)
 from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register_variants
 
 
@@ -64,11 +65,17 @@ class GEMLearner(MetaLearner):
         if not self.delta and (inner is None or (isinstance(inner, dict) and "optimizer" not in inner)):
             inner = {**(inner or {}), "optimizer": "von"}  # the curvature-aware VI; Reptile's points use Adam
         self.inner = _vi_config(inner, steps=inner_steps, lr=lr, beta=0.0 if self.delta else beta)
+        if self.delta and self.inner.optimizer_class() in (NaturalGradientVI, VariationalOnlineNewton):
+            # fail at construction, not in the middle of training
+            raise ValueError(f"reptile fits point posteriors (σ = 0): inner optimizer {self.inner.optimizer!r} "
+                             "needs a Gaussian posterior; use sgd or adam")
         self.query_steps = self.inner.steps if query_steps is None else query_steps
         self.net = _Net(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
         # Reptile: fixed prior variance C₀ = sigma0² (ĝ_μ₀ = (μ − μ₀)/C₀²), point posteriors.
         if sigma0_range == "shrink":  # σ₀ may only become more certain than its start (down to 1/10)
             sigma0_range = (sigma0 / 10, sigma0)
+        elif isinstance(sigma0_range, str):
+            raise ValueError(f"{variant}: sigma0_range must be None, 'shrink' or (lo, hi), got {sigma0_range!r}")
         self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian,
                                    learn_sigma=learn_sigma and not self.delta, sigma0_range=sigma0_range)
         # every module parameter now lives in the prior or stays fixed: parameters() = Θ only
@@ -100,19 +107,19 @@ class GEMLearner(MetaLearner):
     def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None) -> FitResult:
         return self.fit_posterior(self._nll(x, y), x.shape[1], prior, init, steps, callback)
 
-    def accumulate_meta_grad(self, tr: Posterior, all_: Posterior) -> None:
+    def accumulate_meta_grad(self, tr: Posterior, all_: Posterior, prior: Posterior | None = None) -> None:
         """Θ.grad −= mean over tasks of ĝ(λ_all) [− ĝ(λ_tr) for GEM-BML+]: the descent direction
-        any torch.optim optimizer steps. λ_tr, λ_all carry a leading task dimension."""
+        any torch.optim optimizer steps. λ_tr, λ_all carry a leading task dimension; `prior` is
+        `self.prior.expand(T)` when the caller already has it."""
         mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
         T = all_.mu[0].shape[0]
         plus = self.variant == "gem-bml+"
         # one fused launch over every task: the prior broadcast to [T, ...], ĝ per task into
         # scratch buffers, then the task mean into Θ.grad (instead of T launches from Python)
-        exp0 = [p.detach().unsqueeze(0).expand(T, *p.shape).contiguous() for p in mu0]
-        expr = [p.detach().unsqueeze(0).expand(T, *p.shape).contiguous() for p in rho0]
-        g_mu = [torch.zeros_like(m) for m in exp0]
-        g_rho = [torch.zeros_like(r) for r in expr]
-        ops.gem_grad_(g_mu, g_rho, exp0, expr, all_.mu, all_.rho,
+        prior = prior if prior is not None else self.prior.expand(T)
+        g_mu = [torch.zeros_like(m) for m in prior.mu]
+        g_rho = [torch.zeros_like(r) for r in prior.rho]
+        ops.gem_grad_(g_mu, g_rho, prior.mu, prior.rho, all_.mu, all_.rho,
                       tr.mu if plus else None, tr.rho if plus else None, weight=-1.0 / T)
         for p, g in zip(mu0 + rho0, g_mu + g_rho):
             if not p.requires_grad:
@@ -129,7 +136,7 @@ class GEMLearner(MetaLearner):
         prior = self.prior.expand(T)
         tr = self._fit(b.x_support, b.y_support, prior, self.start(prior), self.inner.steps)
         all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps)
-        self.accumulate_meta_grad(tr.posterior, all_.posterior)
+        self.accumulate_meta_grad(tr.posterior, all_.posterior, prior)
         stats = {"nll_support": tr.nll / (T * b.x_support.shape[1]),
                  "nll_query": all_.nll / (T * b.x_query.shape[1])}
         if not self.delta:

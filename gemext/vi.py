@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, reference
 from .gaussian import Posterior
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
@@ -313,7 +313,33 @@ class VariationalOnlineNewton:
         [T, M, *shape] of that loss (None for "reparam": the kernel then forms g·ε/σ from the ε of
         (seed, 0) unless `curv` is given); `row_offset` [T, M]: each row applied to its own
         sample's θ − μ, for the control variate (the rows of S samples are stacked)."""
-        T = mu[0].shape[0]
+        grad, curv, correction = self.terms(mu, grad, rows, extra_curv, prior, beta, curv, row_offset)
+        grad = [g.contiguous() for g in grad]
+        ops.von_step_(mu, rho, h, grad, [c.contiguous() for c in curv] if curv is not None else None,
+                      prior.mu, prior.rho, seed, 0, self.lr, beta, self.h_decay, self.damping,
+                      [c.contiguous() for c in correction] if correction is not None else None, starts)
+
+    def step_differentiable(self, mu: list[torch.Tensor], rho: list[torch.Tensor], h: list[torch.Tensor],
+                            grad: list[torch.Tensor], rows: list[torch.Tensor] | None,
+                            extra_curv: dict[int, torch.Tensor], prior: Posterior, beta: float, seed: int,
+                            starts: list[int] | None, curv: list[torch.Tensor] | None = None,
+                            row_offset: torch.Tensor | None = None
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """`step` as a differentiable torch composite, returning (μ', ρ', h'): the unrolled inner
+        loops of the ELBO-gradient and KL-chaser learners back-propagate through it. μ, ρ, `grad`
+        (created with create_graph), the prior and `row_offset` may carry a graph; the curvature
+        rows are data (their dependence on θ is not differentiated: exact for a linear model,
+        the usual Gauss-Newton treatment of a preconditioner otherwise)."""
+        grad, curv, correction = self.terms(mu, grad, rows, extra_curv, prior, beta, curv, row_offset)
+        return reference.von_step(mu, rho, h, grad, curv, prior.mu, prior.rho, seed, 0, self.lr, beta,
+                                  self.h_decay, self.damping, correction, starts)
+
+    def terms(self, mu: list[torch.Tensor], grad: list[torch.Tensor], rows: list[torch.Tensor] | None,
+              extra_curv: dict[int, torch.Tensor], prior: Posterior, beta: float,
+              curv: list[torch.Tensor] | None, row_offset: torch.Tensor | None
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """What the per-weight update needs from the GGN rows: (gradient, curvature ĥ, coupling
+        correction Rᵀz of the Woodbury solve or None); autograd-transparent."""
         correction = None
         if rows is not None:
             R = _flat_rows(rows)  # [T, M, D]
@@ -358,10 +384,7 @@ class VariationalOnlineNewton:
             elif self.control_variate and row_offset is not None:
                 cv = torch.einsum("tmd,tm->td", R, row_offset)
                 grad = [g - c for g, c in zip(grad, _unflatten(cv, mu))]
-        grad = [g.contiguous() for g in grad]
-        ops.von_step_(mu, rho, h, grad, [c.contiguous() for c in curv] if curv is not None else None,
-                      prior.mu, prior.rho, seed, 0, self.lr, beta, self.h_decay, self.damping,
-                      [c.contiguous() for c in correction] if correction is not None else None, starts)
+        return grad, curv, correction
 
 
 def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -644,7 +667,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv,
                  torch.cat(offsets, 1) if offsets else None)
         if search:
-            merit = _backtrack_(nll, mu, mu_old, merit, prior, beta, index, scale, von.backtrack)
+            merit, _ = _backtrack_(nll, mu, mu_old, merit, prior, beta, index, scale, von.backtrack)
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, mu, rho), last)
@@ -663,16 +686,19 @@ def _backtrack_(nll: "DataTerm", mu: list[torch.Tensor], mu_old: list[torch.Tens
                 prior: Posterior, beta: float, index: torch.Tensor | None, scale: float,
                 halvings: int) -> torch.Tensor:
     """Halve the mean step of every task whose objective rose (NaN counts as a rise); undo it after
-    `halvings` tries. Returns the objective at the accepted means."""
+    `halvings` tries. Returns the objective at the accepted means and each task's accepted
+    fraction of the step, [T] each."""
+    frac = torch.ones_like(merit_old)
     for k in range(halvings + 1):
         merit = _merit(nll, mu, prior, beta, index, scale)
         # a rise within rounding (a converged step) is no rise: an exact comparison would let float
         # summation order (e.g. the task sharding of a distributed run) flip the decision
         bad = ~(merit <= merit_old + 1e-5 * merit_old.abs())
         if not bool(bad.any()):
-            return merit
+            return merit, frac
         factor = 0.5 if k < halvings else 0.0
+        frac = torch.where(bad, frac * factor, frac)
         for m, m_old in zip(mu, mu_old):
             b = bad.reshape(-1, *([1] * (m.dim() - 1)))
             m.copy_(torch.where(b, m_old + factor * (m - m_old), m))
-    return torch.where(bad, merit_old, merit)
+    return torch.where(bad, merit_old, merit), frac

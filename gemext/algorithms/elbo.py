@@ -20,6 +20,7 @@ Memory grows with the inner steps (the unrolled graph), unlike the Gradient-EM l
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -29,12 +30,13 @@ from torch import nn
 from .. import ops, reference
 from ..gaussian import GaussianPrior, Posterior
 from ..tasks import Task
-from ..vi import NaturalGradientVI, VIConfig, current_task_range, fit, task_starts
+from ..vi import (DataTerm, NaturalGradientVI, VariationalOnlineNewton, VIConfig, _backtrack_, _flat, _flat_rows,
+                  _merit, current_task_range, fit, task_starts)
 from .base import BayesianPredictor, register_variants
 from .gem import _vi_config
 from .maml import FunctionalLearner, Params
 
-_DIFFERENTIABLE_VI = ("sgd", "ngvi")
+_DIFFERENTIABLE_VI = ("sgd", "ngvi", "von")
 
 
 class VILearner(FunctionalLearner):
@@ -42,7 +44,9 @@ class VILearner(FunctionalLearner):
     parameters and a differentiable, task-vectorised VI inner loop.
 
     Options: sigma0 (initial prior std, default 0.05), inner (VIConfig or dict; optimizer "ngvi"
-    (default, lr 0.2) or "sgd"; steps, lr, mc_samples, beta), inner_steps, lr, beta, mc_samples,
+    (default, lr 0.2), "sgd" or "von" (the variational online Newton VI of the GEM learners, its
+    options in optimizer_kwargs; the unrolled loop differentiates its steps with the curvature
+    rows held as data); steps, lr, mc_samples, beta), inner_steps, lr, beta, mc_samples,
     likelihood (GaussianLikelihood(0.5) default), bayesian, vectorize, predict_samples, seed."""
 
     def __init__(self, model: nn.Module, sigma0: float = 0.05, inner: VIConfig | dict | None = None,
@@ -56,7 +60,11 @@ class VILearner(FunctionalLearner):
         opt = self.inner.optimizer
         if not (isinstance(opt, str) and opt.lower() in _DIFFERENTIABLE_VI):
             raise ValueError(f"{self.name}: the differentiable VI supports optimizer 'sgd' or 'ngvi', got {opt!r}")
-        extra = set(self.inner.optimizer_kwargs) - ({"rho_lr", "max_step"} if opt.lower() == "ngvi" else set())
+        if opt.lower() == "von":
+            VariationalOnlineNewton(lr=self.inner.lr, **self.inner.optimizer_kwargs)  # its own argument checks
+            extra: set[str] = set()
+        else:
+            extra = set(self.inner.optimizer_kwargs) - ({"rho_lr", "max_step"} if opt.lower() == "ngvi" else set())
         if extra or self.inner.batch_size is not None:
             raise ValueError(f"{self.name}: the differentiable VI takes no optimizer_kwargs {sorted(extra)} "
                              "and no batch_size")
@@ -75,6 +83,8 @@ class VILearner(FunctionalLearner):
         if not create_graph:
             pm, pr = [m.detach() for m in pm], [r.detach() for r in pr]
         mu, rho = [m.clone() for m in pm], [r.clone() for r in pr]  # distinct from the prior's nodes
+        if cfg.optimizer.lower() == "von":
+            return self._vi_von(self._term(x, y), mu, rho, pm, pr, steps, create_graph)
         ngvi = cfg.optimizer.lower() == "ngvi"
         if ngvi:  # the optimizer's own resolved defaults (ρ step, trust region), so `fit` and `_vi` agree
             hp = NaturalGradientVI([torch.zeros(1), torch.zeros(1)], lr=cfg.lr, **cfg.optimizer_kwargs).defaults
@@ -108,6 +118,69 @@ class VILearner(FunctionalLearner):
             mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]
         return mu, rho, last
 
+    def _vi_von(self, term: DataTerm, mu: Params, rho: Params, pm: Params, pr: Params, steps: int,
+                create_graph: bool) -> tuple[Params, Params, float]:
+        """`_vi` with the variational online Newton step: the update of `gemext.vi.fit` (same ε,
+        curvature rows, control variate and per-task backtracking) written as a differentiable
+        composite. The backtracking decision (each task's accepted step fraction) is data."""
+        cfg = self.inner
+        rule = VariationalOnlineNewton(lr=cfg.lr, **cfg.optimizer_kwargs)
+        S, beta = cfg.mc_samples, cfg.beta
+        starts = task_starts(mu, current_task_range())
+        h = [torch.zeros_like(m).detach() for m in mu]
+        detached_prior = Posterior(self.names, [m.detach() for m in pm], [r.detach() for r in pr])
+        prior = Posterior(self.names, pm, pr)
+        merit, last = None, float("nan")
+        with torch.enable_grad():
+            for _ in range(steps):
+                if not create_graph:
+                    mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]
+                seed = ops.new_seed(self.generator)
+                grad: Params | None = None
+                rows, offsets, extra, curv, total = [], [], {}, None, 0.0
+                for s in range(S):
+                    eps = self._eps(mu, seed, s)
+                    theta = [m + r.exp() * e for m, r, e in zip(mu, rho, eps)]
+                    if not create_graph:
+                        theta = [t.detach().requires_grad_(True) for t in theta]
+                    data = term(theta, None) / S
+                    g = list(torch.autograd.grad(data, theta, create_graph=create_graph))
+                    total += float(data.detach())
+                    if rule.uses_ggn():
+                        r_s = [r * math.sqrt(1.0 / S) for r in
+                               term.ggn_rows([t.detach() for t in theta], None, self.generator)]
+                        rows.append(r_s)
+                        if rule.control_variate:  # R(θ − μ), differentiable in σ: the noise it cancels is
+                            offsets.append(torch.einsum("tmd,td->tm", _flat_rows(r_s),
+                                                        _flat([t - m for t, m in zip(theta, mu)])))
+                        for i, c in term.lik_curvature(theta, None).items():
+                            extra[i] = extra.get(i, 0.0) + c / S
+                    elif S > 1:  # as `fit`: the sample-mean of the clamped g·ε/σ
+                        c_s = [(gi * e * torch.exp(-r)).clamp_min(0) / S for gi, e, r in zip(g, eps, rho)]
+                        curv = c_s if curv is None else [a + b for a, b in zip(curv, c_s)]
+                    grad = g if grad is None else [a + b for a, b in zip(grad, g)]
+                last = total
+                stacked = [torch.cat(parts, 1) for parts in zip(*rows)] if rows else None
+                mu_new, rho, h = rule.step_differentiable(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts,
+                                                          curv, torch.cat(offsets, 1) if offsets else None)
+                if rule.backtrack > 0:
+                    mu_old = [m.detach() for m in mu]
+                    if merit is None:
+                        merit = _merit(term, mu_old, detached_prior, beta, None, 1.0)
+                    trial = [m.detach().clone() for m in mu_new]
+                    merit, frac = _backtrack_(term, trial, mu_old, merit, detached_prior, beta, None, 1.0,
+                                              rule.backtrack)
+                    if bool((frac != 1).any()):
+                        mu_new = [m0 + frac.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1))) * (m - m0)
+                                  for m, m0 in zip(mu_new, mu)]
+                mu = mu_new
+        if not create_graph:
+            mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]
+        return mu, rho, last
+
+    def _term(self, x: torch.Tensor, y: torch.Tensor) -> DataTerm:
+        return DataTerm(self.forward_net, self.net.likelihood, x, y, self.names)
+
     @staticmethod
     @torch.no_grad()
     def _eps(like: Params, seed: int, offset: int) -> Params:
@@ -125,8 +198,7 @@ class VILearner(FunctionalLearner):
     def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None):
         """The fused, graph-free VI of gemext.vi (same update and ε stream as `_vi`)."""
         cfg = replace(self.inner, steps=steps)
-        return fit(lambda th, idx: self._nll(th, x, y), x.shape[1], prior, init, cfg, self.generator,
-                   callback=callback)
+        return fit(self._term(x, y), x.shape[1], prior, init, cfg, self.generator, callback=callback)
 
     # -- meta-testing -------------------------------------------------------------------------------
     def _predictor(self, posterior: Posterior, squeeze: bool) -> BayesianPredictor:

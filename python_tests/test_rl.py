@@ -350,6 +350,40 @@ def test_point_posterior_vi_step_equals_policy_gradient_step():
     sampler.collector.close()
 
 
+@pytest.mark.parametrize("sigma0_range", ["shrink", None])
+def test_gem_rl_learned_prior_std_stays_in_its_range(sigma0_range):
+    """The RL meta-step clamps σ₀ into its range after each update (a large meta step would leave it)."""
+    from gemext.tasks.rl.meta import build_rl
+
+    settings, sampler, learner = build_rl("nav2d", "gem-bml+", dict(TINY, sigma0_range=sigma0_range), 0, 0.5)
+    for it in range(2):
+        learner.meta_step(rl.sample_tasks("nav2d", 2, it))
+    s0 = torch.cat([r.detach().exp().flatten() for r in learner.learner.prior.rho0])
+    sampler.collector.close()
+    if sigma0_range == "shrink":
+        assert float(s0.max()) <= settings.sigma0 * (1 + 1e-6) and float(s0.min()) >= settings.sigma0 / 10 * (1 - 1e-6)
+    else:  # unbounded: the same steps leave (σ₀/10, σ₀)
+        assert float(s0.max()) > settings.sigma0 * 1.1 or float(s0.min()) < settings.sigma0 / 10
+
+
+def test_gem_rl_von_inner_fit_moves_mean_and_variance():
+    from gemext.tasks.rl.meta import build_rl
+
+    opts = dict(TINY, inner_optimizer="von", inner_lr=1.0, inner_options={"curvature": "reparam", "coupling": "diag"})
+    settings, sampler, learner = build_rl("nav2d", "gem-bml+", opts, 0, 1e-2)
+    tasks = rl.sample_tasks("nav2d", 2, 1)
+    mu0 = {n: m.detach() for n, m in zip(learner.names, learner.learner.prior.mu0)}
+    batches = [sampler.rollouts(mu0, t) for t in tasks]
+    prior = learner.learner.prior.expand(2)
+    post = learner._fit(batches, prior, prior, 1).posterior
+    sampler.collector.close()
+    moved_mu = max(float((m - m0).abs().max()) for m, m0 in zip(post.mu, prior.mu))
+    shrunk = min(float((r - r0).min()) for r, r0 in zip(post.rho, prior.rho))
+    assert all(torch.isfinite(t).all() for t in post.mu + post.rho)
+    assert moved_mu > 0 and shrunk < 0  # the data made some weights more certain
+    assert all(bool((r <= r0 + 1e-6).all()) for r, r0 in zip(post.rho, prior.rho))  # never less certain
+
+
 def test_maml_inner_step_is_differentiable_like_finite_differences():
     torch.manual_seed(0)
     pol = rl.GaussianMLPPolicy(2, 2, hidden=(4,)).double()

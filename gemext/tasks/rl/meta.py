@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +53,15 @@ class RLSettings:
     query_steps: int = 1
     # GEM-BML(+) and Reptile
     sigma0: float = 0.01  # prior std (Reptile: the fixed C₀)
+    # the prior std is meta-learned by GEM-BML(+) within (σ₀/10, σ₀) ("shrink", as the sinusoid and
+    # vision presets: measured in benchmarks/RESULTS.md, "RL: learned prior variance"); None: unbounded
+    learn_sigma: bool = True
+    sigma0_range: str | tuple[float, float] | None = "shrink"
+    # the inner VI: "sgd" (a policy-gradient step of inner_lr on the surrogate), or "von" with
+    # inner_options {"curvature": "reparam", "coupling": "diag"} (the surrogate is not a likelihood:
+    # there is no Gauss-Newton factor for the coupled step); lr is then inner_lr unscaled
+    inner_optimizer: str = "sgd"
+    inner_options: dict[str, Any] = field(default_factory=dict)
     beta: float = 1.0
     mc_samples: int = 1
     likelihood_scale: float | None = None  # s; None: episodes × horizon
@@ -82,6 +91,10 @@ class RLSettings:
         for name in ("inner_lr", "sigma0", "max_kl"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RL option {name} must be > 0, got {getattr(self, name)}")
+        if isinstance(self.sigma0_range, list):  # from JSON
+            self.sigma0_range = tuple(self.sigma0_range)
+        if self.inner_optimizer not in ("sgd", "von"):
+            raise ValueError(f"RL option inner_optimizer must be 'sgd' or 'von', got {self.inner_optimizer!r}")
         if self.vector not in ("sync", "async"):
             raise ValueError(f"RL option vector must be 'sync' or 'async', got {self.vector!r}")
 
@@ -139,10 +152,14 @@ class GEMRL:
 
         self.algo, self.sampler, self.settings = algo, sampler, settings
         self.scale = settings.scale(sampler.horizon)
-        inner = VIConfig(steps=settings.inner_steps, optimizer="sgd", lr=settings.inner_lr / self.scale,
-                         mc_samples=settings.mc_samples, beta=settings.beta)
+        von = settings.inner_optimizer == "von"
+        inner = VIConfig(steps=settings.inner_steps, optimizer=settings.inner_optimizer,
+                         lr=settings.inner_lr if von else settings.inner_lr / self.scale,
+                         optimizer_kwargs=dict(settings.inner_options), mc_samples=settings.mc_samples,
+                         beta=settings.beta)
+        bayes = {} if algo == "reptile" else dict(learn_sigma=settings.learn_sigma, sigma0_range=settings.sigma0_range)
         self.learner = algorithms.create(algo, sampler.policy, sigma0=settings.sigma0, inner=inner,
-                                         query_steps=settings.query_steps, vectorize=True, seed=seed)
+                                         query_steps=settings.query_steps, vectorize=True, seed=seed, **bayes)
         self.names = [n.removeprefix("model.") for n in self.learner.prior.names]
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=meta_lr)
         policy = sampler.policy
@@ -186,6 +203,7 @@ class GEMRL:
                  "sigma0_mean": float(torch.cat([r.detach().exp().flatten() for r in prior.rho0]).mean())}
         if all(p.grad is None or torch.isfinite(p.grad).all() for p in self.learner.parameters()):
             self.optimizer.step()
+            prior.clamp_()  # σ₀ within its range, as the supervised loop does after each meta-step
         else:
             stats["skipped"] = 1.0
         return stats

@@ -23,7 +23,9 @@ STEPS = (0, 1, 2, 5, 10)
 def sigma0_stats(run: Path) -> dict:
     import torch
 
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    from gemext.train import load_checkpoint
+
+    ckpt = load_checkpoint(run / "checkpoint.pt")
     rho0 = [v.reshape(-1) for k, v in ckpt["learner"].items() if ".rho0." in k or k.endswith("rho0")]
     if not rho0:
         return {}
@@ -60,7 +62,7 @@ def main() -> None:
                         out=str(run), log_every=max(1, it // 50), checkpoint_every=min(1000, it),
                         eval_tasks=args.eval_tasks, eval_steps=max(STEPS), algo_options=json.loads(args.options))
         t0 = time.perf_counter()
-        train(cfg, resume=i > 0, progress=False)
+        train(cfg, resume=i > 0, progress=False, overwrite=i == 0)
         t_train += time.perf_counter() - t0
         m = evaluate(run, tasks=args.eval_tasks, steps=max(STEPS), plots=False)
         row = {"preset": args.preset, "algo": args.algo, "seed": args.seed, "iterations": it,

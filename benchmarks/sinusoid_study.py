@@ -52,7 +52,7 @@ def worker(spec: dict) -> dict:
                     checkpoint_every=spec["iterations"], eval_tasks=spec["eval_tasks"], eval_steps=max(REPORT_STEPS))
     base = _rss_bytes()
     t0 = time.perf_counter()
-    train(cfg, progress=False)
+    train(cfg, progress=False, overwrite=True)
     train_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     metrics = evaluate(cfg.out, tasks=spec["eval_tasks"], steps=max(REPORT_STEPS), plots=False)

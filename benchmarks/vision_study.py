@@ -83,7 +83,7 @@ def train_one(args, label: str, algo: str, options: dict) -> dict:
     print(f"[{label}] {algo} {json.dumps(options)}: training "
           + (f"for {args.minutes} min" if budget_s else f"{args.iterations} iterations"), flush=True)
     try:
-        train(config, progress=False, on_iteration=on_iteration)
+        train(config, progress=False, on_iteration=on_iteration, overwrite=True)
     except Interrupted as exc:
         if not stop_sent:
             raise

@@ -25,15 +25,15 @@ STEPS = (0, 1, 2, 5, 10)
 def worker(spec: dict) -> dict:
     import torch
 
-    from gemext.train import RunConfig, evaluate, train
+    from gemext.train import RunConfig, evaluate, load_checkpoint, train
     torch.set_num_threads(1)
     cfg = RunConfig(task="sinusoid", algo=spec["algo"], preset=spec["preset"], iterations=spec["iterations"],
                     seed=spec["seed"], out=spec["out"], log_every=max(1, spec["iterations"] // 20),
                     checkpoint_every=spec["iterations"], eval_tasks=spec["eval_tasks"], eval_steps=max(STEPS),
                     algo_options=spec["options"])
-    train(cfg, progress=False)
+    train(cfg, progress=False, overwrite=True)
     metrics = evaluate(cfg.out, tasks=spec["eval_tasks"], steps=max(STEPS), plots=False)
-    ckpt = torch.load(Path(cfg.out) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(Path(cfg.out) / "checkpoint.pt")
     rho0 = torch.cat([v.reshape(-1) for k, v in ckpt["learner"].items() if "rho0" in k])
     s0 = rho0.exp()
     return {"s_per_iter": metrics["wall_s"] / spec["iterations"], "mse_by_step": metrics["mse_by_step"],

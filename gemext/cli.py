@@ -81,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_nonneg_int, default=0)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--out", default=None, help="run folder (default runs/TASK-ALGO-sSEED)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings; "
+                                                          "--iterations may grow)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     t.add_argument("--data-root", type=_existing_dir, default=None, help="data folder (default $GEMEXT_DATA)")
     t.add_argument("--ways", type=_positive_int, default=None)
     t.add_argument("--shots", type=_positive_int, default=None)
@@ -99,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("dir", type=_existing_dir)
     e.add_argument("--tasks", type=_positive_int, default=None)
     e.add_argument("--steps", type=_nonneg_int, default=None)
+    e.add_argument("--data-root", type=_existing_dir, default=None,
+                   help="data folder, if not where the run was trained from (vision tasks)")
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "eval":
             from .train import evaluate
-            metrics = evaluate(args.dir, tasks=args.tasks, steps=args.steps)
+            metrics = evaluate(args.dir, tasks=args.tasks, steps=args.steps, data_root=args.data_root)
             print(json.dumps(metrics, indent=2))
             return 0
         if args.command == "bench":
@@ -163,7 +167,8 @@ def _train(args) -> int:
                        eval_steps=args.eval_steps, ways=args.ways, shots=args.shots,
                        data_root=args.data_root, algo_options=args.options)
     try:
-        run = train(config, resume=args.resume, progress=False if args.no_progress else None)
+        run = train(config, resume=args.resume, progress=False if args.no_progress else None,
+                    overwrite=args.overwrite)
     except Interrupted as exc:
         print(f"gemext train: {exc}", file=sys.stderr)
         return 128 + exc.signum

@@ -16,10 +16,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__, algorithms, distributed
+from . import __version__, algorithms, distributed, runs
 from .metrics import gaussian_nll, interval_coverage, mean_ci95
 
-CHECKPOINT_VERSION = 1
 EVAL_SEED = 20201206  # meta-test tasks are the same for every run and seed
 REGRESSION_TASKS = ("sinusoid",)
 VISION_TASKS = ("omniglot", "tinyimagenet", "miniimagenet")
@@ -124,29 +123,11 @@ def build(config: RunConfig):
 
 
 # ------------------------------------------------------------------ checkpoints
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file, fsync, then rename: a crash never leaves a truncated file.
-    The previous checkpoint is kept as <name>.prev."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name(path.name + ".prev"))
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def load_checkpoint(path: Path, config: RunConfig | None = None) -> dict:
-    """Load and check a checkpoint; refuse a corrupt or incompatible one with a clear message.
-    When <name>.prev (the checkpoint before it) is good, the message says so and how to resume
-    from it: a deliberate choice over a silent fallback, which would hide a failing disk and
-    quietly redo up to two checkpoint intervals."""
+    """Load and check a checkpoint (SHA-256 verified, weights_only; see gemext.runs); refuse a
+    corrupt or incompatible one with a clear message. When <name>.prev (the checkpoint before it)
+    is good, the message says so and how to resume from it: a deliberate choice over a silent
+    fallback, which would hide a failing disk and quietly redo up to two checkpoint intervals."""
     try:
         return _load_checkpoint(path, config)
     except ValueError as exc:
@@ -162,17 +143,7 @@ def load_checkpoint(path: Path, config: RunConfig | None = None) -> dict:
 
 
 def _load_checkpoint(path: Path, config: RunConfig | None) -> dict:
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated / not a torch file
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "gemext-checkpoint":
-        raise ValueError(f"{path} is not a gemext checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has format version {ckpt.get('version')}, "
-                         f"this gemext reads version {CHECKPOINT_VERSION}")
+    ckpt = runs.read_checkpoint(path)
     if config is not None:
         saved = ckpt["config"]
         for key in ("task", "algo", "preset", "seed", "ways", "shots"):
@@ -182,16 +153,46 @@ def _load_checkpoint(path: Path, config: RunConfig | None) -> dict:
     return ckpt
 
 
+def _effective(cfg: dict) -> dict:
+    """A run's settings with the flags that are shorthands for algorithm options folded into
+    algo_options (--inner-steps always, --meta-batch for RL), as the builders fold them: two
+    spellings of one run compare equal."""
+    cfg = dict(cfg)
+    opts = dict(cfg.get("algo_options") or {})
+    folded = ("inner_steps", "meta_batch") if cfg.get("task") in RL_TASKS else ("inner_steps",)
+    for key in folded:
+        if cfg.get(key) is not None:
+            opts[key] = cfg[key]
+        cfg[key] = None
+    cfg["algo_options"] = opts
+    return cfg
+
+
+def check_resume(ckpt: dict, config: RunConfig, path: Path) -> None:
+    """A resumed run must be the run in the checkpoint: only a longer --iterations (and settings
+    that do not touch the trajectory, gemext.runs.RESUME_MAY_CHANGE) may differ."""
+    changes = runs.config_changes(_effective(ckpt["config"]), _effective(asdict(config)))
+    if changes:
+        raise ValueError(f"cannot resume {path}: the run was trained with other settings ({'; '.join(changes)}). "
+                         "Only --iterations may grow; start a new run (another --out) to change the others")
+    if config.iterations < ckpt["iteration"]:
+        raise ValueError(f"cannot resume {path}: its checkpoint is at iteration {ckpt['iteration']}, beyond "
+                         f"--iterations {config.iterations}")
+
+
 def _rng_state(task_gen: torch.Generator, learner) -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # plain data: checkpoints load weights_only
     return {"task": task_gen.get_state(), "learner": learner.generator.get_state(),
-            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+            "torch": torch.get_rng_state(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+            "python": random.getstate()}
 
 
 def _set_rng_state(state: dict, task_gen: torch.Generator, learner) -> None:
     task_gen.set_state(state["task"])
     learner.generator.set_state(state["learner"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
 
 
@@ -242,18 +243,26 @@ def _finite_grads(params) -> bool:
 
 
 def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
-          on_iteration: Callable[[int], None] | None = None) -> Path:
-    """Meta-train according to `config`; returns the run folder. Under torchrun the meta-batch is
-    sharded across ranks (gemext.distributed); rank 0 writes every file."""
+          on_iteration: Callable[[int], None] | None = None, overwrite: bool = False) -> Path:
+    """Meta-train according to `config`; returns the run folder. The folder must not hold another
+    run unless `resume` (continue it: same settings, a longer `iterations` allowed) or `overwrite`
+    (replace it); it is locked while training (gemext.runs). A relative `config.data_root` is
+    resolved here, so the run can be evaluated from any directory. Under torchrun the meta-batch
+    is sharded across ranks (gemext.distributed); rank 0 writes every file."""
     config.validate()
+    if config.data_root is not None:
+        config.data_root = str(Path(config.data_root).resolve())
     if config.task in RL_TASKS:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(f"{config.task}: RL meta-training runs in a single process; start it without torchrun")
         from .tasks.rl.meta import train_rl
-        return train_rl(config, resume=resume, progress=progress)
+        return train_rl(config, resume=resume, progress=progress, overwrite=overwrite)
     dctx = distributed.setup(config.device)
     clean = False  # whether every rank is expected at the closing barrier
+    locks: list[runs.RunLock] = []
     try:
+        # rank 0 owns the folder; its refusal reaches every rank
+        dctx.from_main(lambda: locks.append(runs.open_folder(Path(config.out), resume, overwrite)), "run folder")
         run = _train(config, dctx, resume, progress, on_iteration)
         clean = True
         return run
@@ -261,20 +270,14 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
         clean = True  # every rank stopped after the same agreed iteration
         raise
     finally:
+        for lock in locks:
+            lock.release()
         dctx.close(clean)
 
 
 def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progress: bool | None,
            on_iteration: Callable[[int], None] | None) -> Path:
     out = Path(config.out)
-    if dctx.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise OSError(f"cannot write into the output folder {out}: {exc.strerror or exc}") from exc
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
@@ -285,6 +288,7 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
     ckpt_path = out / "checkpoint.pt"
     if resume:
         ckpt = dctx.from_main(lambda: load_checkpoint(ckpt_path, config), "checkpoint")
+        check_resume(ckpt, config, ckpt_path)
         try:
             learner.load_state_dict(ckpt["learner"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -302,8 +306,7 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
     def save(iteration: int) -> None:
         if not dctx.is_main:
             return
-        atomic_save({"format": "gemext-checkpoint", "version": CHECKPOINT_VERSION,
-                     "gemext": __version__, "config": asdict(config), "iteration": iteration,
+        runs.atomic_save({"gemext": __version__, "config": asdict(config), "iteration": iteration,
                      "learner": learner.state_dict(), "optimizer": opt.state_dict(),
                      "rng": _rng_state(task_gen, learner), "skipped": skipped,
                      "wall_s": wall_before + time.perf_counter() - t0}, ckpt_path)
@@ -356,12 +359,10 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
                 raise Interrupted(stop.signum or signal.SIGTERM, done)
     if not dctx.is_main:
         return out
-    metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,
-                    "iterations": config.iterations, "wall_s": wall_before + time.perf_counter() - t0,
-                    "skipped_steps": skipped})
-    metrics_path.write_text(json.dumps(metrics, indent=2))
+    # replaced, not merged: an earlier meta-test belongs to fewer iterations
+    (out / "metrics.json").write_text(json.dumps(
+        {"task": config.task, "algo": config.algo, "seed": config.seed, "iterations": config.iterations,
+         "wall_s": wall_before + time.perf_counter() - t0, "skipped_steps": skipped}, indent=2))
     return out
 
 
@@ -376,7 +377,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = runs.unique_tmp(path)
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -385,13 +386,16 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------ evaluation
-def load_run(run_dir: str | Path):
-    """(config, family, learner) of a trained run, with the checkpoint's meta-parameters."""
+def load_run(run_dir: str | Path, data_root: str | None = None):
+    """(config, family, learner, checkpoint) of a trained run, with the checkpoint's meta-parameters;
+    `data_root` replaces the data folder recorded at training time."""
     run = Path(run_dir)
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run} is not a gemext run folder (no config.json)")
     config = RunConfig(**json.loads(cfg_path.read_text()))
+    if data_root is not None:
+        config.data_root = str(Path(data_root).resolve())
     ckpt = load_checkpoint(run / "checkpoint.pt", config)
     family, learner, _ = build(config)
     learner.load_state_dict(ckpt["learner"])
@@ -399,14 +403,15 @@ def load_run(run_dir: str | Path):
 
 
 def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
-             batch: int = 100, plots: bool = True) -> dict:
-    """Meta-test a trained run on fixed-seed fresh tasks; writes/updates metrics.json and plots."""
+             batch: int = 100, plots: bool = True, data_root: str | None = None) -> dict:
+    """Meta-test a trained run on fixed-seed fresh tasks; returns the metrics and adds them to
+    metrics.json, with plots (a folder that cannot be written costs a warning, not the results)."""
     run = Path(run_dir)
     config = RunConfig(**json.loads((run / "config.json").read_text())) if (run / "config.json").exists() else None
     if config is not None and config.task in RL_TASKS:
         from .tasks.rl.meta import eval_rl
         return eval_rl(run, tasks=tasks, steps=steps)
-    config, family, learner, ckpt = load_run(run)
+    config, family, learner, ckpt = load_run(run, data_root)
     n = tasks or config.eval_tasks
     if n < 1:
         raise ValueError(f"--tasks must be >= 1, got {n}")
@@ -419,7 +424,8 @@ def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = 
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,
                     "iterations": ckpt["iteration"], "wall_s": ckpt["wall_s"], **result})
-    path.write_text(json.dumps(metrics, indent=2))
+    with runs.best_effort(f"{path}"):
+        path.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -449,5 +455,6 @@ def _evaluate_regression(config, family, learner, n, steps, batch, run: Path, pl
         result["coverage90"] = sum(cover) / n
     if plots:
         from .plots import plot_regression
-        plot_regression(run, config, family, result, first)
+        with runs.best_effort(f"the plots into {run}"):
+            plot_regression(run, config, family, result, first)
     return result

@@ -22,6 +22,7 @@ import torch
 
 from gemext import ops, reference
 from gemext.distributed import DistContext, shard_bounds
+from gemext import runs as gemext_runs
 from gemext.train import RunConfig, load_checkpoint, train
 from gemext.vi import task_starts
 
@@ -232,7 +233,7 @@ def test_two_ranks_match_one_rank_within_tolerance(runs):
     two = (runs["two"] / "log.csv").read_text().splitlines()
     assert one[0] == two[0] and len(one) == len(two) == 5  # same columns, rows 3, 6, 9, 12
     files = sorted(p.name for p in runs["two"].iterdir())
-    assert files == ["checkpoint.pt", "checkpoint.pt.prev", "config.json", "log.csv", "metrics.json"]
+    assert files == [".lock", "checkpoint.pt", "checkpoint.pt.prev", "config.json", "log.csv", "metrics.json"]
 
 
 @posix
@@ -265,7 +266,7 @@ def test_finished_two_rank_jobs_shut_down_cleanly(tmp_path):
         proc = _torchrun(2, ["-m", "gemext", *args, "--out", str(out)])
         assert proc.returncode == 0, (i, proc.stderr[-3000:])
         assert "outlived destroy_process_group" not in proc.stderr, (i, proc.stderr[-3000:])
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "log.csv", "metrics.json"]
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.json", "log.csv", "metrics.json"]
         assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 2
 
 
@@ -318,7 +319,8 @@ def test_corrupt_wrong_version_or_foreign_checkpoint_is_refused(runs, tmp_path):
     shutil.copytree(runs["one"], run)
     cfg = RunConfig(**{**RUN, "iterations": 15}, out=str(run))
     good = (run / "checkpoint.pt").read_bytes()
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    envelope = torch.load(run / "checkpoint.pt", weights_only=True)
 
     (run / "checkpoint.pt").write_bytes(good[: len(good) // 3])  # truncated: the .prev is offered
     with pytest.raises(ValueError, match=r"corrupt.*checkpoint.pt.prev \(iteration 9\) is good.*mv "):
@@ -328,15 +330,15 @@ def test_corrupt_wrong_version_or_foreign_checkpoint_is_refused(runs, tmp_path):
         train(cfg, resume=True, progress=False)
     assert ".prev" not in str(info.value)
 
-    torch.save({**ckpt, "version": 99}, run / "checkpoint.pt")
+    torch.save({**envelope, "version": 99}, run / "checkpoint.pt")
     with pytest.raises(ValueError, match="format version 99"):
         train(cfg, resume=True, progress=False)
 
     other = {k: (torch.zeros(7, 3) if k.endswith("mu0.0") else v) for k, v in ckpt["learner"].items()}
-    torch.save({**ckpt, "learner": other}, run / "checkpoint.pt")
+    gemext_runs.atomic_save({**ckpt, "learner": other}, run / "checkpoint.pt")
     with pytest.raises(ValueError, match="does not fit this run's model"):
         train(cfg, resume=True, progress=False)
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["learner"]["prior.mu0.0"].shape == (7, 3)
+    assert load_checkpoint(run / "checkpoint.pt")["learner"]["prior.mu0.0"].shape == (7, 3)
 
 
 def test_sharded_von_fit_is_bitwise_the_full_batch_fit():

@@ -326,8 +326,10 @@ def test_resume_continues_exactly(tmp_path):
     train_rl(part, progress=False)
     part.iterations = 2
     train_rl(part, resume=True, progress=False)
-    a = torch.load(tmp_path / "a/gem-bml+/checkpoint.pt", weights_only=False)["learner"]["learner"]
-    b = torch.load(tmp_path / "b/gem-bml+/checkpoint.pt", weights_only=False)["learner"]["learner"]
+    from gemext.train import load_checkpoint
+
+    a = load_checkpoint(tmp_path / "a/gem-bml+/checkpoint.pt")["learner"]["learner"]
+    b = load_checkpoint(tmp_path / "b/gem-bml+/checkpoint.pt")["learner"]["learner"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 

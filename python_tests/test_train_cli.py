@@ -92,6 +92,79 @@ def test_corrupt_or_incompatible_checkpoint_is_refused(tmp_path):
         train(_config(run, iterations=10), resume=True, progress=False)
 
 
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    run = tmp_path / "r"
+    train(_config(run, iterations=5), progress=False)
+    evaluate(run, tasks=10, steps=1, plots=False)
+    assert "mse_by_step" in json.loads((run / "metrics.json").read_text())
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        train(_config(run, algo="reptile", iterations=5), progress=False)
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["algo"] == "gem-bml+"  # untouched
+    train(_config(run, algo="reptile", iterations=5), progress=False, overwrite=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["algo"] == "reptile" and "mse_by_step" not in metrics  # replaced, not merged
+    code = cli.main(["train", "sinusoid", "--algo", "maml", "--iterations", "2", "--out", str(run), "--no-eval",
+                     "--no-progress"])
+    assert code == 2 and "already holds a run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(_config(run, iterations=5), progress=False, overwrite=True, resume=True)
+
+
+def test_resume_refuses_settings_that_change_the_trajectory(tmp_path):
+    run = tmp_path / "r"
+    train(_config(run, iterations=5), progress=False)
+    with pytest.raises(ValueError, match="meta_lr: 0.001 -> 0.01"):
+        train(_config(run, iterations=10, meta_lr=0.01), resume=True, progress=False)
+    with pytest.raises(ValueError, match="algo_options.*inner_steps.*3"):
+        train(_config(run, iterations=10, algo_options={"inner_steps": 3}), resume=True, progress=False)
+    with pytest.raises(ValueError, match="meta_batch"):
+        train(_config(run, iterations=10, meta_batch=6), resume=True, progress=False)
+    with pytest.raises(ValueError, match="at iteration 5, beyond --iterations 3"):
+        train(_config(run, iterations=3), resume=True, progress=False)
+    assert json.loads((run / "config.json").read_text())["meta_lr"] == 0.001  # config.json still tells the truth
+    train(_config(run, iterations=8, log_every=2, eval_tasks=7), resume=True, progress=False)  # allowed
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 8
+
+
+def test_a_second_training_into_a_locked_folder_stops_at_once(tmp_path):
+    from gemext import runs
+
+    run = tmp_path / "r"
+    run.mkdir()
+    with runs.RunLock(run):  # another training holds the folder
+        with pytest.raises(runs.RunFolderBusy, match=f"in use by another training \\(pid {os.getpid()}\\)"):
+            train(_config(run, iterations=2), progress=False)
+        assert not (run / "checkpoint.pt").exists()
+    train(_config(run, iterations=2), progress=False)  # released: the folder is usable
+    assert not list(run.glob("*.tmp"))
+
+
+def test_a_checkpoint_damaged_inside_is_detected(tmp_path):
+    run = tmp_path / "r"
+    train(_config(run, iterations=20), progress=False)
+    env = torch.load(run / "checkpoint.pt", weights_only=True)
+    payload = bytearray(env["payload"])
+    payload[len(payload) // 2] ^= 0x40  # one flipped bit: torch may still load it, the checksum may not pass
+    torch.save({**env, "payload": bytes(payload)}, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"damaged.*SHA-256.*checkpoint.pt.prev \(iteration 10\) is good"):
+        train(_config(run, iterations=30), resume=True, progress=False)
+
+
+def test_eval_returns_its_metrics_when_the_folder_cannot_be_written(tmp_path, monkeypatch):
+    import gemext.plots
+
+    run = train(_config(tmp_path / "r", iterations=2, data_root="."), progress=False)
+    assert json.loads((run / "config.json").read_text())["data_root"] == str(Path(".").resolve())
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(gemext.plots, "plot_regression", read_only)
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.warns(RuntimeWarning, match="could not write.*Permission denied"):
+        m = evaluate(run, tasks=10, steps=2)
+    assert len(m["mse_by_step"]) == 3
+
+
 def test_short_gem_bml_plus_run_beats_untrained_model(tmp_path):
     """Meta-training must lower the adapted meta-test MSE well below that of the initial prior."""
     torch.manual_seed(0)

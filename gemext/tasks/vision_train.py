@@ -159,8 +159,10 @@ def evaluate(config, family: VisionFamily, learner, n: int, steps: int | None, r
               "calibration_bins": CALIBRATION_BINS, "eval_tasks": n, "eval_steps": K,
               "ways": family.ways, "shots": family.shots}
     if plots:
+        from ..runs import best_effort
         data = reliability_data(probs, labels, CALIBRATION_BINS)
-        (run / "reliability.json").write_text(json.dumps(data))  # for combined plots (benchmarks/vision_study.py)
-        plot_reliability(data, str(run / "reliability.png"),
-                         title=f"{config.algo} {config.task} {family.ways}-way {family.shots}-shot")
+        with best_effort(f"the reliability data and plot into {run}"):
+            (run / "reliability.json").write_text(json.dumps(data))  # for combined plots (benchmarks/vision_study.py)
+            plot_reliability(data, str(run / "reliability.png"),
+                             title=f"{config.algo} {config.task} {family.ways}-way {family.shots}-shot")
     return result

@@ -54,7 +54,7 @@ def compare(argv: list[str]) -> None:
         run = Path(args.out) / f"{args.task}-{algo}"
         train_rl(RunConfig(task=args.task, algo=algo, iterations=args.iterations, seed=args.seed, out=str(run),
                            meta_lr=args.meta_lr, log_every=5, checkpoint_every=10, algo_options=args.options),
-                 progress=False)
+                 progress=False, overwrite=True)
         m = eval_rl(run)
         print(json.dumps({k: m[k] for k in ("algo", "iterations", "wall_s", "env_steps", "return_by_step",
                                             "return_ci95_by_step", "eval_tasks")}), flush=True)

@@ -312,23 +312,32 @@ def _options(config) -> dict[str, Any]:
     return opts
 
 
-def train_rl(config, resume: bool = False, progress: bool | None = None) -> Path:
+def train_rl(config, resume: bool = False, progress: bool | None = None, overwrite: bool = False) -> Path:
     """Meta-train an RL run described by a `gemext.train.RunConfig` (task in nav2d, halfcheetah-vel,
     halfcheetah-dir, ant-vel, ant-dir; algo in gem-bml, gem-bml+, reptile, maml; RL options in
     `config.algo_options`, see RLSettings). Writes OUT/config.json, OUT/log.csv (one row per
     `log_every` iterations: returns before/after adaptation, env steps, wall time), an atomic
     OUT/checkpoint.pt every `checkpoint_every` iterations (with every RNG state: `resume=True`
     continues exactly) and OUT/metrics.json (task, algo, seed, iterations, wall_s, env_steps).
-    Returns OUT."""
-    from ... import train as core
+    Returns OUT. The run folder follows gemext.runs (refused if it holds another run unless
+    `resume` or `overwrite`; locked while training)."""
+    from ... import runs
 
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with runs.open_folder(out, resume, overwrite):
+        return _train_rl(config, out, resume, progress)
+
+
+def _train_rl(config, out: Path, resume: bool, progress: bool | None) -> Path:
+    from ... import runs
+    from ... import train as core
+
     settings, sampler, learner = build_rl(config.task, config.algo, _options(config), config.seed, config.meta_lr)
     task_rng = np.random.default_rng(config.seed)
     ckpt_path, start, wall_before = out / "checkpoint.pt", 0, 0.0
     if resume:
         ckpt = core.load_checkpoint(ckpt_path, config)
+        core.check_resume(ckpt, config, ckpt_path)
         learner.load_state_dict(ckpt["learner"])
         task_rng.bit_generator.state = ckpt["rng"]["tasks"]
         sampler.set_rng_state(ckpt["rng"]["sampler"])
@@ -344,8 +353,7 @@ def train_rl(config, resume: bool = False, progress: bool | None = None) -> Path
         return wall_before + time.perf_counter() - t0
 
     def save(iteration: int) -> None:
-        core.atomic_save({"format": "gemext-checkpoint", "version": core.CHECKPOINT_VERSION, "config": asdict(config),
-                          "iteration": iteration, "learner": learner.state_dict(), "wall_s": wall(),
+        runs.atomic_save({"config": asdict(config), "iteration": iteration, "learner": learner.state_dict(), "wall_s": wall(),
                           "rng": {"tasks": task_rng.bit_generator.state, "sampler": sampler.rng_state(),
                                   "torch": torch.get_rng_state()}}, ckpt_path)
         core._write_log(out / "log.csv", rows)
@@ -368,6 +376,7 @@ def train_rl(config, resume: bool = False, progress: bool | None = None) -> Path
                 sampler.collector.close()
                 raise core.Interrupted(stop.signum, done)
     sampler.collector.close()
+    (out / "metrics.json").unlink(missing_ok=True)  # an earlier meta-test belongs to fewer iterations
     _update_metrics(out, {"task": config.task, "algo": config.algo, "seed": config.seed,
                           "iterations": config.iterations, "wall_s": wall(),
                           "env_steps": sampler.collector.total_steps})
@@ -375,10 +384,13 @@ def train_rl(config, resume: bool = False, progress: bool | None = None) -> Path
 
 
 def _update_metrics(run: Path, values: dict) -> dict:
+    from ...runs import best_effort
+
     path = run / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics.update(values)
-    path.write_text(json.dumps(metrics, indent=2))
+    with best_effort(str(path)):
+        path.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -419,12 +431,14 @@ def eval_rl(run_dir: str | Path, tasks: int | None = None, steps: int | None = N
               "eval_episodes": settings.eval_episodes}
     if plots:
         from ...plots import plot_curve
+        from ...runs import best_effort
 
-        plot_curve(run / "return_vs_steps.png", list(range(k + 1)), result["return_by_step"],
-                   result["return_ci95_by_step"], label=config.algo, xlabel="policy-gradient steps",
-                   ylabel="meta-test return", title=f"{config.task}: {n} test tasks")
-        if config.task == "nav2d":
-            plot_nav2d_trajectories(run / "trajectories.png", test_tasks, path, config.algo)
+        with best_effort(f"the plots into {run}"):
+            plot_curve(run / "return_vs_steps.png", list(range(k + 1)), result["return_by_step"],
+                       result["return_ci95_by_step"], label=config.algo, xlabel="policy-gradient steps",
+                       ylabel="meta-test return", title=f"{config.task}: {n} test tasks")
+            if config.task == "nav2d":
+                plot_nav2d_trajectories(run / "trajectories.png", test_tasks, path, config.algo)
     return _update_metrics(run, result)
 
 

@@ -1,0 +1,184 @@
+"""Run folders: one place for how a training run owns its folder and its checkpoints.
+
+- A folder holds one run. Training into a folder that already holds one is refused unless the run
+  is resumed (`resume=True`, the CLI's --resume) or replaced (`overwrite=True`, --overwrite).
+- A resumed run must be the same run: every setting that shapes the trajectory has to match the
+  checkpoint's; a longer `iterations` is the one allowed change (where files are written, how
+  often it logs or checkpoints, the meta-test size and the device may change too).
+- While a run trains it holds an exclusive lock on the folder (`.lock`, with its pid), so a second
+  training into the same folder stops at once with a message instead of corrupting it.
+- Checkpoints are written atomically (unique temporary name, fsync, rename; the previous one kept
+  as <name>.prev) and carry a SHA-256 of their payload, verified on load; they load with
+  weights_only=True (no code runs from a checkpoint file).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "gemext-checkpoint"
+CHECKPOINT_VERSION = 2
+RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint.pt.prev", "log.csv", "metrics.json")
+# settings a resumed run may change: they do not alter the meta-training trajectory
+RESUME_MAY_CHANGE = frozenset({"iterations", "out", "log_every", "checkpoint_every", "eval_tasks", "eval_steps",
+                               "device", "data_root", "max_bad_steps"})
+
+
+@contextlib.contextmanager
+def best_effort(what: str):
+    """For the outputs of a meta-test (metrics.json, plots): a folder that cannot be written (read-only,
+    full) costs a warning, never the results just computed."""
+    try:
+        yield
+    except OSError as exc:
+        warnings.warn(f"could not write {what}: {exc.strerror or exc}; the results are returned (and printed "
+                      "by `gemext eval`) all the same", RuntimeWarning, stacklevel=3)
+
+
+def unique_tmp(path: Path) -> Path:
+    """A temporary name beside `path` that no other process uses."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    """Checkpoint `obj` to `path`: payload serialised, hashed, wrapped with its SHA-256, written
+    to a unique temporary file, fsynced, then renamed over `path` (the old file becomes .prev)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    envelope = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    tmp = unique_tmp(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(envelope, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".prev"))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The payload of a checkpoint file, verified; ValueError names what is wrong with it."""
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        env = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or holding objects that are not plain data
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(env, dict) or env.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a gemext checkpoint")
+    if env.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} has format version {env.get('version')}, "
+                         f"this gemext reads version {CHECKPOINT_VERSION}")
+    payload = env.get("payload")
+    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != env.get("sha256"):
+        raise ValueError(f"checkpoint {path} is damaged: its content does not match its SHA-256")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} holds data this gemext cannot read ({type(exc).__name__})") from exc
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between a checkpoint's config and a resumed run's, as 'name: old -> new'
+    (those in RESUME_MAY_CHANGE excepted)."""
+    keys = sorted((set(saved) | set(current)) - RESUME_MAY_CHANGE)
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+class RunFolderBusy(OSError):
+    """Another process is training into the run folder."""
+
+
+class RunLock:
+    """Exclusive advisory lock on a run folder for the life of a training (fcntl.flock on
+    FOLDER/.lock, released when the process exits, even on a crash)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunFolderBusy(f"run folder {self.path.parent} is in use by another training (pid {holder}); "
+                                   "wait for it to finish or choose another --out") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def open_folder(folder: Path, resume: bool, overwrite: bool) -> RunLock:
+    """Create the folder, check it is writable, lock it, and check that it may receive this run:
+    one that already holds a run is refused unless resuming (which needs its checkpoint) or
+    overwriting (which then removes the previous run's files). Returns the held lock."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: resume continues the run in the folder, "
+                         "overwrite replaces it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = unique_tmp(folder / ".write-test")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"cannot write into the output folder {folder}: {exc.strerror or exc}") from exc
+    lock = RunLock(folder).acquire()
+    try:
+        present = [f for f in RUN_FILES if (folder / f).exists()]
+        if resume:
+            if not (folder / "checkpoint.pt").exists():
+                raise FileNotFoundError(f"cannot resume: no checkpoint at {folder / 'checkpoint.pt'}")
+        elif present and not overwrite:
+            raise FileExistsError(f"run folder {folder} already holds a run ({', '.join(present)}): continue it "
+                                  "with --resume, choose another --out, or pass --overwrite to replace it")
+        elif present:
+            for f in present:
+                (folder / f).unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock

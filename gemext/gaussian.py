@@ -60,16 +60,28 @@ def split_parameters(module: nn.Module, bayesian: ParamFilter | Iterable[str] | 
     return names
 
 
-def detach_parameters(module: nn.Module, names: list[str]) -> None:
-    """Turn the named parameters into non-persistent buffers of their modules.
+def detach_parameters(module: nn.Module, prior_names: Iterable[str]) -> None:
+    """Turn every parameter of the module into a buffer of its module(s).
 
-    Their values now live in the prior (the meta-parameters); the module keeps a placeholder so it
-    still runs on its own, and `torch.func.functional_call` supplies the real values."""
-    for name in names:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        value = owner._parameters.pop(leaf)
-        owner.register_buffer(leaf, value.detach().clone(), persistent=False)
+    Those in `prior_names` become non-persistent placeholders: their values live in the prior (the
+    meta-parameters) and `torch.func.functional_call` supplies them. The others (frozen or not
+    covered by the prior) stay fixed and persistent, so a state_dict holds everything that
+    determines predictions. A tensor shared by several modules (tied weights) becomes ONE buffer
+    registered under each of its names, so functional_call keeps the tie."""
+    prior = set(prior_names)
+    aliases: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+        tensors[id(p)] = p
+    for key, names in aliases.items():
+        value = tensors[key].detach().clone()
+        persistent = not any(n in prior for n in names)
+        for i, name in enumerate(names):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            del owner._parameters[leaf]
+            owner.register_buffer(leaf, value, persistent=persistent and i == 0)
 
 
 class GaussianPrior(nn.Module):

@@ -227,3 +227,152 @@ def test_gem_learners_default_to_von_and_the_sinusoid_preset_bounds_sigma0():
     lo, hi = learner.prior.rho0_range.tolist()
     assert math.isclose(math.exp(hi), 0.02, rel_tol=1e-6) and math.isclose(math.exp(lo), 0.002, rel_tol=1e-6)
     assert all(r.requires_grad for r in learner.prior.rho0)  # σ₀ is learned (within its range)
+
+
+# ------------------------------------------------------------------ drop-in on unusual models
+class _TiedMLP(nn.Module):
+    """`dec` reuses `enc`'s weight (a tie), as weight-tied autoencoders and language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.mid, self.dec = nn.Linear(1, 1), nn.Linear(1, 8), nn.Linear(8, 1)
+        self.out = nn.Linear(1, 1)
+        self.out.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.out(self.dec(torch.tanh(self.mid(self.enc(x)))))
+
+
+class _ExplicitTie(nn.Module):
+    """The same function with one weight used twice by hand (parameters in the same order, so the
+    fused kernels draw the same noise for them)."""
+
+    def __init__(self, tied: _TiedMLP) -> None:
+        super().__init__()
+        self.enc = nn.Module()
+        self.enc.w = nn.Parameter(tied.enc.weight.detach().clone())
+        self.enc.b = nn.Parameter(tied.enc.bias.detach().clone())
+        self.mid, self.dec = copy.deepcopy(tied.mid), copy.deepcopy(tied.dec)
+        self.out = nn.Module()
+        self.out.b = nn.Parameter(tied.out.bias.detach().clone())
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(nn.functional.linear(x, self.enc.w, self.enc.b)))
+        return nn.functional.linear(self.dec(h), self.enc.w, self.out.b)
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "maml", "abml"])
+def test_tied_weights_stay_tied_with_one_meta_parameter(algo):
+    torch.manual_seed(0)
+    tied = _TiedMLP().double()
+    ref = _ExplicitTie(tied).double()
+    b = _sinusoid_batch(3)
+    b = Task(*(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query)))
+    opts = dict(inner_steps=2) if algo != "abml" else dict(inner=dict(optimizer="ngvi", steps=2))
+    learners = [algorithms.create(algo, m, seed=3, **opts).double() for m in (tied, ref)]
+    assert tied.out.weight is tied.enc.weight  # the learner's model keeps the tie
+    names = learners[0].prior.names if algo != "maml" else learners[0].names
+    assert sum("weight" in n and ("enc" in n or "out" in n) for n in names) == 1  # one meta-parameter
+    for L in learners:
+        L.meta_backward(b)
+    # map the tied learner's meta-parameters onto the explicit model's (w, b_enc, b_out, mid, dec)
+    order = {"model.enc.weight": "model.enc.w", "model.enc.bias": "model.enc.b", "model.out.bias": "model.out.b"}
+    ref_names = learners[1].prior.names if algo != "maml" else learners[1].names
+    grads = [[p.grad for p in L.parameters()] for L in learners]
+    n = len(names)
+    for i, name in enumerate(names):
+        j = ref_names.index(order.get(name, name))
+        for k in range(len(grads[0]) // n):  # μ₀ (and ρ₀) blocks
+            torch.testing.assert_close(grads[0][k * n + i], grads[1][k * n + j], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "maml", "bmaml"])
+def test_state_dict_holds_frozen_parameters_and_the_learner_pickles(algo, tmp_path):
+    def model(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        m[0].bias.requires_grad_(False)  # frozen: not meta-learned, but it shapes every prediction
+        return m
+    a = algorithms.create(algo, model(0), seed=1)
+    b = algorithms.create(algo, model(1), seed=1)  # freshly initialised elsewhere
+    assert any(k.endswith("model.0.bias") for k in a.state_dict())
+    b.load_state_dict(a.state_dict())
+    x = torch.linspace(-5, 5, 7).unsqueeze(-1)
+    support = (x, torch.sin(x))
+    for L in (a, b):
+        L.generator.manual_seed(5)
+    out_a, out_b = (L.adapt(support, steps=1).predict(x) for L in (a, b))
+    for u, v in zip(out_a if isinstance(out_a, tuple) else (out_a,), out_b if isinstance(out_b, tuple) else (out_b,)):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    torch.save(a, tmp_path / "learner.pt")
+    c = torch.load(tmp_path / "learner.pt", weights_only=False)
+    c.generator.manual_seed(5)
+    out_c = c.adapt(support, steps=1).predict(x)
+    for u, v in zip(out_a if isinstance(out_a, tuple) else (out_a,), out_c if isinstance(out_c, tuple) else (out_c,)):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "maml", "imaml", "abml", "bmaml"])
+def test_dropout_models_train_vectorised_with_per_task_masks(algo):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 1))
+    learner = algorithms.create(algo, model, inner_steps=1, seed=0)
+    assert learner.forward_net.vectorize
+    stats = learner.meta_backward(_sinusoid_batch(3))
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    if algo == "bmaml":  # particles: no single set of weights to feed below
+        return
+    # per-task randomness: the same input and weights in every task give different dropout masks
+    theta = [p.detach().unsqueeze(0).expand(4, *p.shape) for p in
+             (learner.prior.mu0 if hasattr(learner, "prior") else learner.parameters())][: len(learner.forward_net.names)]
+    x = torch.ones(4, 5, 1)
+    torch.manual_seed(1)
+    out = learner.forward_net(theta, x)
+    assert not torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "maml"])
+def test_single_and_stacked_supports_are_unambiguous(algo):
+    learner = algorithms.create(algo, SinusoidTasks("finn").make_model(), inner_steps=1, seed=0)
+    b = _sinusoid_batch(3)
+    learner.meta_backward(b)  # the learner now knows its inputs: one dimension per point
+    assert int(learner.input_rank) == 1
+
+    def predict(support, x):
+        learner.generator.manual_seed(0)
+        out = learner.adapt(support).predict(x)
+        return out[0] if isinstance(out, tuple) else out
+    one = predict((b.x_support[0], b.y_support[0]), b.x_query[0])
+    # an unstacked Task is one task, exactly as its (x, y) pair
+    torch.testing.assert_close(predict(b[0], b.x_query[0]), one, rtol=0, atol=0)
+    # a stacked Task is a batch, task 0 of which is the same task
+    batch = predict(b, b.x_query)
+    assert batch.shape == b.y_query.shape
+    with pytest.raises(ValueError, match="stacked batch of tasks: pass it as a gemext.tasks.Task"):
+        learner.adapt((b.x_support, b.y_support))  # a stacked (x, y) pair used to be pooled into one task
+    with pytest.raises(ValueError, match="1 dimension.*per point"):
+        learner.adapt(Task(*(t.unsqueeze(0) for t in (b.x_support, b.y_support, b.x_query, b.y_query))))
+    # the rank travels with the learner's state
+    other = algorithms.create(algo, SinusoidTasks("finn").make_model(), inner_steps=1)
+    other.load_state_dict(learner.state_dict())
+    assert int(other.input_rank) == 1
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x, *, scale):  # a required keyword argument
+        return scale * self.body(x)
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "maml", "abml", "bmaml"])
+def test_forward_keyword_arguments_reach_every_call(algo):
+    torch.manual_seed(0)
+    learner = algorithms.create(algo, _Scaled(), inner_steps=1, forward_kwargs={"scale": 0.0}, seed=0)
+    learner.meta_backward(_sinusoid_batch(2))
+    b = _sinusoid_batch(1)
+    out = learner.adapt((b.x_support[0], b.y_support[0])).predict(b.x_query[0])
+    mean = out[0] if isinstance(out, tuple) else out
+    assert torch.equal(mean, torch.zeros_like(mean))  # scale 0 was applied

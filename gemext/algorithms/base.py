@@ -42,14 +42,28 @@ def has_running_stats(model: nn.Module) -> bool:
 class FunctionalNet:
     """Calls `module` with parameters that carry a leading task dimension: one vmapped call for
     all tasks (`vectorize=True`), or a loop over tasks (needed when the forward mutates buffers,
-    e.g. BatchNorm running statistics, and sometimes faster for large conv nets on CPU)."""
+    e.g. BatchNorm running statistics, and sometimes faster for large conv nets on CPU).
+    Random ops (Dropout) draw independently per task under vmap, as in the loop.
+    `forward_kwargs`: extra keyword arguments of every forward call (e.g. a mask)."""
 
-    def __init__(self, module: nn.Module, names: list[str], vectorize: bool) -> None:
+    def __init__(self, module: nn.Module, names: list[str], vectorize: bool,
+                 forward_kwargs: dict | None = None) -> None:
         self.module, self.names, self.vectorize = module, names, vectorize
-        self._vmapped = vmap(self._one, in_dims=(0, 0))
+        self.forward_kwargs = dict(forward_kwargs or {})
+        self._build()
+
+    def _build(self) -> None:
+        self._vmapped = vmap(self._one, in_dims=(0, 0), randomness="different")
+
+    def __getstate__(self) -> dict:  # the vmapped closure is rebuilt, not pickled (torch.save(learner))
+        return {k: v for k, v in self.__dict__.items() if k != "_vmapped"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build()
 
     def _one(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.module, dict(zip(self.names, theta)), (x,))
+        return functional_call(self.module, dict(zip(self.names, theta)), (x,), self.forward_kwargs)
 
     def __call__(self, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.vectorize:
@@ -63,6 +77,16 @@ class MetaLearner(nn.Module, abc.ABC):
     `adapt(support)` returns a predictor for a new task."""
 
     name: str = "?"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # rank of ONE input point of the model (x of a task is [N, *point]), learned from the first
+        # data seen and saved with the learner: it tells a single task from a stacked batch (-1: unknown)
+        self.register_buffer("input_rank", torch.tensor(-1))
+
+    def _note_input_rank(self, rank: int) -> None:
+        if int(self.input_rank) < 0:
+            self.input_rank.fill_(rank)
 
     @abc.abstractmethod
     def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
@@ -82,22 +106,44 @@ class MetaLearner(nn.Module, abc.ABC):
 
     def _batch(self, tasks: Task | list[Task]) -> Task:
         batch = as_batch(tasks)
+        self._note_input_rank(batch.x_support.dim() - 2)
         return batch.to(self.device)
 
-    @staticmethod
-    def _support_batch(support) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(x, y) of one task, or of a stacked batch; returns batch tensors and whether to squeeze."""
+    def _support_batch(self, support) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Batch (x, y) of a support and whether predictions are squeezed back to one task.
+
+        The rule: an (x, y) pair is ONE task; a Task is a stacked batch [T, N, ...], or one task
+        when it has one dimension fewer than the learner's batches (the learner knows the rank of
+        its model's inputs once it has seen data, and saves it). Anything else is refused."""
+        rank = int(self.input_rank)
         if isinstance(support, Task):
-            return support.x_support, support.y_support, False
+            x, y = support.x_support, support.y_support
+            if rank >= 0 and x.dim() == rank + 1:  # one unstacked task
+                return self._support_batch((x, y))
+            if rank >= 0 and x.dim() != rank + 2:
+                raise ValueError(f"support: x_support has shape {tuple(x.shape)}, but this learner's inputs have "
+                                 f"{rank} dimension(s) per point: expected [N, ...] for one task or [T, N, ...] for "
+                                 "a batch")
+            batch = as_batch(support)
+            self._note_input_rank(x.dim() - 2)
+            return batch.x_support, batch.y_support, False
         if not (isinstance(support, (tuple, list)) and len(support) == 2):
             raise TypeError("support must be an (x, y) pair of tensors or a gemext.tasks.Task")
         x, y = support
+        if rank >= 0 and x.dim() != rank + 1:
+            hint = (" — a stacked batch of tasks: pass it as a gemext.tasks.Task, whose tensors carry the task "
+                    "dimension" if x.dim() == rank + 2 else "")
+            raise ValueError(f"support: an (x, y) pair is one task, [N, ...] with {rank} dimension(s) per point, "
+                             f"got x of shape {tuple(x.shape)}{hint}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"support: x holds {x.shape[0]} points but y holds {y.shape[0]}")
         if x.shape[0] == 0:
             raise ValueError("support: the support set is empty")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("support: x contains NaN or Inf")
         if y.is_floating_point() and not torch.isfinite(y).all():
             raise ValueError("support: y contains NaN or Inf")
+        self._note_input_rank(x.dim() - 1)
         return x.unsqueeze(0), y.unsqueeze(0), True
 
 

@@ -130,12 +130,13 @@ class BMAMLLearner(FunctionalLearner):
     """Bayesian MAML with the chaser loss. Options: particles (M, default 5), inner_steps (default 5),
     lr (SVGD step on the summed log-likelihood, default 5e-4 as MAML's), leader_steps (default
     inner_steps), first_order (default False), init_std (used only when the model cannot re-draw
-    its initialisation: particles are then θ + init_std·N(0, 1)), likelihood, bayesian, vectorize, seed."""
+    its initialisation: particles are then θ + init_std·N(0, 1)), likelihood, bayesian, vectorize, seed,
+    forward_kwargs."""
 
     def __init__(self, model: nn.Module, particles: int = 5, inner_steps: int = 5, lr: float = 5e-4,
                  leader_steps: int | None = None, first_order: bool = False, init_std: float = 0.1,
                  likelihood: nn.Module | None = None, bayesian=None, vectorize: bool | str = "auto",
-                 seed: int = 0, predict_samples: int = 0) -> None:
+                 seed: int = 0, predict_samples: int = 0, forward_kwargs: dict | None = None) -> None:
         super().__init__()
         if particles < 1 or inner_steps < 0 or not lr > 0:
             raise ValueError(f"bmaml: particles must be >= 1, inner_steps >= 0, lr > 0; got {particles}, "
@@ -148,7 +149,7 @@ class BMAMLLearner(FunctionalLearner):
         names = split_parameters(self.net, bayesian)
         draws = self._initial_particles(names, init_std, seed)
         self.particles = nn.ParameterList([nn.Parameter(torch.stack([d[i] for d in draws])) for i in range(len(names))])
-        self._finish_take_over(names, vectorize)
+        self._finish_take_over(names, vectorize, forward_kwargs)
 
     def _initial_particles(self, names: list[str], init_std: float, seed: int) -> list[Params]:
         """Particle 0 is the model's own initialisation; the others are fresh draws of the model's

@@ -47,12 +47,14 @@ class VILearner(FunctionalLearner):
     (default, lr 0.2), "sgd" or "von" (the variational online Newton VI of the GEM learners, its
     options in optimizer_kwargs; the unrolled loop differentiates its steps with the curvature
     rows held as data); steps, lr, mc_samples, beta), inner_steps, lr, beta, mc_samples,
-    likelihood (GaussianLikelihood(0.5) default), bayesian, vectorize, predict_samples, seed."""
+    likelihood (GaussianLikelihood(0.5) default), bayesian, vectorize, predict_samples, seed,
+    forward_kwargs (extra keyword arguments of every forward call)."""
 
     def __init__(self, model: nn.Module, sigma0: float = 0.05, inner: VIConfig | dict | None = None,
                  inner_steps: int | None = None, lr: float | None = None, beta: float | None = None,
                  mc_samples: int | None = None, likelihood: nn.Module | None = None, bayesian=None,
-                 vectorize: bool | str = "auto", predict_samples: int = 20, seed: int = 0) -> None:
+                 vectorize: bool | str = "auto", predict_samples: int = 20, seed: int = 0,
+                 forward_kwargs: dict | None = None) -> None:
         super().__init__()
         if inner is None:
             inner = VIConfig(steps=5, optimizer="ngvi", lr=0.2)
@@ -70,7 +72,7 @@ class VILearner(FunctionalLearner):
                              "and no batch_size")
         self._take_over(model, likelihood, seed, predict_samples)
         self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian)
-        self._finish_take_over(self.prior.names, vectorize)
+        self._finish_take_over(self.prior.names, vectorize, forward_kwargs)
 
     # -- differentiable VI --------------------------------------------------------------------------
     def _vi(self, x, y, mu0: Params, rho0: Params, steps: int, create_graph: bool

@@ -29,8 +29,8 @@ class _Net(nn.Module):
         super().__init__()
         self.model, self.likelihood = model, likelihood
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model(x, **kwargs)
 
 
 def _vi_config(inner: VIConfig | dict[str, Any] | None, **overrides: Any) -> VIConfig:
@@ -49,14 +49,16 @@ class GEMLearner(MetaLearner):
     vectorize (True/False/"auto": vmap the inner loops over the tasks of a meta-batch),
     predict_samples, seed, learn_sigma (False keeps σ₀ fixed and meta-learns μ₀ only), sigma0_range
     ((lo, hi) bounds of the learned σ₀, or "shrink" for (sigma0/10, sigma0); `learner.prior.clamp_()`
-    after each meta-step enforces them)."""
+    after each meta-step enforces them), forward_kwargs (extra keyword arguments of every forward
+    call, e.g. a mask)."""
 
     def __init__(self, model: nn.Module, variant: str = "gem-bml+", likelihood: nn.Module | None = None,
                  sigma0: float = 0.05, inner: VIConfig | dict | None = None, inner_steps: int | None = None,
                  query_steps: int | None = None, beta: float | None = None, lr: float | None = None,
                  bayesian=None, vectorize: bool | str = "auto", predict_samples: int = 20,
                  seed: int = 0, learn_sigma: bool = True,
-                 sigma0_range: tuple[float, float] | str | None = None) -> None:
+                 sigma0_range: tuple[float, float] | str | None = None,
+                 forward_kwargs: dict | None = None) -> None:
         super().__init__()
         if variant not in ("gem-bml", "gem-bml+", "reptile"):
             raise ValueError(f"GEMLearner: unknown variant {variant!r}")
@@ -79,10 +81,10 @@ class GEMLearner(MetaLearner):
         self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian,
                                    learn_sigma=learn_sigma and not self.delta, sigma0_range=sigma0_range)
         # every module parameter now lives in the prior or stays fixed: parameters() = Θ only
-        detach_parameters(self.net, [n for n, _ in self.net.named_parameters()])
+        detach_parameters(self.net, self.prior.names)
         if vectorize == "auto":
             vectorize = not has_running_stats(model)
-        self.forward_net = FunctionalNet(self.net, self.prior.names, bool(vectorize))
+        self.forward_net = FunctionalNet(self.net, self.prior.names, bool(vectorize), forward_kwargs)
         self.predict_samples = predict_samples
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -49,15 +49,15 @@ class FunctionalLearner(MetaLearner):
         self.generator = torch.Generator().manual_seed(seed)
         self.predict_samples = predict_samples
 
-    def _finish_take_over(self, names: list[str], vectorize: bool | str) -> None:
+    def _finish_take_over(self, names: list[str], vectorize: bool | str, forward_kwargs: dict | None = None) -> None:
         self.names = list(names)
-        detach_parameters(self.net, [n for n, _ in self.net.named_parameters()])
+        detach_parameters(self.net, self.names)
         if vectorize == "auto":
             vectorize = not has_running_stats(self.net.model)
         elif vectorize and has_running_stats(self.net.model):
             raise ValueError(f"{self.name}: vectorize=True cannot update BatchNorm running statistics inside "
                              "torch.func transforms; use vectorize='auto' or False (a loop over tasks)")
-        self.forward_net = FunctionalNet(self.net, self.names, bool(vectorize))
+        self.forward_net = FunctionalNet(self.net, self.names, bool(vectorize), forward_kwargs)
         self._lik_idx = [i for i, n in enumerate(self.names) if n.startswith("likelihood.")]
 
     @property
@@ -102,11 +102,13 @@ class MAMLLearner(FunctionalLearner):
     Options: inner_steps (K, default 5), lr (inner SGD step on the summed NLL, default 5e-4, i.e.
     Finn et al.'s 0.01 on the mean squared error for 10 points and σ = 0.5), likelihood
     (GaussianLikelihood(0.5) default), bayesian (which parameters are meta-learned; others stay
-    fixed), vectorize ("auto"/True/False), seed; iMAML: reg (λ, default 1.0), cg_steps (default 5)."""
+    fixed), vectorize ("auto"/True/False), seed, forward_kwargs (extra keyword arguments of every
+    forward call); iMAML: reg (λ, default 1.0), cg_steps (default 5)."""
 
     def __init__(self, model: nn.Module, variant: str = "maml", inner_steps: int = 5, lr: float = 5e-4,
                  likelihood: nn.Module | None = None, bayesian=None, vectorize: bool | str = "auto",
-                 seed: int = 0, reg: float = 1.0, cg_steps: int = 5, predict_samples: int = 1) -> None:
+                 seed: int = 0, reg: float = 1.0, cg_steps: int = 5, predict_samples: int = 1,
+                 forward_kwargs: dict | None = None) -> None:
         super().__init__()
         if variant not in ("maml", "fomaml", "imaml"):
             raise ValueError(f"MAMLLearner: unknown variant {variant!r}")
@@ -121,7 +123,7 @@ class MAMLLearner(FunctionalLearner):
         names = split_parameters(self.net, bayesian)
         params = dict(self.net.named_parameters())
         self.theta0 = nn.ParameterList([nn.Parameter(params[n].detach().clone()) for n in names])
-        self._finish_take_over(names, vectorize)
+        self._finish_take_over(names, vectorize, forward_kwargs)
 
     # -- inner loop --------------------------------------------------------------------------
     def _prox(self, phi: Params, theta: Params | None) -> torch.Tensor | float:
@@ -177,7 +179,7 @@ class MAMLLearner(FunctionalLearner):
     def _maml_grads(self, b: Task) -> tuple[Params, float]:
         theta0 = [p.detach() for p in self.theta0]
         if self.vectorize:
-            g, loss = vmap(grad_and_value(self._task_loss), in_dims=(None, 0, 0, 0, 0))(
+            g, loss = vmap(grad_and_value(self._task_loss), in_dims=(None, 0, 0, 0, 0), randomness="different")(
                 theta0, b.x_support, b.y_support, b.x_query, b.y_query)
             return [gi.sum(0) for gi in g], float(loss.sum())
         total = [torch.zeros_like(t) for t in theta0]
@@ -207,7 +209,7 @@ class MAMLLearner(FunctionalLearner):
         if self.vectorize:
             def one(ph, v, xi, yi):
                 return jvp(lambda q: grad(self._nll_one)(q, xi, yi), (ph,), (v,))[1]
-            batched = vmap(one)
+            batched = vmap(one, randomness="different")
             return lambda p: list(batched(phi, list(p), x, y))
         per_task = []
         with torch.enable_grad():

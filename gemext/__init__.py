@@ -13,6 +13,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 
 __version__: str = _C.version
 
+from . import _gym  # noqa: E402
+
+_gym.install()  # `gymnasium.make("gemext/Nav2D-v0")` works after `import gemext` (ids in README)
+
 
 def build_info() -> dict:
     """What this build contains: version, torch, CUDA kernels compiled in, OpenMP, threads."""

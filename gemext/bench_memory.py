@@ -184,26 +184,21 @@ def _run_point(spec: dict, timeout_s: float) -> dict[str, float]:
 
 def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     """Peak memory and time per meta-iteration against inner steps, one line per algorithm."""
-    import matplotlib
+    from .plots import new_figure
 
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    try:
-        for algo in dict.fromkeys(r["algo"] for r in rows):
-            pts = [r for r in rows if r["algo"] == algo]
-            steps = [r["inner_steps"] for r in pts]
-            axes[0].plot(steps, [r["peak_mem_mb"] for r in pts], "o-", label=algo)
-            axes[1].plot(steps, [r["time_per_iter_s"] for r in pts], "o-", label=algo)
-        axes[0].set(xlabel="inner steps", ylabel="peak memory above baseline (MB)")
-        axes[1].set(xlabel="inner steps", ylabel="time per meta-iteration (s)")
-        axes[0].legend()
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
+    fig = new_figure((9, 3.6))
+    axes = fig.subplots(1, 2)
+    for algo in dict.fromkeys(r["algo"] for r in rows):
+        pts = [r for r in rows if r["algo"] == algo]
+        steps = [r["inner_steps"] for r in pts]
+        axes[0].plot(steps, [r["peak_mem_mb"] for r in pts], "o-", label=algo)
+        axes[1].plot(steps, [r["time_per_iter_s"] for r in pts], "o-", label=algo)
+    axes[0].set(xlabel="inner steps", ylabel="peak memory above baseline (MB)")
+    axes[1].set(xlabel="inner steps", ylabel="time per meta-iteration (s)")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: str | Path,

@@ -27,6 +27,13 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
+def _seed(s: str) -> int:
+    v = _nonneg_int(s)
+    if v >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**63, got {v}")
+    return v
+
+
 def _positive_float(s: str) -> float:
     try:
         v = float(s)
@@ -63,56 +70,73 @@ def _options(s: str) -> dict:
     return v
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it has none or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     from . import algorithms
     from .train import TASKS
 
-    p = argparse.ArgumentParser(prog="gemext", description="Gradient-EM Bayesian meta-learning")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print build information as JSON")
+    from . import __version__
 
-    t = sub.add_parser("train", help="meta-train an algorithm on a task family")
-    t.add_argument("task", choices=TASKS)
-    t.add_argument("--algo", required=True, choices=algorithms.names())
+    fmt = _Help
+    p = argparse.ArgumentParser(prog="gemext", description="Gradient-EM Bayesian meta-learning", formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"gemext {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print build information as JSON", formatter_class=fmt)
+
+    t = sub.add_parser("train", help="meta-train an algorithm on a task family", formatter_class=fmt)
+    t.add_argument("task", choices=TASKS, help="task family")
+    t.add_argument("--algo", required=True, choices=algorithms.names(), help="algorithm")
     t.add_argument("--preset", default=None, help="task preset (sinusoid: finn, bmaml, bmaml-100; "
                                                     "vision: 5w1s, 5w5s, 20w1s, 20w5s)")
-    t.add_argument("--iterations", type=_positive_int, default=1000)
-    t.add_argument("--inner-steps", type=_nonneg_int, default=None)
-    t.add_argument("--seed", type=_nonneg_int, default=0)
-    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--iterations", type=_positive_int, default=1000, help="meta-iterations (in total, also when resuming)")
+    t.add_argument("--inner-steps", type=_nonneg_int, default=None, help="inner-loop steps (default: the algorithm's "
+                                                                          "preset for the task)")
+    t.add_argument("--seed", type=_seed, default=0, help="seed of every random stream of the run")
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     t.add_argument("--out", default=None, help="run folder (default runs/TASK-ALGO-sSEED)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings; "
                                                           "--iterations may grow)")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     t.add_argument("--data-root", type=_existing_dir, default=None, help="data folder (default $GEMEXT_DATA)")
-    t.add_argument("--ways", type=_positive_int, default=None)
-    t.add_argument("--shots", type=_positive_int, default=None)
-    t.add_argument("--meta-lr", type=_positive_float, default=1e-3)
-    t.add_argument("--meta-batch", type=_positive_int, default=None)
-    t.add_argument("--log-every", type=_positive_int, default=10)
-    t.add_argument("--checkpoint-every", type=_positive_int, default=100)
-    t.add_argument("--eval-tasks", type=_positive_int, default=600)
-    t.add_argument("--eval-steps", type=_nonneg_int, default=None)
+    t.add_argument("--ways", type=_positive_int, default=None, help="classes per episode (vision; default: the preset's)")
+    t.add_argument("--shots", type=_positive_int, default=None, help="examples per class (vision; default: the preset's)")
+    t.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="meta-optimizer (Adam) learning rate")
+    t.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-iteration (default: the "
+                                                                           "task family's)")
+    t.add_argument("--log-every", type=_positive_int, default=10, help="iterations between log.csv rows and progress "
+                                                                      "lines")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=100, help="iterations between checkpoints")
+    t.add_argument("--eval-tasks", type=_positive_int, default=600, help="meta-test tasks after training")
+    t.add_argument("--eval-steps", type=_nonneg_int, default=None, help="meta-test adaptation steps (default: the "
+                                                                        "learner's, at least 10 for regression)")
     t.add_argument("--options", type=_options, default={}, help="algorithm options as JSON, e.g. '{\"sigma0\": 0.1}'")
     t.add_argument("--no-eval", action="store_true", help="skip the meta-test after training")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
 
-    e = sub.add_parser("eval", help="meta-test a trained run")
-    e.add_argument("dir", type=_existing_dir)
-    e.add_argument("--tasks", type=_positive_int, default=None)
-    e.add_argument("--steps", type=_nonneg_int, default=None)
+    e = sub.add_parser("eval", help="meta-test a trained run", formatter_class=fmt)
+    e.add_argument("dir", type=_existing_dir, help="run folder")
+    e.add_argument("--tasks", type=_positive_int, default=None, help="meta-test tasks (default: the run's eval_tasks)")
+    e.add_argument("--steps", type=_nonneg_int, default=None, help="adaptation steps (default: the run's)")
     e.add_argument("--data-root", type=_existing_dir, default=None,
                    help="data folder, if not where the run was trained from (vision tasks)")
 
-    b = sub.add_parser("bench", help="benchmarks")
+    b = sub.add_parser("bench", help="benchmarks", formatter_class=fmt)
     bsub = b.add_subparsers(dest="bench", required=True)
-    m = bsub.add_parser("memory", help="peak memory and time per meta-iteration vs inner steps")
-    m.add_argument("--task", default="sinusoid", choices=["sinusoid", "omniglot", "miniimagenet"])
-    m.add_argument("--algos", default="gem-bml+,reptile")
-    m.add_argument("--inner-steps", type=_int_list, default=[1, 5, 10, 20])
-    m.add_argument("--out", required=True)
-    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    m.add_argument("--repeats", type=_positive_int, default=3)
+    m = bsub.add_parser("memory", help="peak memory and time per meta-iteration vs inner steps", formatter_class=fmt)
+    m.add_argument("--task", default="sinusoid", choices=["sinusoid", "omniglot", "miniimagenet"], help="task shapes")
+    m.add_argument("--algos", default="gem-bml+,reptile", help="comma-separated algorithms (or higher-maml)")
+    m.add_argument("--inner-steps", type=_int_list, default=[1, 5, 10, 20], help="comma-separated inner steps")
+    m.add_argument("--out", required=True, help="output folder (CSV and plot)")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
+    m.add_argument("--repeats", type=_positive_int, default=3, help="timed meta-iterations per point")
     return p
 
 

@@ -108,28 +108,22 @@ def reliability_data(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
 
 def plot_reliability(data: dict[str, list[float]], path: str, title: str = "Reliability diagram") -> None:
     """Write a reliability diagram (accuracy per confidence bin vs the diagonal) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
+    from .plots import new_figure
 
     edges = data["edges"]
     width = [b - a for a, b in zip(edges[:-1], edges[1:])]
     count = torch.tensor(data["count"], dtype=torch.float64)
     conf, acc = torch.tensor(data["confidence"]), torch.tensor(data["accuracy"])
     ece = _ece(conf, acc, count)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
-    try:
-        top.bar(edges[:-1], data["accuracy"], width=width, align="edge", edgecolor="k", label="accuracy")
-        top.bar(edges[:-1], (conf - acc).tolist(), bottom=data["accuracy"], width=width, align="edge",
-                color="tab:red", alpha=0.3, label="gap to confidence")
-        top.plot([0, 1], [0, 1], "k--", lw=1)
-        top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title} (ECE {ece:.3f})")
-        top.legend(loc="upper left")
-        bottom.bar(edges[:-1], data["count"], width=width, align="edge", edgecolor="k", color="gray")
-        bottom.set(xlabel="confidence", ylabel="count")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
+    fig = new_figure((4.5, 5.5))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(edges[:-1], data["accuracy"], width=width, align="edge", edgecolor="k", label="accuracy")
+    top.bar(edges[:-1], (conf - acc).tolist(), bottom=data["accuracy"], width=width, align="edge",
+            color="tab:red", alpha=0.3, label="gap to confidence")
+    top.plot([0, 1], [0, 1], "k--", lw=1)
+    top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title} (ECE {ece:.3f})")
+    top.legend(loc="upper left")
+    bottom.bar(edges[:-1], data["count"], width=width, align="edge", edgecolor="k", color="gray")
+    bottom.set(xlabel="confidence", ylabel="count")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,4 +1,5 @@
-"""Figures written into run folders (matplotlib, Agg backend: no display needed)."""
+"""Figures written into run folders: matplotlib Figure objects rendered by the Agg canvas directly,
+so no display is needed and the user's pyplot backend and figure list are never touched."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,17 +7,20 @@ from pathlib import Path
 import torch
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def new_figure(figsize: tuple[float, float]):
+    """A Figure with an Agg canvas, outside pyplot (garbage-collected; nothing to close)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_curve(path: Path, xs, ys, cis=None, label: str = "", xlabel: str = "inner steps",
                ylabel: str = "meta-test MSE", title: str = "") -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = new_figure((5, 3.5))
+    ax = fig.subplots()
     ax.plot(xs, ys, marker="o", label=label)
     if cis is not None:
         lo = [y - c for y, c in zip(ys, cis)]
@@ -30,7 +34,6 @@ def plot_curve(path: Path, xs, ys, cis=None, label: str = "", xlabel: str = "inn
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @torch.no_grad()
@@ -46,9 +49,9 @@ def plot_regression(run: Path, config, family, result: dict, first) -> None:
     T = len(batch)
     grid = torch.linspace(lo, hi, 200, device=batch.x_support.device).view(1, -1, 1).expand(T, -1, -1).contiguous()
     out_k, out_0 = adapted.predict(grid), before.predict(grid)
-    plt = _plt()
     n = min(4, T)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    fig = new_figure((4 * n, 3.2))
+    axes = fig.subplots(1, n, squeeze=False)
     for i, ax in enumerate(axes[0]):
         g = grid[i, :, 0].cpu()
         ax.plot(g, out_0[0][i, :, 0].cpu() if isinstance(out_0, tuple) else out_0[i, :, 0].cpu(),
@@ -65,4 +68,3 @@ def plot_regression(run: Path, config, family, result: dict, first) -> None:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "predictions.png", dpi=110)
-    plt.close(fig)

@@ -18,6 +18,7 @@ import torch
 
 from . import __version__, algorithms, distributed, runs
 from .metrics import gaussian_nll, interval_coverage, mean_ci95
+from .progress import Progress
 
 EVAL_SEED = 20201206  # meta-test tasks are the same for every run and seed
 REGRESSION_TASKS = ("sinusoid",)
@@ -238,6 +239,21 @@ def _clamp_prior_rho(learner) -> None:
         prior.clamp_()
 
 
+def _check_memory(learner, meta_batch: int) -> None:
+    """Refuse a meta-batch whose per-task copies of the weights (posterior means, std, gradients,
+    curvature, samples: ~16 copies) cannot fit in this machine's memory, before allocating any."""
+    weights = sum(p.numel() * p.element_size() for p in learner.parameters())
+    need = 16 * meta_batch * weights
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return
+    if need > total:
+        raise ValueError(f"--meta-batch {meta_batch} needs about {need / 2**30:.3g} GiB for the per-task copies of "
+                         f"the {weights / 2**20:.3g} MiB of meta-parameters, more than this machine's "
+                         f"{total / 2**30:.3g} GiB; use a smaller meta-batch (or shard it with torchrun)")
+
+
 def _finite_grads(params) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
@@ -282,6 +298,7 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
     family, learner, meta_batch = build(config)
+    _check_memory(learner, -(-meta_batch // dctx.world_size))  # each rank holds its shard
     opt = torch.optim.Adam(learner.parameters(), lr=config.meta_lr)
     task_gen = torch.Generator().manual_seed(config.seed)
     start, wall_before, skipped, bad_run, last_error = 0, 0.0, 0, 0, ""
@@ -312,9 +329,8 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
                      "wall_s": wall_before + time.perf_counter() - t0}, ckpt_path)
         _write_log(log_path, rows)
 
-    from tqdm.auto import tqdm
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
-               desc=f"{config.algo} {config.task}", disable=True if not dctx.is_main else (not progress) if progress is not None else None)
+    bar = Progress(range(start, config.iterations), config.iterations, f"{config.algo} {config.task}", start,
+                   every=config.log_every, enabled=progress if dctx.is_main else False)
     with _StopFlag() as stop:
         for it in bar:
             batch = family.sample(meta_batch, task_gen, "train")  # whole batch on every rank
@@ -348,7 +364,9 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
                 row = {"iteration": done, "wall_s": round(wall_before + time.perf_counter() - t0, 3),
                        "skipped": skipped, **{k: round(v, 6) for k, v in stats.items()}}
                 rows.append(row)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
+                bar.set_postfix(stats)
+                if dctx.is_main:  # readable while the run goes on, not only at checkpoints
+                    _write_log(log_path, rows)
             if on_iteration is not None:
                 on_iteration(done)
             if not dctx.enabled:  # distributed ranks act on the agreed flag only, never on a local one
@@ -403,7 +421,8 @@ def load_run(run_dir: str | Path, data_root: str | None = None):
 
 
 def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = None,
-             batch: int = 100, plots: bool = True, data_root: str | None = None) -> dict:
+             batch: int = 100, plots: bool = True, data_root: str | None = None,
+             progress: bool | None = None) -> dict:
     """Meta-test a trained run on fixed-seed fresh tasks; returns the metrics and adds them to
     metrics.json, with plots (a folder that cannot be written costs a warning, not the results)."""
     run = Path(run_dir)
@@ -417,9 +436,9 @@ def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = 
         raise ValueError(f"--tasks must be >= 1, got {n}")
     if config.task in VISION_TASKS:
         from .tasks import vision_train
-        result = vision_train.evaluate(config, family, learner, n, steps, run, plots)
+        result = vision_train.evaluate(config, family, learner, n, steps, run, plots, progress=progress)
     else:
-        result = _evaluate_regression(config, family, learner, n, steps, batch, run, plots)
+        result = _evaluate_regression(config, family, learner, n, steps, batch, run, plots, progress)
     path = run / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,
@@ -429,13 +448,15 @@ def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = 
     return metrics
 
 
-def _evaluate_regression(config, family, learner, n, steps, batch, run: Path, plots: bool) -> dict:
+def _evaluate_regression(config, family, learner, n, steps, batch, run: Path, plots: bool,
+                         progress: bool | None = None) -> dict:
     K = steps if steps is not None else (config.eval_steps or max(learner.inner.steps, 10))
     gen = torch.Generator().manual_seed(EVAL_SEED)
     mse = [[] for _ in range(K + 1)]
     nll, cover = [], []
     first = None
-    for start in range(0, n, batch):
+    starts = range(0, n, batch)
+    for start in Progress(starts, len(starts), f"meta-test {config.algo} ({n} tasks)", every=1, enabled=progress):
         b = family.sample(min(batch, n - start), gen, "test").to(learner.device)
         path = learner.adapt_path(b, K)
         for k, pred in enumerate(path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -252,3 +253,55 @@ def test_diverging_inner_loop_is_skipped_then_stops_cleanly(tmp_path):
         train(cfg, progress=False)
     state = _state(tmp_path / "r")
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_progress_lines_without_a_terminal_and_a_live_log(tmp_path):
+    """Batch jobs (no TTY) see plain progress lines during training and the meta-test, and log.csv
+    grows every --log-every iterations, not only at checkpoints."""
+    out = tmp_path / "r"
+    seen: list[int] = []
+
+    def hook(i):
+        if i == 7:  # before the checkpoint at 10, after the log rows at 3 and 6
+            seen.extend(int(r.split(",")[0]) for r in (out / "log.csv").read_text().splitlines()[1:])
+    train(_config(out, iterations=10, log_every=3, checkpoint_every=10), progress=None, on_iteration=hook)
+    assert seen == [3, 6]
+    proc = subprocess.run([sys.executable, "-m", "gemext", "eval", str(out), "--tasks", "150", "--steps", "1"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "meta-test gem-bml+ (150 tasks): 2/2" in proc.stderr
+
+
+def test_plots_leave_the_users_matplotlib_alone(tmp_path):
+    code = ("import matplotlib, sys; matplotlib.use('svg'); from gemext.train import RunConfig, train, evaluate; "
+            f"r = train(RunConfig(task='sinusoid', algo='maml', iterations=2, out={str(tmp_path / 'r')!r}), progress=False); "
+            "evaluate(r, tasks=10, steps=1); "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+            "assert 'matplotlib.pyplot' not in sys.modules; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert (tmp_path / "r" / "predictions.png").stat().st_size > 1000
+
+
+def test_cli_refuses_misuse_with_a_clear_message_before_allocating(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("gemext ")
+    base = ["train", "sinusoid", "--iterations", "1", "--no-eval", "--no-progress"]
+    cases = [
+        (["--algo", "maml", "--meta-batch", "2000000000"], "needs about .* GiB"),
+        (["--algo", "gem-bml+", "--options", '{"sigm0": 0.1}'], r"unknown option\(s\) sigm0; valid: .*sigma0"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        assert cli.main(base + args + ["--out", str(tmp_path / f"r{i}")]) == 2
+        assert re.search(message, capsys.readouterr().err), message
+    with pytest.raises(SystemExit) as info:
+        cli.main(base + ["--algo", "maml", "--seed", str(2**64)])
+    assert info.value.code == 2 and "below 2**63" in capsys.readouterr().err
+
+
+def test_gymnasium_ids_are_registered_by_importing_gemext():
+    code = ("import sys, gemext; assert 'gymnasium' not in sys.modules; import gymnasium; "
+            "env = gymnasium.make('gemext/Nav2D-v0'); env.reset(seed=0); print(env.spec.max_episode_steps)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "100", proc.stderr[-2000:]

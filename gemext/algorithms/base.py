@@ -15,6 +15,7 @@ from ..tasks import Task, as_batch
 from ..vi import CategoricalLikelihood, GaussianLikelihood
 
 _REGISTRY: dict[str, Callable[..., "MetaLearner"]] = {}
+_CLASSES: dict[str, type] = {}  # the learner class behind each name (its options are its __init__'s)
 
 
 def register(*names: str) -> Callable:
@@ -26,9 +27,35 @@ def register(*names: str) -> Callable:
     return wrap
 
 
+def register_class(cls: type, *names: str) -> None:
+    """Register `cls(model, **options)` under each name."""
+    for n in names:
+        _CLASSES[n] = cls
+        register(n)(lambda model, _cls=cls, **options: _cls(model, **options))
+
+
+def option_names(name: str) -> list[str]:
+    """The options `create(name, model, **options)` accepts: the keyword parameters of the learner
+    class's __init__ along its bases (followed while an __init__ forwards **options)."""
+    import inspect
+
+    found: list[str] = []
+    for klass in _CLASSES[name].__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        found += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in ("self", "model", "variant")]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return sorted(set(found))
+
+
 def register_variants(cls: type, *variants: str) -> None:
     """Register `cls(model, variant=name, **options)` under each variant name."""
     for v in variants:
+        _CLASSES[v] = cls
         def make(model: nn.Module, _variant: str = v, **options) -> "MetaLearner":
             return cls(model, variant=_variant, **options)
         make.__doc__ = f"Create a {v} learner (see {cls.__name__} for the options)."

@@ -47,7 +47,7 @@ from .. import ops
 from ..gaussian import Posterior, split_parameters
 from ..tasks import Task
 from ..vi import VIConfig
-from .base import BayesianPredictor, register
+from .base import BayesianPredictor, register_class
 from .elbo import VILearner
 from .maml import FunctionalLearner, Params
 
@@ -238,5 +238,5 @@ class BMAMLLearner(FunctionalLearner):
         return path
 
 
-register("kl-chaser")(lambda model, **options: KLChaserLearner(model, **options))
-register("bmaml")(lambda model, **options: BMAMLLearner(model, **options))
+register_class(KLChaserLearner, "kl-chaser")
+register_class(BMAMLLearner, "bmaml")

@@ -135,12 +135,15 @@ def build(config):
 
 
 def evaluate(config, family: VisionFamily, learner, n: int, steps: int | None, run: Path, plots: bool,
-             batch: int = 10) -> dict:
+             batch: int = 10, progress: bool | None = None) -> dict:
     """Meta-test on n fixed episodes: adapt on the support, predict the query."""
+    from ..progress import Progress
     K = steps if steps is not None else (config.eval_steps or learner.inner.steps)
     acc_by_step: list[list[float]] = [[] for _ in range(K + 1)]
     probs_all, labels_all = [], []
-    for start in range(0, n, batch):
+    starts = range(0, n, batch)
+    for start in Progress(starts, len(starts), f"meta-test {config.algo} ({n} episodes)",
+                          every=max(1, len(starts) // 10), enabled=progress):
         ep = family.test.episodes(range(start, min(n, start + batch))).to(learner.device)
         path = learner.adapt_path(ep, K)
         for k, pred in enumerate(path):

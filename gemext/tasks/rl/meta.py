@@ -358,10 +358,10 @@ def _train_rl(config, out: Path, resume: bool, progress: bool | None) -> Path:
                                   "torch": torch.get_rng_state()}}, ckpt_path)
         core._write_log(out / "log.csv", rows)
 
-    from tqdm.auto import tqdm
+    from ...progress import Progress
 
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
-               desc=f"{config.algo} {config.task}", disable=(not progress) if progress is not None else None)
+    bar = Progress(range(start, config.iterations), config.iterations, f"{config.algo} {config.task}", start,
+                   every=config.log_every, enabled=progress)
     with core._StopFlag() as stop:
         for it in bar:
             stats = learner.meta_step(sample_tasks(config.task, settings.meta_batch, task_rng))
@@ -369,7 +369,8 @@ def _train_rl(config, out: Path, resume: bool, progress: bool | None) -> Path:
             if done % config.log_every == 0 or done == config.iterations:
                 rows.append({"iteration": done, "wall_s": round(wall(), 3),
                              "env_steps": sampler.collector.total_steps, **{k: round(v, 5) for k, v in stats.items()}})
-                bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
+                bar.set_postfix(stats)
+                core._write_log(out / "log.csv", rows)
             if done % config.checkpoint_every == 0 or done == config.iterations or stop.signum is not None:
                 save(done)
             if stop.signum is not None:
@@ -445,17 +446,19 @@ def eval_rl(run_dir: str | Path, tasks: int | None = None, steps: int | None = N
 def plot_nav2d_trajectories(path: Path, tasks: list[Task], batches_by_step: list[list[EpisodeBatch]],
                             label: str = "", n_tasks: int = 4) -> None:
     """First episode of a few test tasks before adaptation and after each update, with the goal."""
-    from ...plots import _plt
+    import matplotlib
 
-    plt = _plt()
+    from ...plots import new_figure
+
     n = min(n_tasks, len(tasks))
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    fig = new_figure((3.2 * n, 3.2))
+    axes = fig.subplots(1, n, squeeze=False)
     for i, ax in enumerate(axes[0]):
         for k, batches in enumerate(batches_by_step):
             b = batches[i]
             steps = int(b.mask[:, 0].sum())
             xy = torch.cat([torch.zeros(1, 2), b.observations[1:steps, 0]])  # obs[t] is the position before step t
-            ax.plot(xy[:, 0], xy[:, 1], lw=1.2, label=f"{k} steps", color=plt.cm.viridis(k / max(1, len(batches_by_step) - 1)))
+            ax.plot(xy[:, 0], xy[:, 1], lw=1.2, label=f"{k} steps", color=matplotlib.colormaps["viridis"](k / max(1, len(batches_by_step) - 1)))
         goal = tasks[i]["goal"]
         ax.plot(goal[0], goal[1], "r*", ms=12, label="goal")
         ax.set_xlim(-0.6, 0.6)
@@ -467,15 +470,14 @@ def plot_nav2d_trajectories(path: Path, tasks: list[Task], batches_by_step: list
     fig.suptitle(f"nav2d {label}: trajectories after 0..{len(batches_by_step) - 1} updates")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_return_comparison(runs: list[str | Path], path: str | Path, title: str = "") -> None:
     """Meta-test return vs policy-gradient steps of several evaluated runs in one figure."""
-    from ...plots import _plt
+    from ...plots import new_figure
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = new_figure((5, 3.5))
+    ax = fig.subplots()
     for run in runs:
         m = json.loads((Path(run) / "metrics.json").read_text())
         if "return_by_step" not in m:
@@ -489,4 +491,3 @@ def plot_return_comparison(runs: list[str | Path], path: str | Path, title: str 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -419,3 +421,14 @@ def test_mujoco_meta_training_smoke(tmp_path):
 
     run = train_rl(_run(tmp_path, "gem-bml+", iterations=1, task="halfcheetah-dir", horizon=8), progress=False)
     assert len(eval_rl(run, plots=False)["return_by_step"]) == 2
+
+
+@needs_mujoco
+def test_mujoco_ids_expose_the_task_api_on_unwrapped_quietly():
+    code = ("import gemext, gymnasium as gym; e = gym.make('gemext/HalfCheetahVel-v0'); u = e.unwrapped; "
+            "u.set_task({'velocity': 1.5}); e.reset(seed=0); _, r, _, _, info = e.step(e.action_space.sample()); "
+            "assert u.task == {'velocity': 1.5} and r == info['reward_task'] and u.data.qpos.shape == (9,); "
+            "assert e.spec.id == 'gemext/HalfCheetahVel-v0'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert "deprecated" not in proc.stderr, proc.stderr

@@ -23,7 +23,7 @@ mean inside the actuator range.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -104,13 +104,35 @@ class Nav2DEnv(gym.Env):
 
 
 class _MujocoTaskEnv(gym.Wrapper, abc.ABC):
-    """A gymnasium MuJoCo v5 env whose reward is recomputed for the current task."""
+    """A gymnasium MuJoCo v5 env whose reward is recomputed for the current task.
+
+    It is the environment the `gemext/` id names, so `env.unwrapped` (where gymnasium users look for
+    an env's own API) is this object — `env.unwrapped.set_task(...)`, `.task`, `.sample_tasks` —,
+    and the stock env's attributes (`.data`, `.model`, ...) are reachable through it. `info` holds
+    the stock env's keys (`x_velocity`, `reward_ctrl`, ...) plus `reward_task`, the task reward."""
 
     task_key: str
 
     def __init__(self, base: gym.Env, task: Task | None) -> None:
         super().__init__(base)
         self.set_task(task if task is not None else self.sample_tasks(1, 0)[0])
+
+    @property
+    def unwrapped(self) -> "gym.Env":
+        return self
+
+    @property
+    def spec(self):  # gymnasium.make records the spec on `unwrapped`, i.e. here
+        return self.__dict__.get("_spec") or self.env.spec
+
+    @spec.setter
+    def spec(self, value) -> None:
+        self.__dict__["_spec"] = value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "env":  # never recurse during construction or unpickling
+            raise AttributeError(name)
+        return getattr(self.env.unwrapped, name)
 
     def set_task(self, task: Task) -> None:
         value = float(_require(task, self.task_key, type(self).__name__))
@@ -164,11 +186,37 @@ class _DirectionTask:
         return self.task["direction"] * x_velocity
 
 
+_MUJOCO_NOISE = (b"compiler attribute 'settotalmass' is deprecated",)
+
+
+def _quiet_mujoco(make: Callable[[], gym.Env]) -> gym.Env:
+    """Build a stock MuJoCo env with the MuJoCo compiler's deprecation warnings about gymnasium's own
+    model files filtered out of stderr (written by C code, so filtered at the file descriptor);
+    any other output passes through."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            return make()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            for line in buf.read().splitlines(keepends=True):
+                if line.strip() and not any(n in line for n in _MUJOCO_NOISE):
+                    os.write(2, line)
+
+
 class _Cheetah(_MujocoTaskEnv):
     def __init__(self, task: Task | None = None, **kwargs: Any) -> None:
         from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-        super().__init__(HalfCheetahEnv(**kwargs), task)
+        super().__init__(_quiet_mujoco(lambda: HalfCheetahEnv(**kwargs)), task)
 
     def cost(self, info: dict, action: np.ndarray) -> float:
         return 0.05 * float(np.sum(action**2))
@@ -178,7 +226,7 @@ class _Ant(_MujocoTaskEnv):
     def __init__(self, task: Task | None = None, **kwargs: Any) -> None:
         from gymnasium.envs.mujoco.ant_v5 import AntEnv
 
-        super().__init__(AntEnv(**kwargs), task)
+        super().__init__(_quiet_mujoco(lambda: AntEnv(**kwargs)), task)
 
     def cost(self, info: dict, action: np.ndarray) -> float:
         # ctrl 0.005‖a‖² + Ant-v5's contact cost (same formula as MAML-RL) - survive bonus 0.05.

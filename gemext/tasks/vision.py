@@ -201,13 +201,16 @@ def _decode(src: _Source, members: list[str], mode: str, size: int, resample: in
     bounds = np.linspace(0, len(members), n_chunks + 1).astype(int)
     jobs = [(str(src.path), src.is_zip, members[a:b], mode, size, resample, invert)
             for a, b in zip(bounds[:-1], bounds[1:])]
+    from ..progress import Progress
+
+    desc = f"decoding {len(members)} images of {src.path.name} (cached afterwards)"
     if n_chunks == 1:
         parts = [_decode_chunk(j) for j in jobs]
     else:
         # fork: workers only run PIL/numpy, and skip re-importing torch (spawn costs ~2 s each)
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(workers) as pool:
-            parts = pool.map(_decode_chunk, jobs)
+            parts = list(Progress(pool.imap(_decode_chunk, jobs), len(jobs), desc, every=max(1, len(jobs) // 8)))
     arr = np.concatenate(parts) if parts else np.empty((0, size, size, 1), np.uint8)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 

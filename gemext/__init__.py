@@ -30,3 +30,16 @@ def build_info() -> dict:
         "threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
     }
+
+
+_SUBMODULES = ("algorithms", "distributed", "gaussian", "metrics", "ops", "plots", "reference", "runs", "tasks",
+               "train", "vi")
+
+
+def __getattr__(name: str):
+    """`gemext.algorithms`, `gemext.ops`, ... without importing them first (loaded on first use)."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'gemext' has no attribute {name!r}")

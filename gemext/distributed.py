@@ -1,7 +1,7 @@
 """Distributed meta-training on torch.distributed (started by ``torchrun``): the tasks of each
 meta-batch are sharded across ranks, and one flat buffer per step is all-reduced.
 
-Design (DESIGN.md §3, issue "Scale out and hold up"):
+Design:
 
 - Every rank draws the *whole* meta-batch from the same task generator and keeps its contiguous
   slice ``shard(T)`` of it, so a task is defined by its index in the meta-batch, not by the rank.

@@ -1,4 +1,4 @@
-"""Fused multi-tensor ops on diagonal Gaussians (DESIGN.md §1-2), CPU and CUDA.
+"""Fused multi-tensor ops on diagonal Gaussians (sample, KL, ELBO backward, GEM statistic, von step), CPU and CUDA.
 
 Every public function accepts a Tensor or a list of Tensors (then returns lists); one call
 covers every tensor of the list (one OpenMP region on CPU, one kernel launch on CUDA).

@@ -2,7 +2,7 @@
 
 This is the test oracle (call it with float64 tensors) and the "eager" baseline of the
 benchmarks (call it with float32 tensors): it computes in the dtype it is given, with the
-textbook formulas of DESIGN.md §1, and is never used as a silent fallback for the kernels.
+textbook formulas of the Gaussian prior, posterior and Gradient-EM statistic, and is never used as a silent fallback for the kernels.
 Signatures mirror :mod:`gemext.ops`; a Tensor in gives a Tensor out, a list gives a list.
 
 :func:`normal` reproduces the kernels' noise (Philox-4x32-10 + Box-Muller, see

@@ -9,6 +9,11 @@ figure reported is what the meta-iterations add on top:
 
 Peers: `higher-maml` is second-order MAML written with the `higher` package (one task at a time,
 as its examples do); it is skipped with a printed reason when `higher` does not import.
+`plain-maml` is the same algorithm as a plain per-task PyTorch loop (functional_call and
+autograd.grad with create_graph), what a user without a meta-learning library writes.
+`presets=True` in a point's spec builds gemext learners with the task family's training defaults
+(gemext.train.SINUSOID_DEFAULTS, gemext.tasks.vision_train.learner_options) instead of the bare
+class defaults.
 
 Command line (what `gemext bench memory` calls): `run(task, algos, inner_steps, out_dir, device)`.
 """
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet", "tinyimagenet")
-PEERS = ("higher-maml",)
+PEERS = ("higher-maml", "plain-maml")
 COLUMNS = ("algo", "inner_steps", "peak_mem_mb", "time_per_iter_s")
 _MAML_LR = 0.01  # inner SGD step of the higher peer (Finn et al.: sinusoid and miniImageNet)
 
@@ -101,13 +106,61 @@ class _HigherMAML:
         return {"loss_query": total}
 
 
+class _PlainMAML(_HigherMAML):
+    """Second-order MAML as a plain per-task loop: functional_call and autograd.grad(create_graph)."""
+
+    def __init__(self, model, inner_steps: int, classification: bool):
+        import torch
+
+        self.model, self.steps = model, inner_steps
+        self.loss = torch.nn.functional.cross_entropy if classification else torch.nn.functional.mse_loss
+
+    def meta_backward(self, tasks) -> dict[str, float]:
+        import torch
+        from torch.func import functional_call
+
+        names = [n for n, _ in self.model.named_parameters()]
+        params = list(self.model.parameters())
+        T, total = len(tasks), 0.0
+        for t in range(T):
+            fast = params
+            for _ in range(self.steps):
+                out = functional_call(self.model, dict(zip(names, fast)), (tasks.x_support[t],))
+                grads = torch.autograd.grad(self.loss(out, tasks.y_support[t]), fast, create_graph=True)
+                fast = [w - _MAML_LR * g for w, g in zip(fast, grads)]
+            out = functional_call(self.model, dict(zip(names, fast)), (tasks.x_query[t],))
+            query_loss = self.loss(out, tasks.y_query[t]) / T
+            query_loss.backward()
+            total += float(query_loss.detach())
+        return {"loss_query": total}
+
+
+def preset_options(task: str, algo: str, inner_steps: int) -> dict[str, Any]:
+    """The options `gemext train` gives `algo` on `task` (objects included, e.g. the likelihood)."""
+    if task == "sinusoid":
+        from .train import SINUSOID_DEFAULTS
+        from .vi import GaussianLikelihood
+
+        opts = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SINUSOID_DEFAULTS.get(algo, {}).items()}
+        sigma = opts.pop("sigma", None)
+        if sigma is not None:
+            opts["likelihood"] = GaussianLikelihood(sigma)
+        opts["inner_steps"] = inner_steps
+        return opts
+    from .tasks.vision_train import learner_options
+    from .train import RunConfig
+
+    return learner_options(RunConfig(task=task, algo=algo, inner_steps=inner_steps), 5, 1)
+
+
 def _make_learner(spec: dict, model, likelihood):
     algo, k = spec["algo"], spec["inner_steps"]
-    if algo == "higher-maml":
-        return _HigherMAML(model, k, likelihood is not None)
+    if algo in ("higher-maml", "plain-maml"):
+        return (_HigherMAML if algo == "higher-maml" else _PlainMAML)(model, k, likelihood is not None)
     from . import algorithms
 
-    options = dict(spec.get("options") or {})
+    options = preset_options(spec["task"], algo, k) if spec.get("presets") else {}
+    options.update(spec.get("options") or {})
     options.setdefault("inner_steps", k)
     if likelihood is not None:
         options.setdefault("likelihood", likelihood)
@@ -156,6 +209,8 @@ def _peer_unavailable(algo: str) -> str | None:
     """Why a peer cannot run (None when it can)."""
     if algo not in PEERS:
         return f"unknown peer {algo!r} (available: {', '.join(PEERS)})"
+    if algo != "higher-maml":
+        return None
     try:
         import higher  # noqa: F401
     except Exception as exc:  # any import failure (missing, or broken against this torch)
@@ -220,7 +275,7 @@ def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: st
         raise ValueError(f"bench memory: inner steps must be >= 1, got {list(inner_steps)}")
     if repeats < 1:
         raise ValueError(f"bench memory: repeats must be >= 1, got {repeats}")
-    unknown = [a for a in algos if a not in algorithms.names() and not a.startswith("higher-")]
+    unknown = [a for a in algos if a not in algorithms.names() and a not in PEERS and not a.startswith("higher-")]
     if unknown:
         raise ValueError(f"bench memory: unknown algorithm(s) {', '.join(unknown)}; available: "
                          f"{', '.join(algorithms.names() + list(PEERS))}")
@@ -235,7 +290,7 @@ def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: st
             "meta_batch": meta_batch or (25 if task == "sinusoid" else 4), "options": options or {}}
     rows: list[dict] = []
     for algo in algos:
-        reason = _peer_unavailable(algo) if algo.startswith("higher-") else None
+        reason = _peer_unavailable(algo) if algo in PEERS or algo.startswith("higher-") else None
         if reason:
             print(f"bench memory: skipping {algo}: {reason}")
             continue

@@ -132,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     m = bsub.add_parser("memory", help="peak memory and time per meta-iteration vs inner steps", formatter_class=fmt)
     m.add_argument("--task", default="sinusoid", choices=["sinusoid", "omniglot", "miniimagenet"], help="task shapes")
-    m.add_argument("--algos", default="gem-bml+,reptile", help="comma-separated algorithms (or higher-maml)")
+    m.add_argument("--algos", default="gem-bml+,reptile",
+                   help="comma-separated algorithms (or the peers higher-maml, plain-maml)")
     m.add_argument("--inner-steps", type=_int_list, default=[1, 5, 10, 20], help="comma-separated inner steps")
     m.add_argument("--out", required=True, help="output folder (CSV and plot)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             from . import algorithms
             from .bench_memory import run as bench_run
             algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-            unknown = [a for a in algos if a not in algorithms.names() and not a.startswith("higher-")]
+            from .bench_memory import PEERS
+            unknown = [a for a in algos if a not in algorithms.names() and a not in PEERS
+                       and not a.startswith("higher-")]
             if unknown:
                 p.error(f"--algos: unknown algorithm(s) {', '.join(unknown)}; available: {', '.join(algorithms.names())}")
             csv_path = bench_run(args.task, algos, args.inner_steps, args.out, args.device, repeats=args.repeats)

@@ -40,3 +40,37 @@ def test_run_rejects_bad_arguments(tmp_path):
         bench_memory.run("sinusoid", ["reptile"], [0], tmp_path)
     with pytest.raises(ValueError, match="nothing was measured"):
         bench_memory.run("sinusoid", ["higher-nope"], [1], tmp_path)
+
+
+def test_plain_and_higher_peers_compute_the_same_maml_meta_gradient():
+    """The two peers are one algorithm (second-order MAML, SGD step 0.01 on the mean loss): their
+    meta-gradients agree, and with gemext's MAML at the equivalent summed-NLL step (lr = 0.01·2s²/N)."""
+    pytest.importorskip("higher")
+    import copy
+
+    import torch
+
+    from gemext import algorithms
+    from gemext.tasks.sinusoid import SinusoidTasks
+    from gemext.vi import GaussianLikelihood
+
+    family = SinusoidTasks("finn")
+    torch.manual_seed(0)
+    model = family.make_model().double()
+    b = family.sample(3, torch.Generator().manual_seed(1))
+    b = type(b)(*(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query)))
+    grads = []
+    for peer in (bench_memory._HigherMAML, bench_memory._PlainMAML):
+        m = copy.deepcopy(model)
+        peer(m, 2, False).meta_backward(b)
+        grads.append([p.grad for p in m.parameters()])
+    for g_h, g_p in zip(*grads):
+        torch.testing.assert_close(g_p, g_h, rtol=1e-9, atol=1e-12)
+    s, n = 0.5, b.x_support.shape[1]
+    learner = algorithms.create("maml", copy.deepcopy(model), inner_steps=2, lr=0.01 * 2 * s**2 / n,
+                                likelihood=GaussianLikelihood(s)).double()
+    learner.meta_backward(b)
+    # gemext's meta-loss is the task mean of the summed query NLL: the peers' mean MSE scaled by N/(2s²)
+    scale = b.x_query.shape[1] / (2 * s**2)
+    for g_h, p in zip(grads[0], learner.parameters()):
+        torch.testing.assert_close(p.grad, g_h * scale, rtol=1e-6, atol=1e-9)

@@ -61,6 +61,17 @@ class RunConfig:
             raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+        # a setting the task family does not read is an error, not silently ignored
+        unused = {"sinusoid": ("ways", "shots", "data_root")}.get(self.task, ())
+        if self.task in RL_TASKS:
+            unused = ("preset", "ways", "shots", "data_root")
+            if self.device != "cpu":
+                raise ValueError(f"--device {self.device} does not apply to {self.task}: RL meta-training runs on the "
+                                 "CPU (rollouts dominate)")
+        given = [f"--{name.replace('_', '-')}" for name in unused if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to {self.task}; "
+                             "remove " + ("it" if len(given) == 1 else "them"))
 
 
 # ------------------------------------------------------------------ per-task defaults
@@ -272,7 +283,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(f"{config.task}: RL meta-training runs in a single process; start it without torchrun")
         from .tasks.rl.meta import train_rl
-        return train_rl(config, resume=resume, progress=progress, overwrite=overwrite)
+        return train_rl(config, resume=resume, progress=progress, overwrite=overwrite, on_iteration=on_iteration)
     dctx = distributed.setup(config.device)
     clean = False  # whether every rank is expected at the closing barrier
     locks: list[runs.RunLock] = []

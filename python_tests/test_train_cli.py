@@ -154,8 +154,7 @@ def test_a_checkpoint_damaged_inside_is_detected(tmp_path):
 def test_eval_returns_its_metrics_when_the_folder_cannot_be_written(tmp_path, monkeypatch):
     import gemext.plots
 
-    run = train(_config(tmp_path / "r", iterations=2, data_root="."), progress=False)
-    assert json.loads((run / "config.json").read_text())["data_root"] == str(Path(".").resolve())
+    run = train(_config(tmp_path / "r", iterations=2), progress=False)
 
     def read_only(*a, **k):
         raise PermissionError(13, "Permission denied")
@@ -305,3 +304,12 @@ def test_gymnasium_ids_are_registered_by_importing_gemext():
             "env = gymnasium.make('gemext/Nav2D-v0'); env.reset(seed=0); print(env.spec.max_episode_steps)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "100", proc.stderr[-2000:]
+
+
+def test_settings_a_task_family_does_not_read_are_refused(tmp_path, capsys):
+    base = ["--iterations", "1", "--no-eval", "--no-progress"]
+    cases = [(["sinusoid", "--algo", "maml", "--ways", "5"], "--ways does not apply to sinusoid"),
+             (["nav2d", "--algo", "maml", "--preset", "finn", "--shots", "2"], "--preset, --shots do not apply to nav2d")]
+    for i, (args, message) in enumerate(cases):
+        assert cli.main(["train", *args, *base, "--out", str(tmp_path / f"r{i}")]) == 2
+        assert message in capsys.readouterr().err

@@ -95,3 +95,26 @@ def test_miniimagenet_fixture_through_vision_family(tmp_path, monkeypatch):
         family.sample(1, torch.Generator(), split="test")
     run = train(cfg, progress=False)
     _check_run(run, evaluate(run), 2, 1, 3)
+
+
+def test_relative_data_root_and_eval_from_elsewhere(tmp_path, monkeypatch):
+    """A relative --data-root is recorded as an absolute path, so `gemext eval` works from any
+    directory; `eval --data-root` points a run at data that moved."""
+    from gemext import cli
+
+    write_miniimagenet(tmp_path / "data", per_class=16)
+    monkeypatch.setenv("GEMEXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "miniimagenet", "--algo", "maml", "--ways", "2", "--shots", "1", "--iterations", "1",
+            "--meta-batch", "1", "--inner-steps", "1", "--eval-tasks", "2", "--data-root", "data", "--out", "run",
+            "--no-eval", "--no-progress"]
+    assert cli.main(args) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_root"] == str(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["eval", str(tmp_path / "run"), "--tasks", "2", "--steps", "1"]) == 0
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert cli.main(["eval", str(tmp_path / "run"), "--tasks", "2", "--steps", "1"]) == 2  # data gone: an error
+    assert cli.main(["eval", str(tmp_path / "run"), "--tasks", "2", "--steps", "1",
+                     "--data-root", str(tmp_path / "moved")]) == 0

@@ -312,7 +312,8 @@ def _options(config) -> dict[str, Any]:
     return opts
 
 
-def train_rl(config, resume: bool = False, progress: bool | None = None, overwrite: bool = False) -> Path:
+def train_rl(config, resume: bool = False, progress: bool | None = None, overwrite: bool = False,
+             on_iteration: Callable[[int], None] | None = None) -> Path:
     """Meta-train an RL run described by a `gemext.train.RunConfig` (task in nav2d, halfcheetah-vel,
     halfcheetah-dir, ant-vel, ant-dir; algo in gem-bml, gem-bml+, reptile, maml; RL options in
     `config.algo_options`, see RLSettings). Writes OUT/config.json, OUT/log.csv (one row per
@@ -325,10 +326,11 @@ def train_rl(config, resume: bool = False, progress: bool | None = None, overwri
 
     out = Path(config.out)
     with runs.open_folder(out, resume, overwrite):
-        return _train_rl(config, out, resume, progress)
+        return _train_rl(config, out, resume, progress, on_iteration)
 
 
-def _train_rl(config, out: Path, resume: bool, progress: bool | None) -> Path:
+def _train_rl(config, out: Path, resume: bool, progress: bool | None,
+              on_iteration: Callable[[int], None] | None) -> Path:
     from ... import runs
     from ... import train as core
 
@@ -371,6 +373,8 @@ def _train_rl(config, out: Path, resume: bool, progress: bool | None) -> Path:
                              "env_steps": sampler.collector.total_steps, **{k: round(v, 5) for k, v in stats.items()}})
                 bar.set_postfix(stats)
                 core._write_log(out / "log.csv", rows)
+            if on_iteration is not None:
+                on_iteration(done)
             if done % config.checkpoint_every == 0 or done == config.iterations or stop.signum is not None:
                 save(done)
             if stop.signum is not None:
@@ -399,7 +403,7 @@ def eval_rl(run_dir: str | Path, tasks: int | None = None, steps: int | None = N
     """Meta-test a trained RL run on fixed-seed new tasks: returns after 0..steps inner updates of
     `eval_episodes` (40) rollouts each. `tasks` defaults to the RL option eval_tasks (40; the
     RunConfig field eval_tasks is used only when set away from its default 600), `steps` to
-    eval_steps (3). Writes/updates RUN/metrics.json with task, algo, seed, iterations, wall_s,
+    the run's --eval-steps, else the RL option eval_steps (3). Writes/updates RUN/metrics.json with task, algo, seed, iterations, wall_s,
     return_by_step (mean over tasks of the mean episode return), return_ci95_by_step,
     eval_tasks, eval_steps, eval_episodes; plots RUN/return_vs_steps.png and, for nav2d,
     RUN/trajectories.png. Returns the metrics dict."""
@@ -417,7 +421,7 @@ def eval_rl(run_dir: str | Path, tasks: int | None = None, steps: int | None = N
     learner.load_state_dict(ckpt["learner"])
     default_tasks = core.RunConfig.__dataclass_fields__["eval_tasks"].default
     n = tasks or (config.eval_tasks if config.eval_tasks != default_tasks else settings.eval_tasks)
-    k = settings.eval_steps if steps is None else steps
+    k = steps if steps is not None else (config.eval_steps if config.eval_steps is not None else settings.eval_steps)
     if n < 1 or k < 0:
         raise ValueError(f"eval_rl: need tasks >= 1 and steps >= 0, got {n}, {k}")
     sampler.generator.manual_seed(core.EVAL_SEED)

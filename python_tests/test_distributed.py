@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -236,16 +237,35 @@ def test_two_ranks_match_one_rank_within_tolerance(runs):
     assert files == [".lock", "checkpoint.pt", "checkpoint.pt.prev", "config.json", "log.csv", "metrics.json"]
 
 
+def _two_ranks(args: list[str], timeout: float = 90, **env_extra: str) -> tuple[list[int], str, float]:
+    """Both ranks as plain processes (no torchrun agent that could stop rank 0 first): their exit
+    codes, rank 0's stderr and rank 0's wall time."""
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", **env_extra}
+    procs = [subprocess.Popen([sys.executable, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        t0 = time.monotonic()
+        _, err = procs[0].communicate(timeout=timeout)
+        elapsed = time.monotonic() - t0
+        try:
+            procs[1].wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass  # a hung rank: killed below
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return [p.returncode for p in procs], err, elapsed
+
+
 @posix
 def test_killed_rank_fails_fast_and_resume_reproduces_the_run(runs, tmp_path):
     out = tmp_path / "cut"
-    t0 = time.monotonic()
-    proc = _torchrun(2, _worker(tmp_path, out, "kill", 7))
-    elapsed = time.monotonic() - t0
-    assert proc.returncode != 0 and elapsed < 60, (proc.returncode, elapsed)
-    text = proc.stdout + proc.stderr
-    assert "rank: 1" in text and "SIGKILL" in text, text[-3000:]  # torchrun names the dead rank
-    assert "rank 0/2: all-reduce of meta-iteration 8 failed" in text, text[-3000:]
+    codes, err, elapsed = _two_ranks(_worker(tmp_path, out, "kill", 7))
+    assert codes[1] == -signal.SIGKILL
+    assert codes[0] != 0 and elapsed < 60, (codes, elapsed)
+    assert "rank 0/2: all-reduce of meta-iteration 8 failed" in err, err[-3000:]
     assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 6  # lost: iterations 7, 8 only
     proc = _torchrun(2, ["-m", "gemext", *CLI, "--out", str(out), "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -273,21 +293,8 @@ def test_finished_two_rank_jobs_shut_down_cleanly(tmp_path):
 @posix
 def test_hung_rank_times_out_with_a_clear_error(tmp_path):
     """A rank that stops responding (alive, no traffic): the others give up after the timeout."""
-    out, port = tmp_path / "hang", _free_port()
-    args = _worker(tmp_path, out, "hang", 4)
-    env = {**ENV, "GEMEXT_DIST_TIMEOUT": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        t0 = time.monotonic()
-        _, err = procs[0].communicate(timeout=90)
-        elapsed = time.monotonic() - t0
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    assert procs[0].returncode != 0 and elapsed < 60, (procs[0].returncode, elapsed)
+    codes, err, elapsed = _two_ranks(_worker(tmp_path, tmp_path / "hang", "hang", 4), GEMEXT_DIST_TIMEOUT="4")
+    assert codes[0] != 0 and elapsed < 60, (codes, elapsed)
     assert "PeerFailure: rank 0/2: all-reduce of meta-iteration 5 failed" in err, err[-3000:]
     assert "GEMEXT_DIST_TIMEOUT" in err
 

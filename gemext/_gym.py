@@ -8,10 +8,22 @@ import importlib.util
 import sys
 
 
-def _register() -> None:
-    from .tasks.rl.envs import register_envs
+# id -> (class in gemext.tasks.rl.envs, horizon): registered by name, so registering imports nothing
+GYM_IDS: dict[str, tuple[str, int]] = {
+    "gemext/Nav2D-v0": ("Nav2DEnv", 100),
+    "gemext/HalfCheetahVel-v0": ("HalfCheetahVelEnv", 200),
+    "gemext/HalfCheetahDir-v0": ("HalfCheetahDirEnv", 200),
+    "gemext/AntVel-v0": ("AntVelEnv", 200),
+    "gemext/AntDir-v0": ("AntDirEnv", 200),
+}
 
-    register_envs()
+
+def _register() -> None:
+    """Register the ids with gymnasium (idempotent). gymnasium must be imported (or importing)."""
+    gym = sys.modules["gymnasium"]
+    for env_id, (cls, horizon) in GYM_IDS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=f"gemext.tasks.rl.envs:{cls}", max_episode_steps=horizon)
 
 
 class _OnGymnasiumImport(importlib.abc.MetaPathFinder):

@@ -304,6 +304,10 @@ def test_gymnasium_ids_are_registered_by_importing_gemext():
             "env = gymnasium.make('gemext/Nav2D-v0'); env.reset(seed=0); print(env.spec.max_episode_steps)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "100", proc.stderr[-2000:]
+    # the package that defines the environments, imported before gymnasium (the hook must not re-enter it)
+    code = "import gemext.tasks.rl, gymnasium; print(gymnasium.make('gemext/Nav2D-v0').spec.max_episode_steps)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "100", proc.stderr[-2000:]
 
 
 def test_settings_a_task_family_does_not_read_are_refused(tmp_path, capsys):

@@ -28,6 +28,8 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 import torch
+
+from ..._gym import GYM_IDS, _register
 from gymnasium import spaces
 
 Task = dict[str, Any]
@@ -249,20 +251,12 @@ class AntDirEnv(_DirectionTask, _Ant):
     pass
 
 
-_REGISTRY = {
-    "gemext/Nav2D-v0": (Nav2DEnv, 100),
-    "gemext/HalfCheetahVel-v0": (HalfCheetahVelEnv, 200),
-    "gemext/HalfCheetahDir-v0": (HalfCheetahDirEnv, 200),
-    "gemext/AntVel-v0": (AntVelEnv, 200),
-    "gemext/AntDir-v0": (AntDirEnv, 200),
-}
+_REGISTRY = {env_id: (globals()[cls], horizon) for env_id, (cls, horizon) in GYM_IDS.items()}
 
 
 def register_envs() -> None:
     """Register the `gemext/` environments with gymnasium (idempotent)."""
-    for env_id, (cls, horizon) in _REGISTRY.items():
-        if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=f"{__name__}:{cls.__name__}", max_episode_steps=horizon)
+    _register()
 
 
 def env_id(name: str) -> str:

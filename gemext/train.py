@@ -99,8 +99,8 @@ SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
     "maml": dict(lr=5e-4, inner_steps=5, sigma=0.5),
     "fomaml": dict(lr=5e-4, inner_steps=5, sigma=0.5),
     "imaml": dict(lr=5e-4, inner_steps=5, reg=400.0, cg_steps=5, sigma=0.5),
-    # VI-based learners that back-propagate through their VI (which supports sgd and ngvi only):
-    # natural-gradient VI, lr 0.2, ρ step 0.01, β = 0.1, σ₀ = 0.05, 5 steps.
+    # VI-based learners that back-propagate through their VI (sgd, ngvi or von): natural-gradient VI,
+    # lr 0.2, ρ step 0.01, β = 0.1, σ₀ = 0.05, 5 steps (von is offered, not yet measured for them).
     "abml": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=dict(optimizer="ngvi", optimizer_kwargs={"rho_lr": 0.01}),
                  inner_steps=5, sigma=0.5),
     "pmaml-elbo": dict(sigma0=0.05, lr=0.2, beta=0.1, inner=dict(optimizer="ngvi", optimizer_kwargs={"rho_lr": 0.01}),

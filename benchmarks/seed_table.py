@@ -48,6 +48,10 @@ def main() -> None:
             if not vals:
                 cells.append("—")
                 continue
+            if not all(math.isfinite(v) for v in vals):  # a diverged seed: no mean to speak of
+                row[c], row[c + "_ci95"] = math.inf, math.nan
+                cells.append(f"diverged ({sum(not math.isfinite(v) for v in vals)}/{len(vals)} seeds)")
+                continue
             m, ci = statistics.mean(vals), _ci(vals)
             row[c], row[c + "_ci95"] = m, ci
             cells.append(f"{m:.3g} ± {ci:.2g}" if math.isfinite(ci) else f"{m:.3g}")
@@ -69,6 +73,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax = fig.subplots()
     for r in rows:
         ys = [r.get(f"mse_{k}") for k in STEPS]
+        if not all(y is not None and math.isfinite(y) for y in ys):
+            continue  # diverged: nothing to draw
         cis = [r.get(f"mse_{k}_ci95", 0.0) for k in STEPS]
         ax.errorbar(list(STEPS), ys, yerr=[c if math.isfinite(c) else 0.0 for c in cis], marker="o", capsize=3,
                     label=f"{r['algo']} ({r['seeds']} seeds)")

@@ -35,6 +35,22 @@ def sigma0_stats(run: Path) -> dict:
             "sigma0_min": float(s0.min()), "sigma0_max": float(s0.max())}
 
 
+def table(paths: list[Path]) -> str:
+    """Markdown rows (algorithm, iterations, MSE by step ± CI at 10, NLL, coverage, train s, σ₀)."""
+    lines = ["| algo | iterations | MSE@0 | MSE@1 | MSE@2 | MSE@5 | MSE@10 | NLL | cov90 | train s | "
+             "σ₀ median (p05–p95; min) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                s0 = (f"{float(r['sigma0_median']):.4f} ({float(r['sigma0_p05']):.4f}–{float(r['sigma0_p95']):.4f}; "
+                      f"{float(r['sigma0_min']):.4f})" if r.get("sigma0_median") else "—")
+                mse = " | ".join(f"{float(r[f'mse@{k}']):.3f}" for k in STEPS[:-1])
+                lines.append(f"| {r['algo']} | {r['iterations']} | {mse} | {float(r['mse@10']):.3f} ± "
+                             f"{float(r['ci95@10']):.3f} | {float(r['nll']):.3f} | {float(r['coverage90']):.3f} | "
+                             f"{float(r['train_s']):.0f} | {s0} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     import torch
 
@@ -49,7 +65,12 @@ def main() -> None:
     ap.add_argument("--eval-tasks", type=int, default=600)
     ap.add_argument("--options", default="{}", help="algorithm options as JSON (default: the preset's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", default=None, help="comma-separated CSVs of earlier runs: print one markdown "
+                                                 "table of them and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table([Path(f) for f in args.table.split(",")]))
+        return
     torch.set_num_threads(args.threads)
     milestones = sorted(int(m) for m in args.milestones.split(","))
     out = Path(args.out)

@@ -240,19 +240,31 @@ class NaturalGradientVI(torch.optim.Optimizer):
             ps = group["params"]
             mus, rhos = ps[: len(ps) // 2], ps[len(ps) // 2:]
             for m, r in zip(mus, rhos):
-                if m.grad is not None:
-                    var = torch.exp(2 * r)
-                    step = var * m.grad * group["lr"]
-                    if group["max_step"] is not None:
-                        bound = var.sqrt() * group["max_step"]
-                        step = torch.minimum(torch.maximum(step, -bound), bound)
-                    m.sub_(step)
-                if r.requires_grad and r.grad is not None:
-                    step = 0.5 * group["rho_lr"] * r.grad
-                    if group["max_step"] is not None:  # ρ's natural unit: Fisher 2 → one std = 1/√2
-                        step = step.clamp(-group["max_step"] * _SQRT_HALF, group["max_step"] * _SQRT_HALF)
-                    r.sub_(step)
+                g_rho = r.grad if r.requires_grad else None
+                new_m, new_r = ngvi_update(m, r, m.grad, g_rho, group["lr"], group["rho_lr"], group["max_step"])
+                m.copy_(new_m)
+                r.copy_(new_r)
         return None
+
+
+def ngvi_update(mu: torch.Tensor, rho: torch.Tensor, g_mu: torch.Tensor | None, g_rho: torch.Tensor | None,
+                lr: float, rho_lr: float, max_step: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One NaturalGradientVI step of one tensor as a function, (μ', ρ'): what the optimizer applies in
+    place and what the back-propagating learners unroll (so both follow one rule, trust region
+    included). A None gradient leaves its half unchanged."""
+    if g_mu is not None:
+        var = torch.exp(2 * rho)
+        step = var * g_mu * lr
+        if max_step is not None:
+            bound = var.sqrt() * max_step
+            step = torch.minimum(torch.maximum(step, -bound), bound)
+        mu = mu - step
+    if g_rho is not None:
+        step = 0.5 * rho_lr * g_rho
+        if max_step is not None:  # ρ's natural unit: Fisher 2 → one std = 1/√2
+            step = step.clamp(-max_step * _SQRT_HALF, max_step * _SQRT_HALF)
+        rho = rho - step
+    return mu, rho
 
 
 class VariationalOnlineNewton:

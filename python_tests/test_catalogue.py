@@ -183,10 +183,11 @@ def test_elbo_gradient_matches_unrolled_float64_vi(variant, optimizer):
         if optimizer == "sgd":
             mu, rho = [m - lr * x for m, x in zip(mu, gm)], [r - lr * x for r, x in zip(rho, gr)]
         else:
-            # natural-gradient step, μ step capped at one posterior std (NaturalGradientVI's trust region)
+            # natural-gradient step, μ step capped at one posterior std and ρ step at 1/√2 (its Fisher
+            # unit): NaturalGradientVI's trust region
             mu, rho = ([m - torch.clamp(lr * torch.exp(2 * r) * x, min=-torch.exp(r), max=torch.exp(r))
                         for m, r, x in zip(mu, rho, gm)],
-                       [r - 0.5 * lr * x for r, x in zip(rho, gr)])
+                       [r - torch.clamp(0.5 * lr * x, min=-math.sqrt(0.5), max=math.sqrt(0.5)) for r, x in zip(rho, gr)])
     seed = ops.new_seed(gen)
     x, y = b.joint() if variant == "abml" else b.query
     loss = sum(nll([m + torch.exp(r) * e for m, r, e in zip(mu, rho, _eps(seed, s, mu))], x, y) for s in range(S)) / S
@@ -216,6 +217,27 @@ def test_differentiable_von_follows_the_fused_fit():
     for got, ref in zip(mu + rho, res.posterior.mu + res.posterior.rho):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     assert last == pytest.approx(res.nll, rel=1e-12)
+
+
+def test_unrolled_ngvi_is_the_optimizers_rule_with_its_trust_region():
+    """The back-propagating learners' NGVI steps (without a graph) equal gemext.vi.fit with
+    NaturalGradientVI, with steps large enough that both the μ and the ρ caps are active."""
+    b = _batch(3, dtype=D64)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    learner = algorithms.create("abml", net, sigma0=1.0, likelihood=GaussianLikelihood(0.1),
+                                inner=dict(optimizer="ngvi", lr=1.0, steps=3, optimizer_kwargs={"rho_lr": 1.0}),
+                                seed=1).double()
+    state = learner.generator.get_state()
+    mu, rho, _ = learner._vi(b.x_support, b.y_support, list(learner.prior.mu0), list(learner.prior.rho0), 3,
+                             create_graph=False)
+    learner.generator.set_state(state)
+    prior = learner.prior.expand(3)
+    res = learner._fit(b.x_support, b.y_support, prior, prior, 3)
+    moved = torch.cat([(r - r0).flatten() for r, r0 in zip(res.posterior.rho, prior.rho)])
+    assert moved.abs().max() > 0.999 * 3 * math.sqrt(0.5)  # 3 capped ρ steps on some weight: the cap is active
+    for got, ref in zip(mu + rho, res.posterior.mu + res.posterior.rho):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 def _conjugate_setup(name: str, steps: int, mc: int = 1, **options):

@@ -4,9 +4,10 @@ paper's matrix). Meta-parameters Θ = (μ₀, ρ₀) of a diagonal Gaussian prio
 Per task, λ_K(Θ) = VI(Θ, D_support) is K differentiable steps on −ELBO(λ) = E_q[nll(D_s|θ)] +
 β·KL(q_λ‖p_Θ) from λ₀ = Θ, with reparameterised samples θ = μ + σ·ε (ε from the fused kernels'
 Philox stream, the same ε `gemext.vi.fit` draws for the same seed, so meta-test adaptation with the
-fused `fit` follows the same update). The step is plain SGD on (μ, ρ), or natural-gradient VI
-(μ ← μ − clip(lr·σ²·∂μ, ±max_step·σ), ρ ← ρ − rho_lr/2·∂ρ, with `gemext.vi.NaturalGradientVI`'s
-resolved defaults). The fused `sample` and
+fused `fit` follows the same update). The step is plain SGD on (μ, ρ), natural-gradient VI
+(μ ← μ − clip(lr·σ²·∂μ, ±max_step·σ), ρ ← ρ − clip(rho_lr/2·∂ρ, ±max_step/√2): `gemext.vi.ngvi_update`,
+the very rule of `gemext.vi.NaturalGradientVI`, with its resolved defaults) or the von step
+(`VariationalOnlineNewton.step_differentiable`). The fused `sample` and
 `gaussian_kl` have first-order backward formulas only, so inside the unrolled loop (which needs
 the gradient of a gradient) θ = μ + σ·ε and the KL are written as differentiable torch
 composites; the meta-loss at λ_K uses the fused ops.
@@ -31,7 +32,7 @@ from .. import ops, reference
 from ..gaussian import GaussianPrior, Posterior
 from ..tasks import Task
 from ..vi import (DataTerm, NaturalGradientVI, VariationalOnlineNewton, VIConfig, _backtrack_, _flat, _flat_rows,
-                  _merit, current_task_range, fit, task_starts)
+                  _merit, current_task_range, fit, ngvi_update, task_starts)
 from .base import BayesianPredictor, register_variants
 from .gem import _vi_config
 from .maml import FunctionalLearner, Params
@@ -105,13 +106,10 @@ class VILearner(FunctionalLearner):
                 kl = sum(reference.kl_terms(m, r, m0, r0).sum() for m, r, m0, r0 in zip(mu, rho, pm, pr))
                 g = torch.autograd.grad(data + cfg.beta * kl, mu + rho, create_graph=create_graph)
                 g_mu, g_rho = g[:len(mu)], g[len(mu):]
-                if ngvi:
-                    steps_mu = [cfg.lr * torch.exp(2 * r) * gm for r, gm in zip(rho, g_mu)]
-                    if max_step is not None:  # trust region of NaturalGradientVI: |step| ≤ max_step·σ
-                        steps_mu = [torch.minimum(torch.maximum(st, -max_step * r.exp()), max_step * r.exp())
-                                    for st, r in zip(steps_mu, rho)]
-                    mu = [m - st for m, st in zip(mu, steps_mu)]
-                    rho = [r - 0.5 * rho_lr * gr for r, gr in zip(rho, g_rho)]
+                if ngvi:  # NaturalGradientVI's own rule (trust region included), as a function
+                    new = [ngvi_update(m, r, gm, gr, cfg.lr, rho_lr, max_step)
+                           for m, r, gm, gr in zip(mu, rho, g_mu, g_rho)]
+                    mu, rho = [n[0] for n in new], [n[1] for n in new]
                 else:
                     mu = [m - cfg.lr * gm for m, gm in zip(mu, g_mu)]
                     rho = [r - cfg.lr * gr for r, gr in zip(rho, g_rho)]

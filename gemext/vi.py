@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -450,7 +451,7 @@ class VIConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"VIConfig.batch_size must be >= 1 or None, got {self.batch_size}")
         if self.optimizer_class() is VariationalOnlineNewton:  # fail early on bad options
-            known = {"h_decay", "damping", "coupling", "curvature", "control_variate", "backtrack"}
+            known = set(inspect.signature(VariationalOnlineNewton).parameters) - {"lr"}
             unknown = sorted(set(self.optimizer_kwargs) - known)
             if unknown:
                 raise ValueError(f"von: unknown optimizer_kwargs {unknown}; its options are {sorted(known)}")
@@ -612,16 +613,27 @@ def _minibatch(n_data: int, config: VIConfig, generator: torch.Generator | None,
 
 def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConfig,
              generator: torch.Generator | None, callback: Callable[[int, Posterior], None] | None,
-             task_range: tuple[int, int] | None) -> FitResult:
-    """`fit` with the variational online Newton step (see VariationalOnlineNewton)."""
+             task_range: tuple[int, int] | None, create_graph: bool = False) -> FitResult:
+    """`fit` with the variational online Newton step (see VariationalOnlineNewton).
+
+    create_graph=True is the same update as a differentiable composite (for the learners that
+    back-propagate through their inner loop): `prior` and `init` may carry a graph to the
+    meta-parameters, the data gradient is taken with create_graph, the step is
+    `step_differentiable`, and the returned posterior carries the graph. The curvature rows, the
+    backtracking decision (each task's accepted step fraction) and the merit values are data."""
     von = VariationalOnlineNewton(lr=config.lr, **config.optimizer_kwargs)
     if von.uses_ggn() and not hasattr(nll, "value_grad_rows"):
         raise TypeError("fit: von with curvature='ggn' needs a gemext.vi.DataTerm (the model's outputs and "
                         "likelihood) instead of a plain nll callable; pass optimizer_kwargs="
                         "{'curvature': 'reparam', 'coupling': 'diag'} for any callable")
-    mu = [m.detach().clone() for m in init.mu]
-    rho = [r.detach().clone() for r in init.rho]
-    h = [torch.zeros_like(m) for m in mu]
+    if create_graph:
+        mu, rho = list(init.mu), list(init.rho)
+        data_prior = Posterior(prior.names, [m.detach() for m in prior.mu], [r.detach() for r in prior.rho])
+    else:
+        mu = [m.detach().clone() for m in init.mu]
+        rho = [r.detach().clone() for r in init.rho]
+        data_prior = prior
+    h = [torch.zeros_like(m).detach() for m in mu]
     S, beta = config.mc_samples, config.beta
     starts = task_starts(mu, task_range or current_task_range())
     last = float("nan")
@@ -637,49 +649,67 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         curv = None
         extra: dict[int, torch.Tensor] = {}
         total = 0.0
+        need_eps = create_graph or (not von.uses_ggn() and S > 1)  # else the kernels regenerate ε themselves
         for s in range(S):
-            with torch.no_grad():
-                theta = ops.sample(mu, rho, seed, s, starts)
-            if von.uses_ggn():
-                value, g, r_s = nll.value_grad_rows(theta, index, generator)
-                total += value * (scale / S)
-                g = [gi * (scale / S) for gi in g]
-                r_s = [r * math.sqrt(scale / S) for r in r_s]
-                rows.append(r_s)
-                if von.control_variate:
+            if need_eps:
+                with torch.no_grad():
+                    eps = ops.sample([torch.zeros_like(m) for m in mu], [torch.zeros_like(r) for r in rho], seed, s,
+                                     starts)
+            with torch.enable_grad():
+                if create_graph:  # θ = μ + σε as a graph (the fused sample is first-order only)
+                    theta = [m + r.exp() * e for m, r, e in zip(mu, rho, eps)]
+                else:
                     with torch.no_grad():
+                        theta = ops.sample(mu, rho, seed, s, starts)
+                if von.uses_ggn():
+                    value, g, r_s = nll.value_grad_rows([t.detach() for t in theta], index, generator)
+                    if create_graph:
+                        g = list(torch.autograd.grad(nll(theta, index), theta, create_graph=True))
+                    total += value * (scale / S)
+                    g = [gi * (scale / S) for gi in g]
+                    r_s = [r * math.sqrt(scale / S) for r in r_s]
+                    rows.append(r_s)
+                    if von.control_variate:  # R(θ − μ); differentiable in σ in graph mode (the noise it cancels)
                         delta = _flat([t - m for t, m in zip(theta, mu)])
                         offsets.append(torch.einsum("tmd,td->tm", _flat_rows(r_s), delta))
-                for i, c in nll.lik_curvature(theta, index).items():
-                    extra[i] = extra.get(i, 0.0) + c * (scale / S)
-            else:
-                theta = [t.requires_grad_(True) for t in theta]
-                loss = nll(theta, index) * (scale / S)
-                g = list(torch.autograd.grad(loss, theta))
-                total += float(loss.detach())
-            if not von.uses_ggn() and S > 1:  # the kernel's own g·ε/σ uses sample 0 only: average here
-                with torch.no_grad():
-                    eps = ops.sample([torch.zeros_like(m) for m in mu], [torch.zeros_like(r) for r in rho], seed, s, starts)
-                    c_s = [(gi * e * torch.exp(-r) * S).clamp_min(0) / S for gi, e, r in zip(g, eps, rho)]
-                curv = c_s if curv is None else [a + b for a, b in zip(curv, c_s)]
-            g = [gi.detach() for gi in g]
-            if grad is None:
-                grad = g
-            else:
-                torch._foreach_add_(grad, g)
+                    for i, c in nll.lik_curvature(theta, index).items():
+                        extra[i] = extra.get(i, 0.0) + c * (scale / S)
+                else:
+                    if not create_graph:
+                        theta = [t.requires_grad_(True) for t in theta]
+                    loss = nll(theta, index) * (scale / S)
+                    g = list(torch.autograd.grad(loss, theta, create_graph=create_graph))
+                    total += float(loss.detach())
+                    if S > 1:  # the kernel's own g·ε/σ uses sample 0 only: average the clamped estimates
+                        c_s = [(gi * e * torch.exp(-r)).clamp_min(0) / S for gi, e, r in zip(g, eps, rho)]
+                        curv = c_s if curv is None else [a + b for a, b in zip(curv, c_s)]
+            if not create_graph:
+                g = [gi.detach() for gi in g]
+            grad = g if grad is None else [a + b for a, b in zip(grad, g)]
         last = total
         if not math.isfinite(last):
             raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")
         stacked = [torch.cat(parts, 1) for parts in zip(*rows)] if rows else None
+        row_offset = torch.cat(offsets, 1) if offsets else None
         search = von.backtrack > 0 and hasattr(nll, "task_nll")
-        if search:
-            mu_old = [m.clone() for m in mu]
-            if merit is None or index is not None:  # full-data steps reuse the last accepted value
-                merit = _merit(nll, mu, prior, beta, index, scale)
-        von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv,
-                 torch.cat(offsets, 1) if offsets else None)
-        if search:
-            merit, _ = _backtrack_(nll, mu, mu_old, merit, prior, beta, index, scale, von.backtrack)
+        mu_old = [m.detach().clone() for m in mu] if search else None
+        if search and (merit is None or index is not None):  # full-data steps reuse the last accepted value
+            merit = _merit(nll, mu_old, data_prior, beta, index, scale)
+        if create_graph:
+            with torch.enable_grad():
+                mu_new, rho, h = von.step_differentiable(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts,
+                                                         curv, row_offset)
+            if search:
+                trial = [m.detach().clone() for m in mu_new]
+                merit, frac = _backtrack_(nll, trial, mu_old, merit, data_prior, beta, index, scale, von.backtrack)
+                if bool((frac != 1).any()):
+                    mu_new = [m0 + frac.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1))) * (m - m0)
+                              for m, m0 in zip(mu_new, mu)]
+            mu = mu_new
+        else:
+            von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv, row_offset)
+            if search:
+                merit, _ = _backtrack_(nll, mu, mu_old, merit, prior, beta, index, scale, von.backtrack)
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, mu, rho), last)

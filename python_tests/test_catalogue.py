@@ -200,8 +200,9 @@ def test_elbo_gradient_matches_unrolled_float64_vi(variant, optimizer):
 
 
 def _unrolled_and_fused(sigma0: float, noise: float, inner: dict):
-    """ABML on a tiny float64 net: its unrolled VI (no graph) and gemext.vi.fit from the same
-    generator state, 3 steps on 3 sinusoid tasks. Returns (μ, ρ, last nll, fit result, prior)."""
+    """ABML on a tiny float64 net: its unrolled, differentiable VI (graph to Θ) and the graph-free
+    gemext.vi.fit from the same generator state, 3 steps on 3 sinusoid tasks, same values.
+    Returns (μ, ρ, last nll, fit result, prior)."""
     b = _batch(3, dtype=D64)
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
@@ -209,7 +210,9 @@ def _unrolled_and_fused(sigma0: float, noise: float, inner: dict):
                                 inner=dict(steps=3, **inner), seed=1).double()
     state = learner.generator.get_state()
     mu, rho, last = learner._vi(b.x_support, b.y_support, list(learner.prior.mu0), list(learner.prior.rho0), 3,
-                                create_graph=False)
+                                create_graph=True)
+    assert mu[0].requires_grad and rho[0].requires_grad
+    mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]
     learner.generator.set_state(state)
     prior = learner.prior.expand(3)
     res = learner._fit(b.x_support, b.y_support, prior, prior, 3)

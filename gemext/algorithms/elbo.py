@@ -21,7 +21,6 @@ Memory grows with the inner steps (the unrolled graph), unlike the Gradient-EM l
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -31,8 +30,8 @@ from torch import nn
 from .. import ops, reference
 from ..gaussian import GaussianPrior, Posterior
 from ..tasks import Task
-from ..vi import (DataTerm, NaturalGradientVI, VariationalOnlineNewton, VIConfig, _backtrack_, _flat, _flat_rows,
-                  _merit, current_task_range, fit, ngvi_update, task_starts)
+from ..vi import (DataTerm, NaturalGradientVI, VIConfig, _fit_von, current_task_range, fit, ngvi_update,
+                  task_starts)
 from .base import BayesianPredictor, register_variants
 from .gem import _vi_config
 from .maml import FunctionalLearner, Params
@@ -62,12 +61,11 @@ class VILearner(FunctionalLearner):
         self.inner = _vi_config(inner, steps=inner_steps, lr=lr, beta=beta, mc_samples=mc_samples)
         opt = self.inner.optimizer
         if not (isinstance(opt, str) and opt.lower() in _DIFFERENTIABLE_VI):
-            raise ValueError(f"{self.name}: the differentiable VI supports optimizer 'sgd' or 'ngvi', got {opt!r}")
-        if opt.lower() == "von":
-            VariationalOnlineNewton(lr=self.inner.lr, **self.inner.optimizer_kwargs)  # its own argument checks
-            extra: set[str] = set()
-        else:
-            extra = set(self.inner.optimizer_kwargs) - ({"rho_lr", "max_step"} if opt.lower() == "ngvi" else set())
+            raise ValueError(f"{self.name}: the differentiable VI supports optimizer 'sgd', 'ngvi' or 'von', "
+                             f"got {opt!r}")
+        # von's options were checked by VIConfig; ngvi takes its two, sgd none
+        allowed = {"ngvi": {"rho_lr", "max_step"}, "sgd": set()}.get(opt.lower(), set(self.inner.optimizer_kwargs))
+        extra = set(self.inner.optimizer_kwargs) - allowed
         if extra or self.inner.batch_size is not None:
             raise ValueError(f"{self.name}: the differentiable VI takes no optimizer_kwargs {sorted(extra)} "
                              "and no batch_size")
@@ -120,63 +118,11 @@ class VILearner(FunctionalLearner):
 
     def _vi_von(self, term: DataTerm, mu: Params, rho: Params, pm: Params, pr: Params, steps: int,
                 create_graph: bool) -> tuple[Params, Params, float]:
-        """`_vi` with the variational online Newton step: the update of `gemext.vi.fit` (same ε,
-        curvature rows, control variate and per-task backtracking) written as a differentiable
-        composite. The backtracking decision (each task's accepted step fraction) is data."""
-        cfg = self.inner
-        rule = VariationalOnlineNewton(lr=cfg.lr, **cfg.optimizer_kwargs)
-        S, beta = cfg.mc_samples, cfg.beta
-        starts = task_starts(mu, current_task_range())
-        h = [torch.zeros_like(m).detach() for m in mu]
-        detached_prior = Posterior(self.names, [m.detach() for m in pm], [r.detach() for r in pr])
-        prior = Posterior(self.names, pm, pr)
-        merit, last = None, float("nan")
-        with torch.enable_grad():
-            for _ in range(steps):
-                if not create_graph:
-                    mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]
-                seed = ops.new_seed(self.generator)
-                grad: Params | None = None
-                rows, offsets, extra, curv, total = [], [], {}, None, 0.0
-                for s in range(S):
-                    eps = self._eps(mu, seed, s)
-                    theta = [m + r.exp() * e for m, r, e in zip(mu, rho, eps)]
-                    if not create_graph:
-                        theta = [t.detach().requires_grad_(True) for t in theta]
-                    data = term(theta, None) / S
-                    g = list(torch.autograd.grad(data, theta, create_graph=create_graph))
-                    total += float(data.detach())
-                    if rule.uses_ggn():
-                        r_s = [r * math.sqrt(1.0 / S) for r in
-                               term.ggn_rows([t.detach() for t in theta], None, self.generator)]
-                        rows.append(r_s)
-                        if rule.control_variate:  # R(θ − μ), differentiable in σ: the noise it cancels is
-                            offsets.append(torch.einsum("tmd,td->tm", _flat_rows(r_s),
-                                                        _flat([t - m for t, m in zip(theta, mu)])))
-                        for i, c in term.lik_curvature(theta, None).items():
-                            extra[i] = extra.get(i, 0.0) + c / S
-                    elif S > 1:  # as `fit`: the sample-mean of the clamped g·ε/σ
-                        c_s = [(gi * e * torch.exp(-r)).clamp_min(0) / S for gi, e, r in zip(g, eps, rho)]
-                        curv = c_s if curv is None else [a + b for a, b in zip(curv, c_s)]
-                    grad = g if grad is None else [a + b for a, b in zip(grad, g)]
-                last = total
-                stacked = [torch.cat(parts, 1) for parts in zip(*rows)] if rows else None
-                mu_new, rho, h = rule.step_differentiable(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts,
-                                                          curv, torch.cat(offsets, 1) if offsets else None)
-                if rule.backtrack > 0:
-                    mu_old = [m.detach() for m in mu]
-                    if merit is None:
-                        merit = _merit(term, mu_old, detached_prior, beta, None, 1.0)
-                    trial = [m.detach().clone() for m in mu_new]
-                    merit, frac = _backtrack_(term, trial, mu_old, merit, detached_prior, beta, None, 1.0,
-                                              rule.backtrack)
-                    if bool((frac != 1).any()):
-                        mu_new = [m0 + frac.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1))) * (m - m0)
-                                  for m, m0 in zip(mu_new, mu)]
-                mu = mu_new
-        if not create_graph:
-            mu, rho = [m.detach() for m in mu], [r.detach() for r in rho]
-        return mu, rho, last
+        """`_vi` with the variational online Newton step: `gemext.vi`'s own von loop, in its
+        differentiable mode when the graph is wanted."""
+        res = _fit_von(term, term.x.shape[1], Posterior(self.names, pm, pr), Posterior(self.names, mu, rho),
+                       replace(self.inner, steps=steps), self.generator, None, None, create_graph=create_graph)
+        return res.posterior.mu, res.posterior.rho, res.nll
 
     def _term(self, x: torch.Tensor, y: torch.Tensor) -> DataTerm:
         return DataTerm(self.forward_net, self.net.likelihood, x, y, self.names)

@@ -376,3 +376,32 @@ def test_forward_keyword_arguments_reach_every_call(algo):
     out = learner.adapt((b.x_support[0], b.y_support[0])).predict(b.x_query[0])
     mean = out[0] if isinstance(out, tuple) else out
     assert torch.equal(mean, torch.zeros_like(mean))  # scale 0 was applied
+
+
+class _GRURegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.out = nn.GRU(1, 8, batch_first=True), nn.Linear(8, 1)
+
+    def forward(self, x):  # x: [N, steps, 1] sequences
+        h, _ = self.rnn(x)
+        return self.out(h[:, -1])
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "maml", "abml"])
+def test_recurrent_models_fall_back_to_the_task_loop(algo):
+    """torch.func has no batching rule for nn.GRU: 'auto' loops over tasks (as for BatchNorm), and
+    vectorize=True is refused with the reason instead of a raw vmap error."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    b = Task(torch.randn(2, 6, 4, 1, generator=g), torch.randn(2, 6, 1, generator=g),
+             torch.randn(2, 5, 4, 1, generator=g), torch.randn(2, 5, 1, generator=g))
+    learner = algorithms.create(algo, _GRURegressor(), inner_steps=1)
+    assert not learner.forward_net.vectorize
+    stats = learner.meta_backward(b)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    with pytest.raises(ValueError, match="cannot vmap GRU"):
+        algorithms.create(algo, _GRURegressor(), inner_steps=1, vectorize=True)
+    bn = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="BatchNorm1d updates its running statistics"):
+        algorithms.create(algo, bn, inner_steps=1, vectorize=True)

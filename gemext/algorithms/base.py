@@ -62,8 +62,28 @@ def register_variants(cls: type, *variants: str) -> None:
         register(v)(make)
 
 
-def has_running_stats(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+def _task_loop_reason(model: nn.Module) -> str | None:
+    """Why the tasks of a meta-batch cannot be vmapped for this model (None when they can):
+    BatchNorm running statistics are mutated by the forward, and torch.func has no batching rule
+    for the fused recurrent kernels (nn.RNN / LSTM / GRU)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            return f"{type(m).__name__} updates its running statistics"
+        if isinstance(m, nn.RNNBase):
+            return f"torch.func cannot vmap {type(m).__name__}"
+    return None
+
+
+def resolve_vectorize(name: str, model: nn.Module, vectorize: bool | str) -> bool:
+    """The learners' one rule for `vectorize`: "auto" vmaps the tasks unless the model needs the
+    loop over tasks; True on such a model is refused with the reason."""
+    reason = _task_loop_reason(model)
+    if vectorize == "auto":
+        return reason is None
+    if vectorize and reason is not None:
+        raise ValueError(f"{name}: vectorize=True is impossible here ({reason} inside torch.func transforms); "
+                         "use vectorize='auto' or False (a loop over tasks)")
+    return bool(vectorize)
 
 
 class FunctionalNet:

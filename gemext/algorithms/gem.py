@@ -18,7 +18,7 @@ from ..gaussian import GaussianPrior, Posterior, detach_parameters
 from ..tasks import Task
 from ..vi import (DataTerm, FitResult, GaussianLikelihood, NaturalGradientVI, VariationalOnlineNewton, VIConfig,
                   fit)
-from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register_variants
+from .base import BayesianPredictor, FunctionalNet, MetaLearner, register_variants, resolve_vectorize
 
 
 class _Net(nn.Module):
@@ -82,9 +82,8 @@ class GEMLearner(MetaLearner):
                                    learn_sigma=learn_sigma and not self.delta, sigma0_range=sigma0_range)
         # every module parameter now lives in the prior or stays fixed: parameters() = Θ only
         detach_parameters(self.net, self.prior.names)
-        if vectorize == "auto":
-            vectorize = not has_running_stats(model)
-        self.forward_net = FunctionalNet(self.net, self.prior.names, bool(vectorize), forward_kwargs)
+        vectorize = resolve_vectorize(variant, model, vectorize)
+        self.forward_net = FunctionalNet(self.net, self.prior.names, vectorize, forward_kwargs)
         self.predict_samples = predict_samples
         self.generator = torch.Generator().manual_seed(seed)
 

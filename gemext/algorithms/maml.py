@@ -28,7 +28,7 @@ from torch.func import grad, grad_and_value, jvp, vmap
 from ..gaussian import Posterior, detach_parameters, split_parameters
 from ..tasks import Task
 from ..vi import GaussianLikelihood, VIConfig
-from .base import BayesianPredictor, FunctionalNet, MetaLearner, has_running_stats, register_variants
+from .base import BayesianPredictor, FunctionalNet, MetaLearner, register_variants, resolve_vectorize
 from .gem import _Net
 
 Params = list[torch.Tensor]
@@ -52,12 +52,8 @@ class FunctionalLearner(MetaLearner):
     def _finish_take_over(self, names: list[str], vectorize: bool | str, forward_kwargs: dict | None = None) -> None:
         self.names = list(names)
         detach_parameters(self.net, self.names)
-        if vectorize == "auto":
-            vectorize = not has_running_stats(self.net.model)
-        elif vectorize and has_running_stats(self.net.model):
-            raise ValueError(f"{self.name}: vectorize=True cannot update BatchNorm running statistics inside "
-                             "torch.func transforms; use vectorize='auto' or False (a loop over tasks)")
-        self.forward_net = FunctionalNet(self.net, self.names, bool(vectorize), forward_kwargs)
+        vectorize = resolve_vectorize(self.name, self.net.model, vectorize)
+        self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs)
         self._lik_idx = [i for i, n in enumerate(self.names) if n.startswith("likelihood.")]
 
     @property

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import io
@@ -182,3 +183,39 @@ def open_folder(folder: Path, resume: bool, overwrite: bool) -> RunLock:
         lock.release()
         raise
     return lock
+
+
+class RunLog:
+    """OUT/log.csv, one row per logged iteration, readable while the run goes on: each row is
+    appended as it comes (the whole file is rewritten only when the columns change). Resuming from a
+    checkpoint at iteration `resume_from` keeps the rows up to it and drops any logged after it."""
+
+    def __init__(self, path: Path, resume_from: int | None = None, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        self.rows: list[dict] = []
+        self._columns: list[str] | None = None
+        if resume_from is not None and path.exists():
+            with open(path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_from]
+            self._rewrite()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        if self._columns is None or not set(row) <= set(self._columns):
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self._columns, restval="").writerow(row)
+
+    def _rewrite(self) -> None:
+        if not self.enabled or not self.rows:
+            return
+        self._columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = unique_tmp(self.path)
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._columns, restval="")
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)

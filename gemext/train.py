@@ -2,7 +2,6 @@
 checkpoint.pt (with every RNG state, so --resume continues bit-for-bit) and metrics.json."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -327,8 +326,7 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
         start, wall_before, skipped = ckpt["iteration"], ckpt["wall_s"], ckpt.get("skipped", 0)
     if dctx.is_main:
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-    log_path = out / "log.csv"
-    rows = _read_log(log_path, upto=start) if resume else []
+    log = runs.RunLog(out / "log.csv", start if resume else None, enabled=dctx.is_main)
     t0 = time.perf_counter()
 
     def save(iteration: int) -> None:
@@ -338,7 +336,6 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
                      "learner": learner.state_dict(), "optimizer": opt.state_dict(),
                      "rng": _rng_state(task_gen, learner), "skipped": skipped,
                      "wall_s": wall_before + time.perf_counter() - t0}, ckpt_path)
-        _write_log(log_path, rows)
 
     bar = Progress(range(start, config.iterations), config.iterations, f"{config.algo} {config.task}", start,
                    every=config.log_every, enabled=progress if dctx.is_main else False)
@@ -374,10 +371,8 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
             if done % config.log_every == 0 or done == config.iterations:
                 row = {"iteration": done, "wall_s": round(wall_before + time.perf_counter() - t0, 3),
                        "skipped": skipped, **{k: round(v, 6) for k, v in stats.items()}}
-                rows.append(row)
+                log.add(row)
                 bar.set_postfix(stats)
-                if dctx.is_main:  # readable while the run goes on, not only at checkpoints
-                    _write_log(log_path, rows)
             if on_iteration is not None:
                 on_iteration(done)
             if not dctx.enabled:  # distributed ranks act on the agreed flag only, never on a local one
@@ -393,25 +388,6 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
         {"task": config.task, "algo": config.algo, "seed": config.seed, "iterations": config.iterations,
          "wall_s": wall_before + time.perf_counter() - t0, "skipped_steps": skipped}, indent=2))
     return out
-
-
-def _read_log(path: Path, upto: int) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if int(r["iteration"]) <= upto]
-
-
-def _write_log(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = runs.unique_tmp(path)
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ evaluation

@@ -317,3 +317,21 @@ def test_settings_a_task_family_does_not_read_are_refused(tmp_path, capsys):
     for i, (args, message) in enumerate(cases):
         assert cli.main(["train", *args, *base, "--out", str(tmp_path / f"r{i}")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_run_log_appends_rows_and_truncates_on_resume(tmp_path):
+    from gemext.runs import RunLog
+
+    path = tmp_path / "log.csv"
+    log = RunLog(path)
+    for i in (1, 2, 3):
+        log.add({"iteration": i, "loss": i / 10})
+    inode = path.stat().st_ino
+    log.add({"iteration": 4, "loss": 0.4})  # same columns: appended in place, not rewritten
+    assert path.stat().st_ino == inode
+    assert path.read_text().splitlines() == ["iteration,loss", "1,0.1", "2,0.2", "3,0.3", "4,0.4"]
+    log.add({"iteration": 5, "loss": 0.5, "kl": 1.0})  # a new column: the file is rewritten with it
+    assert path.read_text().splitlines()[0] == "iteration,loss,kl" and path.read_text().splitlines()[-1] == "5,0.5,1.0"
+    resumed = RunLog(path, resume_from=3)  # a checkpoint at 3: rows logged after it are dropped
+    assert [r["iteration"] for r in resumed.rows] == ["1", "2", "3"]
+    assert path.read_text().splitlines()[-1] == "3,0.3,"

@@ -348,7 +348,7 @@ def _train_rl(config, out: Path, resume: bool, progress: bool | None,
     cfg = asdict(config)
     cfg["algo_options"] = {**_options(config), "resolved": asdict(settings)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    rows = core._read_log(out / "log.csv", upto=start) if resume else []
+    log = runs.RunLog(out / "log.csv", start if resume else None)
     t0 = time.perf_counter()
 
     def wall() -> float:
@@ -358,7 +358,6 @@ def _train_rl(config, out: Path, resume: bool, progress: bool | None,
         runs.atomic_save({"config": asdict(config), "iteration": iteration, "learner": learner.state_dict(), "wall_s": wall(),
                           "rng": {"tasks": task_rng.bit_generator.state, "sampler": sampler.rng_state(),
                                   "torch": torch.get_rng_state()}}, ckpt_path)
-        core._write_log(out / "log.csv", rows)
 
     from ...progress import Progress
 
@@ -369,10 +368,9 @@ def _train_rl(config, out: Path, resume: bool, progress: bool | None,
             stats = learner.meta_step(sample_tasks(config.task, settings.meta_batch, task_rng))
             done = it + 1
             if done % config.log_every == 0 or done == config.iterations:
-                rows.append({"iteration": done, "wall_s": round(wall(), 3),
-                             "env_steps": sampler.collector.total_steps, **{k: round(v, 5) for k, v in stats.items()}})
+                log.add({"iteration": done, "wall_s": round(wall(), 3),
+                         "env_steps": sampler.collector.total_steps, **{k: round(v, 5) for k, v in stats.items()}})
                 bar.set_postfix(stats)
-                core._write_log(out / "log.csv", rows)
             if on_iteration is not None:
                 on_iteration(done)
             if done % config.checkpoint_every == 0 or done == config.iterations or stop.signum is not None:

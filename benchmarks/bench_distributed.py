@@ -4,8 +4,9 @@ all-reduced per meta-step vs model size, and Θ agreement between world sizes.
 
     python benchmarks/bench_distributed.py [--iterations 5] [--write benchmarks/RESULTS.md]
 
-Each configuration runs the training loop's own pieces (task slice, meta_backward under the shard's
-noise range, DistContext.step, Adam) in fresh processes started by torch.multiprocessing."""
+Each configuration runs the training loop's own meta-step (gemext.train.meta_step: task slice,
+meta_backward with the shard's noise range, DistContext.step, Adam) in fresh processes started by
+torch.multiprocessing."""
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,10 @@ def _build(case: str):
     if task == "sinusoid":
         from gemext.train import RunConfig, build
         family, learner, _ = build(RunConfig(task=task, algo=algo, inner_steps=steps, meta_batch=T, out="-"))
-        return learner, lambda g: family.sample(T, g, "train"), T
+        return learner, lambda g: family.sample(T, g), T
+    from gemext.families.vision import VISION_DEFAULTS
     from gemext.tasks import Task
     from gemext.tasks.vision import make_backbone
-    from gemext.tasks.vision_train import VISION_DEFAULTS
     from gemext.vi import CategoricalLikelihood
     opts = {**VISION_DEFAULTS.get(algo, {}), "inner_steps": steps, "likelihood": CategoricalLikelihood()}
     learner = algorithms.create(algo, make_backbone("omniglot", 5), **opts)
@@ -53,21 +54,16 @@ def _worker(rank: int, world: int, port: int, case: str, iterations: int, out: s
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from gemext import distributed
+    from gemext.train import meta_step
     ctx = distributed.setup("cpu")
     torch.manual_seed(0)
     learner, sample, T = _build(case)
-    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    opt = learner.meta_optimizer(1e-3)
     g = torch.Generator().manual_seed(0)
-    lo, hi = ctx.shard(T)
     times = []
     for _ in range(iterations + 2):  # two warm-up iterations
         t0 = time.perf_counter()
-        batch = sample(g)
-        opt.zero_grad(set_to_none=True)
-        with ctx.sharded(lo, T):
-            stats = learner.meta_backward(batch[lo:hi])
-        ctx.step(learner.parameters(), stats, hi - lo, T, False, False, 0)
-        opt.step()
+        meta_step(learner, opt, sample(g), ctx)  # the training loop's own meta-step
         times.append(time.perf_counter() - t0)
     if ctx.is_main:
         prior = getattr(learner, "prior", None)  # GEM: Θ = (μ₀, ρ₀) is twice the model
@@ -117,7 +113,8 @@ def main() -> None:
 
 def _write(path: Path, rows: list[dict], args) -> None:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), platform.processor())
+    model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")),
+                 platform.processor())
     cores = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("CPU(s)")), "?")
     table = ["| case | processes | meta-it/s | scaling efficiency | bytes all-reduced / step | model bytes (fp32) "
              "| Θ bytes (μ₀, ρ₀) | max abs ΔΘ vs 1 process |", "|---|---|---|---|---|---|---|---|"]

@@ -32,7 +32,7 @@ def main() -> None:
     learners = {}
     for name, opts in VARIANTS.items():
         fam, learner, T = build(RunConfig(task="sinusoid", algo="gem-bml+", out="unused", algo_options=opts))
-        batch = fam.sample(T, torch.Generator().manual_seed(0), "train")
+        batch = fam.sample(T, torch.Generator().manual_seed(0))
         learner.meta_backward(batch)  # warm-up
         learners[name] = (learner, batch)
     times: dict[str, list[float]] = {n: [] for n in learners}

@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # Inductor's background compile workers would compete with the timed kernels for the cores.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")

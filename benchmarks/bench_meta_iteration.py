@@ -49,7 +49,8 @@ def plain_gem_bml_plus(model, mu0, rho0, batch, steps, lr, beta, noise=0.5, rho_
         for i in range(len(mu0)):
             inv = torch.exp(-2 * rho0[i])
             g_mu[i] -= (ma[i] - mt[i]) * inv / T
-            g_rho[i] -= ((ma[i] - mu0[i]) ** 2 + (2 * ra[i]).exp() - (mt[i] - mu0[i]) ** 2 - (2 * rt[i]).exp()) * inv / T
+            g_rho[i] -= ((ma[i] - mu0[i]) ** 2 + (2 * ra[i]).exp()
+                         - (mt[i] - mu0[i]) ** 2 - (2 * rt[i]).exp()) * inv / T
     return g_mu, g_rho
 
 
@@ -94,18 +95,20 @@ def main() -> None:
         cfg = RunConfig(task="sinusoid", algo=algo, inner_steps=args.steps, out="/tmp/unused")
         family, learner, _ = build(cfg)
         batch = family.sample(args.meta_batch, torch.Generator().manual_seed(0))
-        model = family.make_model()
+        model = family.data.make_model()
         mu0 = [p.detach() for p in learner.prior.mu0]
         rho0 = [p.detach() for p in learner.prior.rho0]
 
-        def fused():
+        def fused(learner=learner, batch=batch):
             learner.zero_grad(set_to_none=True)
             learner.meta_backward(batch)
         if algo == "gem-bml+":
             inner = learner.inner
-            plain = lambda: plain_gem_bml_plus(model, mu0, rho0, batch, args.steps, inner.lr, inner.beta)  # noqa: E731
+            plain = lambda model=model, mu0=mu0, rho0=rho0, batch=batch, inner=inner: plain_gem_bml_plus(  # noqa: E731
+                model, mu0, rho0, batch, args.steps, inner.lr, inner.beta)
         else:
-            plain = lambda: plain_reptile(model, mu0, batch, args.steps, learner.inner.lr)  # noqa: E731
+            plain = lambda model=model, mu0=mu0, batch=batch, learner=learner: plain_reptile(  # noqa: E731
+                model, mu0, batch, args.steps, learner.inner.lr)
         t_fused, t_plain = _time(fused, args.repeats), _time(plain, max(2, args.repeats // 2))
         rows.append({"algo": algo, "meta_batch": args.meta_batch, "inner_steps": args.steps,
                      "plain_loop_s": t_plain, "gemext_s": t_fused, "speedup": t_plain / t_fused})

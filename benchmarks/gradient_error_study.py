@@ -1,6 +1,7 @@
-"""Gradient-estimation study (paper App. C.1) on the conjugate model of python_tests/conjugate.py:
-linear-Gaussian regression with orthogonal features, so the exact posterior is a diagonal Gaussian
-and ∇_Θ log p(D; Θ) is exact (autograd through the closed-form marginal likelihood).
+"""Gradient-estimation study (paper App. C.1) on a conjugate model (defined below, `problem`; the same
+problems as the test suite's conjugate model): linear-Gaussian regression with orthogonal features, so
+the exact posterior is a diagonal Gaussian and ∇_Θ log p(D; Θ) is exact (autograd through the
+closed-form marginal likelihood).
 
 For K VI steps (natural-gradient VI of gemext.vi, lr 0.02 for μ and ρ, 4 MC samples per step, β = 1,
 from λ = Θ; μ steps above ≈0.045 diverge on this problem, as did 1 MC sample at lr 0.05) on
@@ -20,7 +21,7 @@ and KL(q_λK ‖ p(θ | D)) to the exact posterior.
 q_K on D from λ = Θ with 1 MC sample per step, β = 1, and reports, per method and K, the mean over
 --problems conjugate problems × --repeats ε streams of the relative error of ĝ(λ_K) and
 KL(q_K ‖ target) in nats per task, on two problems:
-- `orthogonal`: problem(seed) of python_tests/conjugate.py; the target is the exact (diagonal) posterior.
+- `orthogonal`: problem(seed) below; the target is the exact (diagonal) posterior.
 - `correlated`: Gaussian features (5 + 5 points, 6 weights), so the exact posterior is a full Gaussian
   that no diagonal q contains. The target is the best diagonal one (the exact mean, variances
   1/diag(precision)); even there ĝ misses the exact gradient by a floor, reported with the table.
@@ -32,21 +33,23 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_tests"))
-from conjugate import exact_posterior, log_marginal, problem  # noqa: E402
-
-from gemext import algorithms, ops, reference  # noqa: E402
-from gemext.vi import GaussianLikelihood, VariationalOnlineNewton  # noqa: E402
+from gemext import algorithms, ops, reference
+from gemext.reference import conjugate_problem as problem
+from gemext.reference import exact_posterior, log_marginal
+from gemext.vi import GaussianLikelihood, VariationalOnlineNewton
 
 STEPS = (1, 2, 5, 10, 50, 200)
 
 
+# ----------------------------------------------------------------------------- the conjugate oracle
+# y = Φθ + N(0, noise²), prior θ ~ N(μ₀, diag σ₀²), σ₀ = exp(ρ₀). With ΦᵀΦ diagonal the exact posterior
+# is the diagonal Gaussian with precision 1/σ₀² + diag(ΦᵀΦ)/noise², and the marginal likelihood is
+# N(y; Φμ₀, Φ diag(σ₀²) Φᵀ + noise² I).
 def exact_elbo(phi, y, mu, rho, mu0, rho0, noise):
     """ELBO(λ, Θ) of y = Φθ + N(0, noise²) in closed form (differentiable in all four)."""
     var = torch.exp(2 * rho)
@@ -247,7 +250,7 @@ def von_study(args, out: Path) -> None:
              f"∞ = some runs diverged (count in brackets). von defaults: {von_defaults}.", ""]
     for variant in VARIANTS:
         target = "exact posterior" if variant == "orthogonal" else "best diagonal q"
-        title = ("orthogonal features (python_tests/conjugate.py: 11 points, 4 weights, noise 0.3)"
+        title = ("orthogonal features (conjugate model: 11 points, 4 weights, noise 0.3)"
                  if variant == "orthogonal" else "correlated Gaussian features (10 points, 6 weights, noise 0.3)")
         for key, what in (("rel_error", "‖ĝ − ∇ log p(D; Θ)‖ / ‖∇ log p(D; Θ)‖"),
                           ("kl", f"KL(q_K ‖ {target}), nats per task")):
@@ -312,11 +315,13 @@ def main(argv=None) -> None:
     ap.add_argument("--study", choices=("backprop", "von"), default="backprop",
                     help="backprop: Gradient-EM vs back-propagation through ngvi; von: inner VI optimizers for GEM-BML")
     ap.add_argument("--repeats", type=int, default=None, help="ε streams (per problem for --study von); default 20 / 3")
-    ap.add_argument("--lr", type=float, default=0.02, help="natural-gradient VI step of μ (stable below 2/(σ₀²·max ΦᵀΦ/noise²) ≈ 0.045 here)")
+    ap.add_argument("--lr", type=float, default=0.02,
+                    help="natural-gradient VI step of μ (stable below 2/(σ₀²·max ΦᵀΦ/noise²) ≈ 0.045 here)")
     ap.add_argument("--rho-lr", type=float, default=0.02, help="natural-gradient VI step of ρ")
     ap.add_argument("--mc", type=int, default=4, help="MC samples per VI step (--study backprop; von uses 1)")
     ap.add_argument("--problem-seed", type=int, default=0)
-    ap.add_argument("--problems", type=int, default=10, help="--study von: conjugate problems (seeds 0..N-1) per variant")
+    ap.add_argument("--problems", type=int, default=10,
+                    help="--study von: conjugate problems (seeds 0..N-1) per variant")
     ap.add_argument("--adam-lr", type=float, default=0.01, help="--study von: Adam's step (VIConfig's default)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -341,8 +346,9 @@ def main(argv=None) -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [f"Conjugate model (problem seed {args.problem_seed}: 11 points, 4 weights, noise 0.3), VI = natural-gradient "
-             f"VI lr {args.lr} (ρ: {args.rho_lr}), {args.mc} MC samples/step, β = 1; mean (median) over {args.repeats} ε streams.", "",
+    lines = [f"Conjugate model (problem seed {args.problem_seed}: 11 points, 4 weights, noise 0.3), "
+             f"VI = natural-gradient VI lr {args.lr} (ρ: {args.rho_lr}), {args.mc} MC samples/step, β = 1; "
+             f"mean (median) over {args.repeats} ε streams.", "",
              "| VI steps | rel. error GEM = ELBO grad. w/o backprop | rel. error ELBO grad. with backprop | "
              "KL(q_K ‖ exact posterior) |", "|---|---|---|---|"]
     for r in rows:
@@ -361,7 +367,8 @@ def main(argv=None) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     ks = [r["steps"] for r in rows]
-    for key, label in (("gem", "Gradient-EM (= ELBO grad., no backprop)"), ("elbo_bp", "ELBO grad., backprop through VI")):
+    for key, label in (("gem", "Gradient-EM (= ELBO grad., no backprop)"),
+                       ("elbo_bp", "ELBO grad., backprop through VI")):
         axes[0].errorbar(ks, [r[key] for r in rows], yerr=[r[key + "_ci95"] for r in rows], marker="o", capsize=2,
                          label=label)
     axes[0].set(xscale="log", yscale="log", xlabel="VI steps", ylabel="relative error of ∇Θ log p(D; Θ)")

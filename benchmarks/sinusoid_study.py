@@ -133,7 +133,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def memory_part(algos: list[str], steps: list[int], out: Path, repeats: int) -> list[dict]:
     """Peak memory / time per meta-iteration vs inner steps, each algorithm with its sinusoid defaults."""
     from gemext import bench_memory
-    from gemext.train import SINUSOID_DEFAULTS
+    from gemext.families.sinusoid import SINUSOID_DEFAULTS
 
     rows: list[dict] = []
     for algo in algos:  # the workers inherit the thread count (OMP_NUM_THREADS set by main)
@@ -156,7 +156,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="sinusoid_study")
-    ap.add_argument("--quick", action="store_true", help="finn only, 10 iterations, 100 test tasks, memory at 1,5 steps")
+    ap.add_argument("--quick", action="store_true",
+                    help="finn only, 10 iterations, 100 test tasks, memory at 1,5 steps")
     ap.add_argument("--iterations", type=int, default=None, help="meta-iterations per run (default 500; quick 10)")
     ap.add_argument("--algos", default=None, help="comma-separated (default: every registered algorithm)")
     ap.add_argument("--presets", default=None, help=f"comma-separated (default {','.join(PRESETS)})")

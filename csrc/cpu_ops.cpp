@@ -3,6 +3,9 @@
 // others), and each chunk runs the op's element function in `omp simd` loops over
 // blocks whose ε is first generated into an L1-resident buffer. Fixed chunks make the
 // reduction (per-chunk double partials summed in chunk order) independent of the thread count.
+// TASKS ops (a sum over a leading task dimension) run each block task by task, t = 0, 1, ...,
+// with the running sums of the block's elements in an L1-resident buffer: every element's sum
+// is formed in the same order whatever the chunking and thread count.
 #include <algorithm>
 #include <vector>
 
@@ -26,12 +29,18 @@ struct Chunk {
   int64_t tensor, begin, len;
 };
 
-std::vector<Chunk> make_chunks(const Table& t) {
+std::vector<Chunk> make_chunks(const Table& t, int64_t size) {
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < t.ntensors(); ++i)
-    for (int64_t b = 0; b < t.numels[i]; b += kChunk)
-      chunks.push_back({static_cast<int64_t>(i), b, std::min(kChunk, t.numels[i] - b)});
+    for (int64_t b = 0; b < t.numels[i]; b += size)
+      chunks.push_back({static_cast<int64_t>(i), b, std::min(size, t.numels[i] - b)});
   return chunks;
+}
+
+// Element-steps per element: ntasks for TASKS ops (each element sums that many terms), else 1.
+template <class Op> int64_t steps_per_element(const Op& op) {
+  if constexpr (Op::TASKS) return op.ntasks;
+  else return 1;
 }
 
 // Element loops carry no dependencies between iterations (outputs may only alias inputs
@@ -140,6 +149,48 @@ double run_block(const Op& op, const T* const (&in)[Op::NIN], T* const* out, int
   return s;
 }
 
+// One block of n elements of a TASKS op: the running sums of the n elements in acc (NACC rows
+// of kBlock), then one pass per task t = 0 .. ntasks-1 in order, reading the stacked inputs at
+// j + t·stride, then finish() into the outputs.
+template <class Op, typename T = typename Op::scalar>
+void run_task_block(const Op& op, const T* const (&in)[Op::NIN], T* const* out, int64_t n,
+                    int64_t stride, T* acc) {
+  constexpr int NI = Op::NIN, NO = Op::NOUT, NA = Op::NACC;
+  GEMEXT_IVDEP
+  for (int64_t j = 0; j < n; ++j) {
+    T a[NA];
+    op.start(a);
+    GEMEXT_UNROLL
+    for (int m = 0; m < NA; ++m) acc[m * kBlock + j] = a[m];
+  }
+  for (int64_t task = 0; task < op.ntasks; ++task) {
+    const T* inb[NI];
+    for (int k = 0; k < NI; ++k) inb[k] = in[k] + (Op::stacked(k) ? task * stride : 0);
+    GEMEXT_IVDEP
+    for (int64_t j = 0; j < n; ++j) {
+      T v[NI], a[NA];
+      GEMEXT_UNROLL
+      for (int k = 0; k < NI; ++k) v[k] = inb[k][j];
+      GEMEXT_UNROLL
+      for (int m = 0; m < NA; ++m) a[m] = acc[m * kBlock + j];
+      op.step(v, a);
+      GEMEXT_UNROLL
+      for (int m = 0; m < NA; ++m) acc[m * kBlock + j] = a[m];
+    }
+  }
+  GEMEXT_IVDEP
+  for (int64_t j = 0; j < n; ++j) {
+    T v[NI], a[NA], o[NO];
+    GEMEXT_UNROLL
+    for (int k = 0; k < NI; ++k) v[k] = Op::stacked(k) ? T(0) : in[k][j];
+    GEMEXT_UNROLL
+    for (int m = 0; m < NA; ++m) a[m] = acc[m * kBlock + j];
+    op.finish(v, a, o);
+    GEMEXT_UNROLL
+    for (int k = 0; k < NO; ++k) out[k][j] = o[k];
+  }
+}
+
 }  // namespace
 
 template <class Op> void cpu_run(Op op, const Table& t, Rng rng, int nthreads, void* reduce_out) {
@@ -148,10 +199,13 @@ template <class Op> void cpu_run(Op op, const Table& t, Rng rng, int nthreads, v
   if (t.ptrs.size() != static_cast<size_t>(NI + NO))
     throw std::invalid_argument("wrong number of pointer lists for this op");
   op.init();
-  const std::vector<Chunk> chunks = make_chunks(t);
+  // a unit of parallel work is about kChunk element-steps (a TASKS op's element is ntasks)
+  const int64_t steps = std::max<int64_t>(1, steps_per_element(op));
+  const int64_t chunk = std::max(kBlock, (kChunk / steps) / kBlock * kBlock);
+  const std::vector<Chunk> chunks = make_chunks(t, chunk);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   std::vector<double> partial(Op::REDUCE ? chunks.size() : 0);
-  const bool parallel = t.total() >= kParallelMin && nthreads > 1;
+  const bool parallel = t.total() * steps >= kParallelMin && nthreads > 1;
   (void)parallel;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (parallel)
   for (int64_t c = 0; c < nchunks; ++c) {
@@ -160,17 +214,22 @@ template <class Op> void cpu_run(Op op, const Table& t, Rng rng, int nthreads, v
     T* out[NO > 0 ? NO : 1] = {};
     for (int k = 0; k < NI; ++k) in[k] = reinterpret_cast<const T*>(t.ptrs[k][ch.tensor]) + ch.begin;
     for (int k = 0; k < NO; ++k) out[k] = reinterpret_cast<T*>(t.ptrs[NI + k][ch.tensor]) + ch.begin;
-    alignas(64) T buf[kBlock + 8];
+    // buf holds ε, the terms of a reduction, or a TASKS op's running sums
+    alignas(64) T buf[(Op::TASKS ? Op::NACC : 1) * kBlock + 8];
     double acc = 0;
     for (int64_t b = 0; b < ch.len; b += kBlock) {
       const int64_t n = std::min(kBlock, ch.len - b);
-      const T* eps = nullptr;  // buf holds ε, or the terms of a reduction
-      if constexpr (Op::EPS) eps = fill_normals(rng, t.gstart[ch.tensor] + ch.begin + b, n, buf);
       const T* inb[NI];
       T* outb[NO > 0 ? NO : 1] = {};
       for (int k = 0; k < NI; ++k) inb[k] = in[k] + b;
       for (int k = 0; k < NO; ++k) outb[k] = out[k] + b;
-      acc += run_block(op, inb, outb, n, eps, buf);
+      if constexpr (Op::TASKS) {
+        run_task_block(op, inb, outb, n, t.numels[ch.tensor], buf);
+      } else {
+        const T* eps = nullptr;
+        if constexpr (Op::EPS) eps = fill_normals(rng, t.gstart[ch.tensor] + ch.begin + b, n, buf);
+        acc += run_block(op, inb, outb, n, eps, buf);
+      }
     }
     if constexpr (Op::REDUCE) partial[c] = acc;
   }

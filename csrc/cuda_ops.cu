@@ -5,7 +5,9 @@
 // tensor; each thread owns whole Philox groups (4 consecutive global elements, one Philox call)
 // and uses 16-byte vector loads/stores when the group is aligned. The KL reduction writes one
 // double partial per chunk (fixed-order tree in the block), then a single block sums the
-// partials in a fixed order: the result does not depend on scheduling.
+// partials in a fixed order: the result does not depend on scheduling. TASKS ops (a sum over a
+// leading task dimension of some inputs) take chunks of one group per thread, and each thread
+// sums its elements' terms over t = 0, 1, ... in order, as the CPU does: bitwise the same.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -25,6 +27,9 @@ void check(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("gemext CUDA ") + what + ": " + cudaGetErrorString(e));
 }
 
+// Elements per block: TASKS ops loop over the tasks in each thread, so one group per thread.
+template <class Op> constexpr int64_t chunk_elems() { return Op::TASKS ? int64_t(4) * kThreads : kChunk; }
+
 template <int NP> struct KTable {
   static constexpr int MAXT = (28 * 1024) / (NP * 8 + 25);
   int ntensors;
@@ -34,6 +39,7 @@ template <int NP> struct KTable {
   int64_t gstart[MAXT];
   const void* ptr[MAXT][NP];
   unsigned char aligned[MAXT];     // every pointer 16-byte aligned and gstart % 4 == 0
+                                   // (TASKS ops: also numel % 4 == 0, so every task slice is)
 };
 
 template <typename T> __device__ __forceinline__ void load4(const T* p, T (&v)[4]) {
@@ -55,11 +61,59 @@ template <typename T> __device__ __forceinline__ void store4(T* p, const T (&v)[
   }
 }
 
+// The 4 values of a group at local indices j0 .. j0+3 (out-of-range ones 0): one vector load
+// when `full` (aligned and inside the chunk).
+template <typename T>
+__device__ __forceinline__ void load_group(const T* p, int64_t j0, int64_t len, bool full, T (&v)[4]) {
+  if (full) {
+    load4(p + j0, v);
+  } else {
+    for (int e = 0; e < 4; ++e) v[e] = (j0 + e >= 0 && j0 + e < len) ? p[j0 + e] : T(0);
+  }
+}
+
+// TASKS ops: the 4 elements of one group, each summing its terms over t = 0 .. ntasks-1 in
+// order (start/step/finish, as the CPU driver calls them); stacked inputs read at j + t·stride.
+template <class Op, typename T = typename Op::scalar>
+__device__ __forceinline__ void task_group(const Op& op, const T* const* in, T* const* out,
+                                           int64_t j0, int64_t len, int64_t stride, bool full) {
+  constexpr int NI = Op::NIN, NO = Op::NOUT, NA = Op::NACC;
+  T v[NI][4], a[4][NA];
+  for (int e = 0; e < 4; ++e) op.start(a[e]);
+  for (int k = 0; k < NI; ++k)
+    if (!Op::stacked(k)) load_group(in[k], j0, len, full, v[k]);
+  for (int64_t task = 0; task < op.ntasks; ++task) {
+    for (int k = 0; k < NI; ++k)
+      if (Op::stacked(k)) load_group(in[k] + task * stride, j0, len, full, v[k]);
+    for (int e = 0; e < 4; ++e) {
+      T ve[NI];
+      for (int k = 0; k < NI; ++k) ve[k] = v[k][e];
+      op.step(ve, a[e]);
+    }
+  }
+  T o[NO][4];
+  for (int e = 0; e < 4; ++e) {
+    T ve[NI], oe[NO];
+    for (int k = 0; k < NI; ++k) ve[k] = Op::stacked(k) ? T(0) : v[k][e];
+    op.finish(ve, a[e], oe);
+    for (int k = 0; k < NO; ++k) o[k][e] = oe[k];
+  }
+  for (int k = 0; k < NO; ++k) {
+    if (full) {
+      store4(out[k] + j0, o[k]);
+    } else {
+      for (int e = 0; e < 4; ++e)
+        if (j0 + e >= 0 && j0 + e < len) out[k][j0 + e] = o[k][e];
+    }
+  }
+}
+
 template <class Op, int NP = Op::NIN + Op::NOUT>
 __global__ void __launch_bounds__(kThreads)
     multi_tensor_kernel(Op op, const __grid_constant__ KTable<NP> tab, Rng rng, double* partials) {
   using T = typename Op::scalar;
   constexpr int NI = Op::NIN, NO = Op::NOUT > 0 ? Op::NOUT : 1;
+  constexpr int64_t CH = chunk_elems<Op>();
   op.init();
   const int64_t c = blockIdx.x;
   int lo = 0, hi = tab.ntensors - 1;  // last tensor whose first chunk is <= c
@@ -68,8 +122,8 @@ __global__ void __launch_bounds__(kThreads)
     if (tab.cstart[mid] <= c) lo = mid; else hi = mid - 1;
   }
   const int t = lo;
-  const int64_t begin = (c - tab.cstart[t]) * kChunk;
-  const int64_t len = min(kChunk, tab.numel[t] - begin);
+  const int64_t begin = (c - tab.cstart[t]) * CH;
+  const int64_t len = min(CH, tab.numel[t] - begin);
   const int64_t g_begin = tab.gstart[t] + begin;  // global index of the chunk's element 0
   const T* in[Op::NIN];
   T* out[NO];
@@ -80,27 +134,31 @@ __global__ void __launch_bounds__(kThreads)
   double acc = 0;
   const int64_t first_group = g_begin >> 2, end_group = (g_begin + len + 3) >> 2;
   for (int64_t grp = first_group + threadIdx.x; grp < end_group; grp += blockDim.x) {
-    T eps[4] = {T(0), T(0), T(0), T(0)};
-    if constexpr (Op::EPS) normals4(rng, static_cast<uint64_t>(grp), eps);
     const int64_t j0 = 4 * grp - g_begin;  // local index of the group's first element
-    if (vec && j0 + 4 <= len) {            // aligned tensors have g_begin % 4 == 0, so j0 >= 0
-      T v[NI][4], o[NO][4];
-      for (int k = 0; k < NI; ++k) load4(in[k] + j0, v[k]);
-      for (int e = 0; e < 4; ++e) {
-        T ve[NI], oe[NO];
-        for (int k = 0; k < NI; ++k) ve[k] = v[k][e];
-        acc += static_cast<double>(op(ve, oe, eps[e]));
-        for (int k = 0; k < NO; ++k) o[k][e] = oe[k];
-      }
-      for (int k = 0; k < Op::NOUT; ++k) store4(out[k] + j0, o[k]);
+    if constexpr (Op::TASKS) {
+      task_group(op, in, out, j0, len, tab.numel[t], vec && j0 + 4 <= len);
     } else {
-      for (int e = 0; e < 4; ++e) {
-        const int64_t j = j0 + e;
-        if (j < 0 || j >= len) continue;
-        T ve[NI], oe[NO];
-        for (int k = 0; k < NI; ++k) ve[k] = in[k][j];
-        acc += static_cast<double>(op(ve, oe, eps[e]));
-        for (int k = 0; k < Op::NOUT; ++k) out[k][j] = oe[k];
+      T eps[4] = {T(0), T(0), T(0), T(0)};
+      if constexpr (Op::EPS) normals4(rng, static_cast<uint64_t>(grp), eps);
+      if (vec && j0 + 4 <= len) {  // aligned tensors have g_begin % 4 == 0, so j0 >= 0
+        T v[NI][4], o[NO][4];
+        for (int k = 0; k < NI; ++k) load4(in[k] + j0, v[k]);
+        for (int e = 0; e < 4; ++e) {
+          T ve[NI], oe[NO];
+          for (int k = 0; k < NI; ++k) ve[k] = v[k][e];
+          acc += static_cast<double>(op(ve, oe, eps[e]));
+          for (int k = 0; k < NO; ++k) o[k][e] = oe[k];
+        }
+        for (int k = 0; k < Op::NOUT; ++k) store4(out[k] + j0, o[k]);
+      } else {
+        for (int e = 0; e < 4; ++e) {
+          const int64_t j = j0 + e;
+          if (j < 0 || j >= len) continue;
+          T ve[NI], oe[NO];
+          for (int k = 0; k < NI; ++k) ve[k] = in[k][j];
+          acc += static_cast<double>(op(ve, oe, eps[e]));
+          for (int k = 0; k < Op::NOUT; ++k) out[k][j] = oe[k];
+        }
       }
     }
   }
@@ -140,8 +198,9 @@ template <class Op> void cuda_run(Op op, const Table& t, Rng rng, uintptr_t stre
     throw std::invalid_argument("wrong number of pointer lists for this op");
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
 
+  constexpr int64_t CH = chunk_elems<Op>();
   int64_t total_chunks = 0;
-  for (int64_t n : t.numels) total_chunks += (n + kChunk - 1) / kChunk;
+  for (int64_t n : t.numels) total_chunks += (n + CH - 1) / CH;
   double* partials = nullptr;
   if (Op::REDUCE && total_chunks > 0)
     check(cudaMallocAsync(reinterpret_cast<void**>(&partials), total_chunks * sizeof(double), s),
@@ -160,13 +219,13 @@ template <class Op> void cuda_run(Op op, const Table& t, Rng rng, uintptr_t stre
       tab.cstart[k] = chunks;
       tab.numel[k] = t.numels[i];
       tab.gstart[k] = t.gstart[i];
-      bool aligned = t.gstart[i] % 4 == 0;
+      bool aligned = t.gstart[i] % 4 == 0 && (!Op::TASKS || t.numels[i] % 4 == 0);
       for (int p = 0; p < NP; ++p) {
         tab.ptr[k][p] = reinterpret_cast<const void*>(t.ptrs[p][i]);
         aligned = aligned && t.ptrs[p][i] % 16 == 0;
       }
       tab.aligned[k] = aligned;
-      chunks += (t.numels[i] + kChunk - 1) / kChunk;
+      chunks += (t.numels[i] + CH - 1) / CH;
     }
     tab.cstart[tab.ntensors] = chunks;
     if (chunks > 0) {

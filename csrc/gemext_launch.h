@@ -45,7 +45,8 @@ struct Table {
 };
 
 // Drivers. `reduce_out` (REDUCE ops only) points to one element of the op's dtype on the
-// op's device; the double-precision sum is written there.
+// op's device; the double-precision sum is written there. For TASKS ops, numels are those
+// of the unstacked tensors; a stacked input of tensor t holds op.ntasks slices of numels[t].
 template <class Op> void cpu_run(Op op, const Table& t, Rng rng, int nthreads, void* reduce_out);
 template <class Op> void cuda_run(Op op, const Table& t, Rng rng, uintptr_t stream, void* reduce_out);
 
@@ -53,8 +54,9 @@ template <class Op> void cuda_run(Op op, const Table& t, Rng rng, uintptr_t stre
 #define GEMEXT_FOR_EACH_OP_T(X, T)                                                            \
   X(SampleOp<T>) X(ReparamGradOp<T>) X(ElboBackwardOp<T>) X(KlOp<T>) X(KlBackwardOp<T>)       \
   X(GemOp<T, false, false>) X(GemOp<T, true, false>) X(GemOp<T, false, true>)                 \
-  X(GemOp<T, true, true>) X(VonStepOp<T, false, false>) X(VonStepOp<T, true, false>)          \
-  X(VonStepOp<T, false, true>) X(VonStepOp<T, true, true>)
+  X(GemOp<T, true, true>) X(GemTaskSumOp<T, false>) X(GemTaskSumOp<T, true>)                 \
+  X(VonStepOp<T, false, false>) X(VonStepOp<T, true, false>) X(VonStepOp<T, false, true>)     \
+  X(VonStepOp<T, true, true>)
 #define GEMEXT_FOR_EACH_OP(X) GEMEXT_FOR_EACH_OP_T(X, float) GEMEXT_FOR_EACH_OP_T(X, double)
 
 }  // namespace gemext

@@ -276,12 +276,15 @@ template <typename T> GEMEXT_HD void normals4(const Rng& rng, uint64_t g, T (&n)
 // ---------------------------------------------------------------- per-element formulas
 // Each op is a functor over NIN input values and NOUT output values (in-place buffers are
 // passed as an input and as an output), plus ε for ops with EPS. Reductions (REDUCE) return
-// the element's term instead. The CPU and CUDA drivers own addressing; these own the maths.
+// the element's term instead. TASKS ops (GemTaskSumOp) sum over a leading task dimension of
+// some inputs through start/step/finish instead of one call per element. The CPU and CUDA
+// drivers own addressing; these own the maths.
 // σ = exp(ρ); σ²/σ₀² is computed as exp(2(ρ-ρ₀)) and 1/σ₀² as exp(-2ρ₀): no division, and
 // no inf*0 when ρ and ρ₀ are both large.
 template <typename T> struct OpBase {
   using scalar = T;
-  static constexpr bool EPS = false, REDUCE = false;
+  static constexpr bool EPS = false, REDUCE = false, TASKS = false;
+  static constexpr int NACC = 0;  // TASKS ops: running sums per element
   GEMEXT_HD void init() {}
 };
 
@@ -353,28 +356,35 @@ template <typename T> struct KlBackwardOp : OpBase<T> {
   }
 };
 
-// Gradient-EM ascent direction, optionally GEM-BML+ (PLUS: minus the same statistic of λ_b),
-// written (ACC=false) or added times `weight` into buffers (ACC=true).
+// The Gradient-EM statistic ĝ of one element, the one formula behind GemOp and GemTaskSumOp:
 //   GEM:   ĝμ₀ = (μa-μ₀)/σ₀²,  ĝρ₀ = ((μa-μ₀)² + σa²)/σ₀² - 1
 //   GEM+:  ĝμ₀ = (μa-μb)/σ₀²,  ĝρ₀ = ((μa-μ₀)² + σa² - (μb-μ₀)² - σb²)/σ₀²
+// p: μa, ρa, [μb, ρb] (PLUS: λ_b's statistic subtracted).
+template <typename T, bool PLUS>
+GEMEXT_HD void gem_stat(T mu0, T rho0, const T* p, T& gmu, T& grho) {
+  const T da = p[0] - mu0;
+  const T inv_var0 = exp_(T(-2) * rho0);
+  const T ra = exp_(T(2) * (p[1] - rho0));
+  if constexpr (PLUS) {
+    const T db = p[2] - mu0;
+    const T rb = exp_(T(2) * (p[3] - rho0));
+    gmu = (p[0] - p[2]) * inv_var0;
+    grho = fma_((p[0] - p[2]) * (da + db), inv_var0, ra - rb);  // da²-db² = (μa-μb)(da+db)
+  } else {
+    gmu = da * inv_var0;
+    grho = fma_(da * da, inv_var0, ra - T(1));
+  }
+}
+
+// Gradient-EM ascent direction ĝ (gem_stat), optionally GEM-BML+ (PLUS), written (ACC=false)
+// or added times `weight` into buffers (ACC=true).
 // in: μ₀, ρ₀, μa, ρa, [μb, ρb], [gμ₀, gρ₀]   out: gμ₀, gρ₀
 template <typename T, bool PLUS, bool ACC> struct GemOp : OpBase<T> {
   static constexpr int NIN = 4 + (PLUS ? 2 : 0) + (ACC ? 2 : 0), NOUT = 2;
   T weight;
   GEMEXT_HD T operator()(const T* v, T* o, T) const {
-    const T mu0 = v[0], rho0 = v[1], da = v[2] - mu0;
-    const T inv_var0 = exp_(T(-2) * rho0);
-    const T ra = exp_(T(2) * (v[3] - rho0));
     T gmu, grho;
-    if constexpr (PLUS) {
-      const T db = v[4] - mu0;
-      const T rb = exp_(T(2) * (v[5] - rho0));
-      gmu = (v[2] - v[4]) * inv_var0;
-      grho = fma_((v[2] - v[4]) * (da + db), inv_var0, ra - rb);  // da²-db² = (μa-μb)(da+db)
-    } else {
-      gmu = da * inv_var0;
-      grho = fma_(da * da, inv_var0, ra - T(1));
-    }
+    gem_stat<T, PLUS>(v[0], v[1], v + 2, gmu, grho);
     if constexpr (ACC) {
       o[0] = fma_(weight, gmu, v[NIN - 2]);
       o[1] = fma_(weight, grho, v[NIN - 1]);
@@ -383,6 +393,39 @@ template <typename T, bool PLUS, bool ACC> struct GemOp : OpBase<T> {
       o[1] = weight * grho;
     }
     return T(0);
+  }
+};
+
+// ĝ summed over a leading task dimension of the posterior, added times `weight` into buffers:
+//   gμ₀ += weight · Σ_t ĝμ₀(λ₀; λa_t [, λb_t]),   gρ₀ likewise.
+// A TASKS op: its stacked inputs (k in [POST_BEGIN, POST_END)) hold `ntasks` slices of the
+// n elements of the prior, task t of element j at j + t·n. For each element the drivers call
+// start(acc), then step(v, acc) for t = 0, 1, ..., ntasks-1 in that order (v: the inputs with
+// the stacked ones at task t), then finish(v, acc, o) (v: the inputs not stacked). The sum is
+// formed in T, from -0 (the exact additive identity, so ntasks = 1 gives the same bits as
+// GemOp<T, PLUS, true>), by one thread per element: deterministic, and CPU and CUDA agree
+// bitwise.
+// in: μ₀, ρ₀, μa, ρa, [μb, ρb], gμ₀, gρ₀   out: gμ₀, gρ₀
+template <typename T, bool PLUS> struct GemTaskSumOp : OpBase<T> {
+  static constexpr int NIN = 6 + (PLUS ? 2 : 0), NOUT = 2;
+  static constexpr bool TASKS = true;
+  static constexpr int NACC = 2, POST_BEGIN = 2, POST_END = NIN - 2;
+  int64_t ntasks;
+  T weight;
+  static constexpr GEMEXT_HD bool stacked(int k) { return k >= POST_BEGIN && k < POST_END; }
+  GEMEXT_HD void start(T* acc) const {
+    acc[0] = -T(0);
+    acc[1] = -T(0);
+  }
+  GEMEXT_HD void step(const T* v, T* acc) const {
+    T gmu, grho;
+    gem_stat<T, PLUS>(v[0], v[1], v + POST_BEGIN, gmu, grho);
+    acc[0] = acc[0] + gmu;
+    acc[1] = acc[1] + grho;
+  }
+  GEMEXT_HD void finish(const T* v, const T* acc, T* o) const {
+    o[0] = fma_(weight, acc[0], v[NIN - 2]);
+    o[1] = fma_(weight, acc[1], v[NIN - 1]);
   }
 };
 

@@ -116,18 +116,32 @@ PYBIND11_MODULE(_C, m) {
   }, "gradients of the KL sum times *gout");
 
   // in: mu0, rho0, mu_a, rho_a, [mu_b, rho_b] (empty lists: GEM-BML), out: g_mu0, g_rho0.
-  // accumulate: out += weight * g, else out = weight * g.
+  // accumulate: out += weight * g, else out = weight * g. ntasks > 0 (accumulate only): the
+  // posterior lists are [ntasks, n] stacks over priors of n elements (n in `n`), and
+  // out += weight * sum over t of g(prior, posterior_t), summed in t order in the dtype.
   m.def("gem_grad", [](const Exec& ex, const Ptrs& mu0, const Ptrs& rho0, const Ptrs& mua,
                        const Ptrs& rhoa, const Ptrs& mub, const Ptrs& rhob, const Ptrs& gmu,
-                       const Ptrs& grho, const Numels& n, double weight, bool accumulate) {
+                       const Ptrs& grho, const Numels& n, double weight, bool accumulate,
+                       int64_t ntasks) {
     const bool plus = !mub.empty() || !rhob.empty();
+    if (ntasks < 0) throw std::invalid_argument("ntasks must be >= 0");
+    if (ntasks > 0 && !accumulate)
+      throw std::invalid_argument("a task sum (ntasks > 0) needs accumulate=true");
     with_dtype(ex, [&](auto tag) {
       using T = decltype(tag);
       auto go = [&](auto op, std::vector<Ptrs> lists) {
         op.weight = static_cast<T>(weight);
         run(op, ex, std::move(lists), n);
       };
-      if (plus && accumulate)
+      auto go_tasks = [&](auto op, std::vector<Ptrs> lists) {
+        op.ntasks = ntasks;
+        go(op, std::move(lists));
+      };
+      if (plus && ntasks > 0)
+        go_tasks(GemTaskSumOp<T, true>{}, concat({&mu0, &rho0, &mua, &rhoa, &mub, &rhob, &gmu, &grho, &gmu, &grho}));
+      else if (ntasks > 0)
+        go_tasks(GemTaskSumOp<T, false>{}, concat({&mu0, &rho0, &mua, &rhoa, &gmu, &grho, &gmu, &grho}));
+      else if (plus && accumulate)
         go(GemOp<T, true, true>{}, concat({&mu0, &rho0, &mua, &rhoa, &mub, &rhob, &gmu, &grho, &gmu, &grho}));
       else if (plus)
         go(GemOp<T, true, false>{}, concat({&mu0, &rho0, &mua, &rhoa, &mub, &rhob, &gmu, &grho}));
@@ -136,7 +150,8 @@ PYBIND11_MODULE(_C, m) {
       else
         go(GemOp<T, false, false>{}, concat({&mu0, &rho0, &mua, &rhoa, &gmu, &grho}));
     });
-  }, "Gradient-EM ascent direction (GEM-BML, or GEM-BML+ with mu_b/rho_b)");
+  }, "Gradient-EM ascent direction (GEM-BML, or GEM-BML+ with mu_b/rho_b), optionally summed "
+     "over a leading task dimension of the posterior (ntasks > 0)");
 
   // in: mu, rho, h, grad, [curv], mu0, rho0, [corr] (empty lists: absent); mu, rho, h are
   // updated in place. Without curv, eps is drawn as sample() draws it for (seed, offset, starts).

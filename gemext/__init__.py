@@ -32,8 +32,8 @@ def build_info() -> dict:
     }
 
 
-_SUBMODULES = ("algorithms", "distributed", "gaussian", "metrics", "ops", "plots", "reference", "runs", "tasks",
-               "train", "vi")
+_SUBMODULES = ("algorithms", "config", "distributed", "families", "gaussian", "linalg", "metrics", "ops", "plots",
+               "reference", "runs", "tasks", "train", "vi")
 
 
 def __getattr__(name: str):

@@ -7,7 +7,6 @@ import importlib.abc
 import importlib.util
 import sys
 
-
 # id -> (class in gemext.tasks.rl.envs, horizon): registered by name, so registering imports nothing
 GYM_IDS: dict[str, tuple[str, int]] = {
     "gemext/Nav2D-v0": ("Nav2DEnv", 100),

@@ -12,7 +12,7 @@ as its examples do); it is skipped with a printed reason when `higher` does not 
 `plain-maml` is the same algorithm as a plain per-task PyTorch loop (functional_call and
 autograd.grad with create_graph), what a user without a meta-learning library writes.
 `presets=True` in a point's spec builds gemext learners with the task family's training defaults
-(gemext.train.SINUSOID_DEFAULTS, gemext.tasks.vision_train.learner_options) instead of the bare
+(gemext.families.sinusoid.SINUSOID_DEFAULTS, gemext.families.vision.learner_options) instead of the bare
 class defaults.
 
 Command line (what `gemext bench memory` calls): `run(task, algos, inner_steps, out_dir, device)`.
@@ -26,8 +26,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 TASKS = ("sinusoid", "omniglot", "miniimagenet", "tinyimagenet")
 PEERS = ("higher-maml", "plain-maml")
@@ -138,7 +139,7 @@ class _PlainMAML(_HigherMAML):
 def preset_options(task: str, algo: str, inner_steps: int) -> dict[str, Any]:
     """The options `gemext train` gives `algo` on `task` (objects included, e.g. the likelihood)."""
     if task == "sinusoid":
-        from .train import SINUSOID_DEFAULTS
+        from .families.sinusoid import SINUSOID_DEFAULTS
         from .vi import GaussianLikelihood
 
         opts = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SINUSOID_DEFAULTS.get(algo, {}).items()}
@@ -147,7 +148,7 @@ def preset_options(task: str, algo: str, inner_steps: int) -> dict[str, Any]:
             opts["likelihood"] = GaussianLikelihood(sigma)
         opts["inner_steps"] = inner_steps
         return opts
-    from .tasks.vision_train import learner_options
+    from .families.vision import learner_options
     from .train import RunConfig
 
     return learner_options(RunConfig(task=task, algo=algo, inner_steps=inner_steps), 5, 1)

@@ -80,10 +80,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import algorithms
+    from . import __version__, algorithms
     from .train import TASKS
-
-    from . import __version__
 
     fmt = _Help
     p = argparse.ArgumentParser(prog="gemext", description="Gradient-EM Bayesian meta-learning", formatter_class=fmt)
@@ -96,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--algo", required=True, choices=algorithms.names(), help="algorithm")
     t.add_argument("--preset", default=None, help="task preset (sinusoid: finn, bmaml, bmaml-100; "
                                                     "vision: 5w1s, 5w5s, 20w1s, 20w5s)")
-    t.add_argument("--iterations", type=_positive_int, default=1000, help="meta-iterations (in total, also when resuming)")
+    t.add_argument("--iterations", type=_positive_int, default=1000,
+                   help="meta-iterations (in total, also when resuming)")
     t.add_argument("--inner-steps", type=_nonneg_int, default=None, help="inner-loop steps (default: the algorithm's "
                                                                           "preset for the task)")
     t.add_argument("--seed", type=_seed, default=0, help="seed of every random stream of the run")
@@ -106,15 +105,18 @@ def parser() -> argparse.ArgumentParser:
                                                           "--iterations may grow)")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     t.add_argument("--data-root", type=_existing_dir, default=None, help="data folder (default $GEMEXT_DATA)")
-    t.add_argument("--ways", type=_positive_int, default=None, help="classes per episode (vision; default: the preset's)")
-    t.add_argument("--shots", type=_positive_int, default=None, help="examples per class (vision; default: the preset's)")
+    t.add_argument("--ways", type=_positive_int, default=None,
+                   help="classes per episode (vision; default: the preset's)")
+    t.add_argument("--shots", type=_positive_int, default=None,
+                   help="examples per class (vision; default: the preset's)")
     t.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="meta-optimizer (Adam) learning rate")
     t.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-iteration (default: the "
                                                                            "task family's)")
     t.add_argument("--log-every", type=_positive_int, default=10, help="iterations between log.csv rows and progress "
                                                                       "lines")
     t.add_argument("--checkpoint-every", type=_positive_int, default=100, help="iterations between checkpoints")
-    t.add_argument("--eval-tasks", type=_positive_int, default=600, help="meta-test tasks after training")
+    t.add_argument("--eval-tasks", type=_positive_int, default=None, help="meta-test tasks after training (default: "
+                                                                          "the task family's, 600; RL 40)")
     t.add_argument("--eval-steps", type=_nonneg_int, default=None, help="meta-test adaptation steps (default: the "
                                                                         "learner's, at least 10 for regression)")
     t.add_argument("--options", type=_options, default={}, help="algorithm options as JSON, e.g. '{\"sigma0\": 0.1}'")
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             unknown = [a for a in algos if a not in algorithms.names() and a not in PEERS
                        and not a.startswith("higher-")]
             if unknown:
-                p.error(f"--algos: unknown algorithm(s) {', '.join(unknown)}; available: {', '.join(algorithms.names())}")
+                p.error(f"--algos: unknown algorithm(s) {', '.join(unknown)}; "
+                        f"available: {', '.join(algorithms.names())}")
             csv_path = bench_run(args.task, algos, args.inner_steps, args.out, args.device, repeats=args.repeats)
             print(f"wrote {csv_path}")
             return 0

@@ -7,8 +7,8 @@ Design:
   slice ``shard(T)`` of it, so a task is defined by its index in the meta-batch, not by the rank.
 - The learners' inner loops draw one seed per VI step from ``learner.generator`` (every rank runs
   the same number of steps, so the generators stay in lock-step) and index the Philox noise by the
-  global element position; ``sharded`` sets :func:`gemext.vi.task_shard` so that a shard's tasks
-  draw exactly the noise they would draw in the full batch.
+  global element position; meta_backward gets ``task_range=(first, total)`` (gemext.train.meta_step)
+  so that a shard's tasks draw exactly the noise they would draw in the full batch.
 - Every learner's meta-gradient is a mean over its tasks (Θ.grad = −1/T_shard Σ ĝ): ``step``
   scales it by T_shard/T and sums over ranks, giving the single-process mean over the whole
   meta-batch up to floating-point summation order. The same buffer carries the per-task-mean
@@ -29,20 +29,18 @@ Backends: gloo for CPU tensors, NCCL for CUDA (each rank uses ``cuda:LOCAL_RANK`
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import os
 import warnings
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-
-from .vi import task_shard
 
 __all__ = ["DistContext", "PeerFailure", "setup", "shard_bounds", "is_main_process", "DEFAULT_TIMEOUT_S"]
 
@@ -104,15 +102,6 @@ class DistContext:
 
     def shard(self, total: int) -> tuple[int, int]:
         return shard_bounds(total, self.rank, self.world_size)
-
-    @contextlib.contextmanager
-    def sharded(self, lo: int, total: int) -> Iterator[None]:
-        """Around meta_backward on tasks lo.. of `total`: inner-loop noise of the full batch."""
-        if not self.enabled:
-            yield
-            return
-        with task_shard(lo, total):
-            yield
 
     def _fail(self, what: str, exc: BaseException) -> PeerFailure:
         return PeerFailure(f"rank {self.rank}/{self.world_size}: {what} failed ({type(exc).__name__}: "

@@ -3,13 +3,30 @@ meta-parameters, and posteriors q(θ; λ) as plain containers of tensors (σ = e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 ParamFilter = Callable[[str, nn.Parameter], bool]
+
+
+# Safe range of the prior's log standard deviation ρ₀: σ₀ ∈ [2e-9, 2.2e4]. Inside it exp(±2ρ₀) and
+# the GEM/KL terms stay finite in float32 (1/σ₀² ≤ 2.4e17; the kernels are exact for |ρ₀| < 43).
+# GaussianPrior.clamp_ (the learners' after_step, after every meta-step) is the one place it is applied.
+# Posterior ρ is not
+# clamped on purpose: a diverging inner loop must still show up as non-finite, so that the
+# training loop's guards skip the step (clamping it made such runs continue on losses of 1e30).
+RHO_MIN, RHO_MAX = -20.0, 10.0
+
+
+@torch.no_grad()
+def clamp_rho_(rho: list[torch.Tensor]) -> None:
+    """Clamp log standard deviations into [RHO_MIN, RHO_MAX] in place (NaN stays NaN, so the
+    non-finite guards still see it)."""
+    for r in rho:
+        r.clamp_(RHO_MIN, RHO_MAX)
 
 
 @dataclass
@@ -21,13 +38,13 @@ class Posterior:
     mu: list[torch.Tensor]
     rho: list[torch.Tensor]
 
-    def detach(self) -> "Posterior":
+    def detach(self) -> Posterior:
         return Posterior(self.names, [m.detach() for m in self.mu], [r.detach() for r in self.rho])
 
-    def clone(self) -> "Posterior":
+    def clone(self) -> Posterior:
         return Posterior(self.names, [m.detach().clone() for m in self.mu], [r.detach().clone() for r in self.rho])
 
-    def task(self, i: int | slice) -> "Posterior":
+    def task(self, i: int | slice) -> Posterior:
         """The posterior of task i (views, no copy)."""
         return Posterior(self.names, [m[i] for m in self.mu], [r[i] for r in self.rho])
 
@@ -115,9 +132,8 @@ class GaussianPrior(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        """Clamp ρ₀ into sigma0_range and the numerically safe range (gemext.vi.RHO_MIN, RHO_MAX),
+        """Clamp ρ₀ into sigma0_range and the numerically safe range (RHO_MIN, RHO_MAX),
         in place (NaN stays NaN, for the non-finite guards); call it after each meta-step."""
-        from .vi import RHO_MAX, RHO_MIN
         lo = max(RHO_MIN, float(self.rho0_range[0]))
         hi = min(RHO_MAX, float(self.rho0_range[1]))
         for r in self.rho0:

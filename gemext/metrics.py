@@ -3,7 +3,7 @@ and (for classification) accuracy, calibration errors and reliability data."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -6,10 +6,12 @@ Arguments are validated here, before any pointer reaches ``gemext._C``: wrong ty
 dtypes raise ``TypeError``, wrong shapes, devices, list lengths, layouts and seeds raise
 ``ValueError``, each naming the argument. The prior (μ₀, ρ₀) must have exactly the shape of
 the posterior (no broadcasting): stack per-task posteriors on a leading dimension and expand
-the prior yourself.
+the prior yourself. The one exception is :func:`gem_grad_`, which also takes posteriors
+stacked as [T, *prior shape] and sums the statistic over the T tasks inside the kernel.
 
 Randomness is counter-based: ε of element i (indexed over the concatenation of all tensors of
-the list, or from ``starts[t]`` for tensor t when given) is a function of (seed, offset, i) only, so ``elbo_backward`` and the backward of
+the list, or from ``starts[t]`` for tensor t when given) is a function of (seed, offset, i) only,
+so ``elbo_backward`` and the backward of
 ``sample`` regenerate it instead of storing it, and CPU and CUDA draw the same ε. ``seed`` is
 an int in [0, 2^63), ``offset`` an int in [0, 2^63); take seeds from :func:`new_seed` so that
 ``torch.manual_seed`` makes runs reproducible. ``starts`` (``sample``, ``elbo_backward``,
@@ -26,19 +28,18 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _C
-from . import reference
+from . import _C, reference
 
 __all__ = ["sample", "gaussian_kl", "elbo_backward", "elbo_backward_", "gem_grad", "gem_grad_",
            "von_step_", "new_seed"]
 
-TensorOrList = Union[Tensor, Sequence[Tensor]]
+TensorOrList = Tensor | Sequence[Tensor]
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 _INT64_END = 2**63
 
@@ -56,9 +57,12 @@ def _as_list(op: str, name: str, x: object) -> tuple[list[Tensor], bool]:
                     f"got {type(x).__name__}")
 
 
-def _validate(op: str, ref: str, **args: object) -> tuple[dict[str, list[Tensor]], bool]:
+def _validate(op: str, ref: str, tasks: Sequence[str] = (), **args: object
+              ) -> tuple[dict[str, list[Tensor]], bool]:
     """Checks that every argument matches ``args[ref]`` in kind (Tensor or list), length,
-    shape, dtype (float32/float64) and device, and is contiguous. None values are skipped."""
+    shape, dtype (float32/float64) and device, and is contiguous. None values are skipped.
+    The arguments named in ``tasks`` may also have shape (T, *ref's shape): see
+    :func:`_task_count` for the checks across them."""
     lists: dict[str, list[Tensor]] = {}
     kinds: dict[str, bool] = {}
     for name, x in args.items():
@@ -93,13 +97,44 @@ def _validate(op: str, ref: str, **args: object) -> tuple[dict[str, list[Tensor]
             if t.device != device:
                 raise ValueError(f"{op}: {label(name, i)} is on {t.device} but "
                                  f"{label(ref, 0)} is on {device}")
-            if t.shape != b.shape:
+            if t.shape != b.shape and not (name in tasks and t.dim() == b.dim() + 1
+                                           and t.shape[1:] == b.shape):
+                dims = ", ".join(["T", *map(str, b.shape)]) + ("," if b.dim() == 0 else "")
+                also = (f"; expected {tuple(b.shape)} or ({dims}) with a leading task "
+                        "dimension T" if name in tasks else "")
                 raise ValueError(f"{op}: {label(name, i)} has shape {tuple(t.shape)} but "
-                                 f"{label(ref, i)} has {tuple(b.shape)}")
+                                 f"{label(ref, i)} has {tuple(b.shape)}{also}")
             if not t.is_contiguous():
                 raise ValueError(f"{op}: {label(name, i)} is not contiguous; "
                                  "call .contiguous() first")
     return lists, single
+
+
+def _task_count(op: str, ref: str, lists: dict[str, list[Tensor]], single: bool,
+                names: Sequence[str]) -> int | None:
+    """The leading task dimension T shared by the lists ``names`` (each tensor already checked by
+    :func:`_validate` to have the shape of ``lists[ref]``'s or (T, *that)); None when they have
+    none. Mixed forms, different T and T = 0 raise ``ValueError``."""
+    first: tuple[int | None, str, tuple] | None = None
+
+    def what(n: int | None, lab: str, shape: tuple) -> str:
+        kind = f"a task dimension T = {n}" if n is not None else "no task dimension"
+        return f"{lab} has {kind} (shape {shape})"
+
+    for name in names:
+        for i, (t, b) in enumerate(zip(lists.get(name, ()), lists[ref])):
+            n = int(t.shape[0]) if t.dim() == b.dim() + 1 else None
+            lab, shape = (name if single else f"{name}[{i}]"), tuple(t.shape)
+            if n == 0:
+                raise ValueError(f"{op}: {lab} has shape {shape}: a task dimension of size 0; "
+                                 "T must be >= 1")
+            if first is None:
+                first = (n, lab, shape)
+            elif n != first[0]:
+                raise ValueError(f"{op}: {what(n, lab, shape)} but {what(*first)}; every "
+                                 "posterior tensor must have the same leading task dimension "
+                                 "T, or none")
+    return first[0] if first is not None else None
 
 
 def _check_int(op: str, name: str, x: object) -> int:
@@ -114,7 +149,7 @@ def _check_int(op: str, name: str, x: object) -> int:
 
 
 def _check_starts(op: str, starts: object, tensors: Sequence[Tensor], single: bool
-                  ) -> Optional[list[int]]:
+                  ) -> list[int] | None:
     """None, or one global start index per tensor (an int is accepted for a single tensor)."""
     if starts is None:
         return None
@@ -137,7 +172,7 @@ def _check_real(op: str, name: str, x: object) -> float:
     return float(x)
 
 
-def _check_bounded(op: str, name: str, x: object, lo: float, hi: Optional[float] = None,
+def _check_bounded(op: str, name: str, x: object, lo: float, hi: float | None = None,
                    lo_open: bool = False) -> float:
     """A real in [lo, hi] ((lo, hi] with lo_open); NaN is rejected."""
     x = _check_real(op, name, x)
@@ -149,7 +184,7 @@ def _check_bounded(op: str, name: str, x: object, lo: float, hi: Optional[float]
     return x
 
 
-def new_seed(generator: Optional[torch.Generator] = None) -> int:
+def new_seed(generator: torch.Generator | None = None) -> int:
     """A seed in [0, 2^63) drawn from torch's RNG (``torch.manual_seed`` makes it reproducible)."""
     return int(torch.randint(0, _INT64_END - 1, (), dtype=torch.int64, generator=generator))
 
@@ -209,7 +244,7 @@ def _empty_like(ts: Sequence[Tensor]) -> list[Tensor]:
 
 # ----------------------------------------------------------------------------- custom ops
 def _sample_impl(mu: list[Tensor], rho: list[Tensor], seed: int, offset: int,
-                 starts: Optional[list[int]] = None) -> list[Tensor]:
+                 starts: list[int] | None = None) -> list[Tensor]:
     theta = _empty_like(mu)
     _launch(_C.sample, mu, _ptrs(mu), _ptrs(rho), _ptrs(theta), _numels(mu), seed, offset,
             starts or [])
@@ -220,7 +255,7 @@ _sample = torch.library.custom_op("gemext::sample", _sample_impl, mutates_args=(
 
 
 def _reparam_grad_impl(grad: list[Tensor], rho: list[Tensor], seed: int, offset: int,
-                       starts: Optional[list[int]] = None) -> list[Tensor]:
+                       starts: list[int] | None = None) -> list[Tensor]:
     drho = _empty_like(rho)
     _launch(_C.reparam_grad, rho, _ptrs(grad), _ptrs(rho), _ptrs(drho), _numels(rho), seed, offset,
             starts or [])
@@ -232,18 +267,19 @@ _reparam_grad = torch.library.custom_op("gemext::reparam_grad", _reparam_grad_im
 
 def _elbo_backward__impl(out_mu: list[Tensor], out_rho: list[Tensor], grad_theta: list[Tensor],
                     mu: list[Tensor], rho: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
-                    seed: int, offset: int, beta: float, starts: Optional[list[int]] = None) -> None:
+                    seed: int, offset: int, beta: float, starts: list[int] | None = None) -> None:
     _launch(_C.elbo_backward, mu, _ptrs(grad_theta), _ptrs(mu), _ptrs(rho), _ptrs(mu0),
             _ptrs(rho0), _ptrs(out_mu), _ptrs(out_rho), _numels(mu), seed, offset, beta,
             starts or [])
 
 
-_elbo_backward_ = torch.library.custom_op("gemext::elbo_backward_", _elbo_backward__impl, mutates_args=("out_mu", "out_rho"))
+_elbo_backward_ = torch.library.custom_op("gemext::elbo_backward_", _elbo_backward__impl,
+                                          mutates_args=("out_mu", "out_rho"))
 
 
 def _elbo_backward_impl(grad_theta: list[Tensor], mu: list[Tensor], rho: list[Tensor],
                    mu0: list[Tensor], rho0: list[Tensor], seed: int, offset: int,
-                   beta: float, starts: Optional[list[int]] = None) -> tuple[list[Tensor], list[Tensor]]:
+                   beta: float, starts: list[int] | None = None) -> tuple[list[Tensor], list[Tensor]]:
     out_mu, out_rho = _empty_like(mu), _empty_like(rho)
     _elbo_backward__impl(out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, seed, offset, beta, starts)
     return out_mu, out_rho
@@ -273,15 +309,19 @@ def _gaussian_kl_backward_impl(mu: list[Tensor], rho: list[Tensor], mu0: list[Te
     return tuple(outs)
 
 
-_gaussian_kl_backward = torch.library.custom_op("gemext::gaussian_kl_backward", _gaussian_kl_backward_impl, mutates_args=())
+_gaussian_kl_backward = torch.library.custom_op("gemext::gaussian_kl_backward", _gaussian_kl_backward_impl,
+                                                mutates_args=())
 
 
 def _gem_grad__impl(g_mu0: list[Tensor], g_rho0: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
                mu_a: list[Tensor], rho_a: list[Tensor], mu_b: list[Tensor], rho_b: list[Tensor],
                weight: float) -> None:
-    """``mu_b == []`` selects GEM-BML, otherwise GEM-BML+."""
+    """``mu_b == []`` selects GEM-BML, otherwise GEM-BML+. Posteriors of shape [T, *prior]
+    (one more dimension than ``mu0``, the same T for all: checked by :func:`gem_grad_`) select
+    the in-kernel sum over the T tasks."""
+    ntasks = int(mu_a[0].shape[0]) if mu_a[0].dim() == mu0[0].dim() + 1 else 0
     _launch(_C.gem_grad, mu0, _ptrs(mu0), _ptrs(rho0), _ptrs(mu_a), _ptrs(rho_a), _ptrs(mu_b),
-            _ptrs(rho_b), _ptrs(g_mu0), _ptrs(g_rho0), _numels(mu0), weight, True)
+            _ptrs(rho_b), _ptrs(g_mu0), _ptrs(g_rho0), _numels(mu0), weight, True, ntasks)
 
 
 _gem_grad_ = torch.library.custom_op("gemext::gem_grad_", _gem_grad__impl, mutates_args=("g_mu0", "g_rho0"))
@@ -291,7 +331,7 @@ def _gem_grad_impl(mu0: list[Tensor], rho0: list[Tensor], mu_a: list[Tensor], rh
               mu_b: list[Tensor], rho_b: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     g_mu0, g_rho0 = _empty_like(mu0), _empty_like(rho0)
     _launch(_C.gem_grad, mu0, _ptrs(mu0), _ptrs(rho0), _ptrs(mu_a), _ptrs(rho_a), _ptrs(mu_b),
-            _ptrs(rho_b), _ptrs(g_mu0), _ptrs(g_rho0), _numels(mu0), 1.0, False)
+            _ptrs(rho_b), _ptrs(g_mu0), _ptrs(g_rho0), _numels(mu0), 1.0, False, 0)
     return g_mu0, g_rho0
 
 
@@ -301,7 +341,7 @@ _gem_grad = torch.library.custom_op("gemext::gem_grad", _gem_grad_impl, mutates_
 def _von_step__impl(mu: list[Tensor], rho: list[Tensor], h: list[Tensor], grad: list[Tensor],
                     curv: list[Tensor], mu0: list[Tensor], rho0: list[Tensor],
                     correction: list[Tensor], seed: int, offset: int, lr: float, beta: float,
-                    h_decay: float, damping: float, starts: Optional[list[int]] = None) -> None:
+                    h_decay: float, damping: float, starts: list[int] | None = None) -> None:
     """``curv == []`` estimates the curvature from regenerated ε; ``correction == []`` puts
     h' in the μ preconditioner instead of subtracting a correction."""
     _launch(_C.von_step, mu, _ptrs(mu), _ptrs(rho), _ptrs(h), _ptrs(grad), _ptrs(curv),
@@ -361,7 +401,7 @@ def _(mu, rho, h, grad, curv, mu0, rho0, correction, seed, offset, lr, beta, h_d
 
 
 # ----------------------------------------------------------------------------- autograd
-def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor]) -> list[Tensor]:
+def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, like)]
 
 
@@ -421,7 +461,7 @@ _gem_grad.register_autograd(_gem_backward, setup_context=_gem_setup)
 
 # ----------------------------------------------------------------------------- public API
 def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0,
-           starts: Optional[Sequence[int]] = None) -> TensorOrList:
+           starts: Sequence[int] | None = None) -> TensorOrList:
     """θ = μ + exp(ρ)·ε with ε = N(0, 1) from (seed, offset, element index). Differentiable in
     μ and ρ (the backward regenerates ε). ``starts``: global index of each tensor's element 0
     (default: the cumulative numel)."""
@@ -447,7 +487,7 @@ def gaussian_kl(mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList,
 
 def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
                   mu0: TensorOrList, rho0: TensorOrList, seed: int, offset: int = 0,
-                  beta: float = 1.0, starts: Optional[Sequence[int]] = None
+                  beta: float = 1.0, starts: Sequence[int] | None = None
                   ) -> tuple[TensorOrList, TensorOrList]:
     """(∂/∂μ, ∂/∂ρ) of −ELBO = nll(θ) + β·KL(q‖p) for θ = ``sample(mu, rho, seed, offset,
     starts)`` and ``grad_theta`` = ∂nll/∂θ: dμ = g + β(μ−μ₀)/σ₀², dρ = g·ε·σ + β(σ²/σ₀² − 1)."""
@@ -467,7 +507,7 @@ def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
 def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: TensorOrList,
                    mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
                    seed: int, offset: int = 0, beta: float = 1.0,
-                   starts: Optional[Sequence[int]] = None) -> None:
+                   starts: Sequence[int] | None = None) -> None:
     """:func:`elbo_backward` written into the buffers ``out_mu``, ``out_rho`` (the VI hot path:
     no allocation). The outputs may be the same tensors as ``grad_theta`` (exact aliasing)."""
     lists, single = _validate("elbo_backward_", "mu", out_mu=out_mu, out_rho=out_rho,
@@ -481,18 +521,24 @@ def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: Tens
               differentiable=False, mutated=(lists["out_mu"], lists["out_rho"]))
 
 
-def _gem_lists(op: str, mu0, rho0, mu_a, rho_a, mu_b, rho_b, **buffers):
+_POSTERIORS = ("mu_a", "rho_a", "mu_b", "rho_b")
+
+
+def _gem_lists(op: str, mu0, rho0, mu_a, rho_a, mu_b, rho_b, tasks: bool = False, **buffers):
+    """The validated lists and ``single``; with ``tasks``, also the posteriors' leading task
+    dimension T (None: the prior's shape)."""
     if (mu_b is None) != (rho_b is None):
         raise ValueError(f"{op}: mu_b and rho_b must be given together (GEM-BML+) or both None")
-    lists, single = _validate(op, "mu0", **buffers, mu0=mu0, rho0=rho0, mu_a=mu_a, rho_a=rho_a,
-                              mu_b=mu_b, rho_b=rho_b)
+    lists, single = _validate(op, "mu0", _POSTERIORS if tasks else (), **buffers, mu0=mu0,
+                              rho0=rho0, mu_a=mu_a, rho_a=rho_a, mu_b=mu_b, rho_b=rho_b)
+    ntasks = _task_count(op, "mu0", lists, single, _POSTERIORS) if tasks else None
     lists.setdefault("mu_b", [])
     lists.setdefault("rho_b", [])
-    return lists, single
+    return (lists, single, ntasks) if tasks else (lists, single)
 
 
 def gem_grad(mu0: TensorOrList, rho0: TensorOrList, mu_a: TensorOrList, rho_a: TensorOrList,
-             mu_b: Optional[TensorOrList] = None, rho_b: Optional[TensorOrList] = None
+             mu_b: TensorOrList | None = None, rho_b: TensorOrList | None = None
              ) -> tuple[TensorOrList, TensorOrList]:
     """The Gradient-EM ascent direction (ĝ_μ₀, ĝ_ρ₀) for the prior (μ₀, ρ₀) from the posterior
     λ_a = (μ_a, ρ_a): ĝ_μ₀ = (μa−μ₀)/σ₀², ĝ_ρ₀ = ((μa−μ₀)² + σa²)/σ₀² − 1. With λ_b (GEM-BML+)
@@ -506,12 +552,20 @@ def gem_grad(mu0: TensorOrList, rho0: TensorOrList, mu_a: TensorOrList, rho_a: T
 
 
 def gem_grad_(g_mu0: TensorOrList, g_rho0: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
-              mu_a: TensorOrList, rho_a: TensorOrList, mu_b: Optional[TensorOrList] = None,
-              rho_b: Optional[TensorOrList] = None, weight: float = 1.0) -> None:
+              mu_a: TensorOrList, rho_a: TensorOrList, mu_b: TensorOrList | None = None,
+              rho_b: TensorOrList | None = None, weight: float = 1.0) -> None:
     """Adds ``weight``·ĝ into ``g_mu0``, ``g_rho0`` in place (e.g. ``weight=-1/T`` into the
-    prior's ``.grad`` so that any torch optimizer ascends the meta-objective)."""
-    lists, _ = _gem_lists("gem_grad_", mu0, rho0, mu_a, rho_a, mu_b, rho_b,
-                          g_mu0=g_mu0, g_rho0=g_rho0)
+    prior's ``.grad`` so that any torch optimizer ascends the meta-objective).
+
+    The posteriors (``mu_a``, ``rho_a``, ``mu_b``, ``rho_b``) have either the prior's shape
+    (element-wise ĝ), or one more, leading, task dimension: [T, *prior shape], the same T
+    for every tensor of the lists, T >= 1. Then ``g += weight · Σ_t ĝ(μ₀, ρ₀; λ_t)`` in one
+    launch: each output element is summed by one thread over t = 0 .. T-1 in that order, in
+    the tensors' dtype, so the result is deterministic and the same on CPU and CUDA; with T = 1
+    it is bitwise the element-wise call on the posteriors' only slice. ``g_mu0``, ``g_rho0``,
+    ``mu0`` and ``rho0`` always have the prior's shape."""
+    lists, _, _ = _gem_lists("gem_grad_", mu0, rho0, mu_a, rho_a, mu_b, rho_b, tasks=True,
+                             g_mu0=g_mu0, g_rho0=g_rho0)
     weight = _check_real("gem_grad_", "weight", weight)
     if lists["mu0"]:
         args = [lists[k] for k in ("g_mu0", "g_rho0", "mu0", "rho0", "mu_a", "rho_a", "mu_b",
@@ -521,10 +575,10 @@ def gem_grad_(g_mu0: TensorOrList, g_rho0: TensorOrList, mu0: TensorOrList, rho0
 
 
 def von_step_(mu: TensorOrList, rho: TensorOrList, h: TensorOrList, grad: TensorOrList,
-              curv: Optional[TensorOrList], mu0: TensorOrList, rho0: TensorOrList, seed: int,
+              curv: TensorOrList | None, mu0: TensorOrList, rho0: TensorOrList, seed: int,
               offset: int, lr: float, beta: float, h_decay: float, damping: float,
-              correction: Optional[TensorOrList] = None,
-              starts: Optional[Sequence[int]] = None) -> None:
+              correction: TensorOrList | None = None,
+              starts: Sequence[int] | None = None) -> None:
     """One variational online Newton step on q = N(μ, σ²), σ = exp(ρ), with prior
     N(μ₀, σ₀²), updating ``mu``, ``rho`` and the curvature average ``h`` in place:
 

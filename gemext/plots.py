@@ -37,7 +37,7 @@ def plot_curve(path: Path, xs, ys, cis=None, label: str = "", xlabel: str = "inn
 
 
 @torch.no_grad()
-def plot_regression(run: Path, config, family, result: dict, first) -> None:
+def plot_regression(run: Path, config, x_range: tuple[float, float], result: dict, first) -> None:
     """MSE vs inner steps, and predictive bands (mean ± 1.645 std) of a few test tasks."""
     K = len(result["mse_by_step"]) - 1
     plot_curve(run / "mse_vs_steps.png", list(range(K + 1)), result["mse_by_step"], result["mse_ci95_by_step"],
@@ -45,7 +45,7 @@ def plot_regression(run: Path, config, family, result: dict, first) -> None:
     if first is None:
         return
     batch, adapted, before = first
-    lo, hi = family.config.x_range
+    lo, hi = x_range
     T = len(batch)
     grid = torch.linspace(lo, hi, 200, device=batch.x_support.device).view(1, -1, 1).expand(T, -1, -1).contiguous()
     out_k, out_0 = adapted.predict(grid), before.predict(grid)
@@ -54,12 +54,11 @@ def plot_regression(run: Path, config, family, result: dict, first) -> None:
     axes = fig.subplots(1, n, squeeze=False)
     for i, ax in enumerate(axes[0]):
         g = grid[i, :, 0].cpu()
-        ax.plot(g, out_0[0][i, :, 0].cpu() if isinstance(out_0, tuple) else out_0[i, :, 0].cpu(),
-                color="0.6", ls="--", label="before adaptation")
-        mean = out_k[0][i, :, 0].cpu() if isinstance(out_k, tuple) else out_k[i, :, 0].cpu()
+        ax.plot(g, out_0.mean[i, :, 0].cpu(), color="0.6", ls="--", label="before adaptation")
+        mean = out_k.mean[i, :, 0].cpu()
         ax.plot(g, mean, color="C0", label=f"after {K} steps")
-        if isinstance(out_k, tuple):
-            std = out_k[1][i, :, 0].cpu()
+        if out_k.std is not None:
+            std = out_k.std[i, :, 0].cpu()
             ax.fill_between(g, mean - 1.645 * std, mean + 1.645 * std, color="C0", alpha=0.2, label="90% interval")
         ax.scatter(batch.x_query[i, :, 0].cpu(), batch.y_query[i, :, 0].cpu(), s=10, color="C3", label="query")
         ax.scatter(batch.x_support[i, :, 0].cpu(), batch.y_support[i, :, 0].cpu(), s=25, marker="x",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 
 class Progress:
@@ -33,7 +33,8 @@ class Progress:
         rate = n / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
-        print(f"{self.desc}: {self.done}/{self.total} [{elapsed:.0f}s, {rate:.3g} it/s, eta {eta:.0f}s] {extra}".rstrip(),
+        print((f"{self.desc}: {self.done}/{self.total} [{elapsed:.0f}s, {rate:.3g} it/s, "
+               f"eta {eta:.0f}s] {extra}").rstrip(),
               file=sys.stderr, flush=True)
 
     def __iter__(self) -> Iterator:

@@ -2,7 +2,8 @@
 
 This is the test oracle (call it with float64 tensors) and the "eager" baseline of the
 benchmarks (call it with float32 tensors): it computes in the dtype it is given, with the
-textbook formulas of the Gaussian prior, posterior and Gradient-EM statistic, and is never used as a silent fallback for the kernels.
+textbook formulas of the Gaussian prior, posterior and Gradient-EM statistic, and is never used
+as a silent fallback for the kernels.
 Signatures mirror :mod:`gemext.ops`; a Tensor in gives a Tensor out, a list gives a list.
 
 :func:`normal` reproduces the kernels' noise (Philox-4x32-10 + Box-Muller, see
@@ -11,13 +12,14 @@ element by element.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-TensorOrList = Union[Tensor, Sequence[Tensor]]
+TensorOrList = Tensor | Sequence[Tensor]
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -62,13 +64,13 @@ def normal(seed: int, offset: int, numel: int, dtype: torch.dtype = torch.float6
     return torch.from_numpy(flat.copy())
 
 
-def _listify(*args: Optional[TensorOrList]) -> tuple[list, bool]:
+def _listify(*args: TensorOrList | None) -> tuple[list, bool]:
     single = isinstance(args[0], Tensor)
     return [([a] if single else list(a)) if a is not None else None for a in args], single
 
 
 def _noise_like(tensors: list[Tensor], seed: int, offset: int,
-                starts: Optional[Sequence[int]] = None) -> list[Tensor]:
+                starts: Sequence[int] | None = None) -> list[Tensor]:
     """The kernels' ε for a list, indexed over the concatenation of all its tensors (or from
     ``starts[t]`` for tensor t)."""
     if starts is None:
@@ -86,7 +88,7 @@ def _unlist(single: bool, *lists: list):
 
 
 def sample(mu: TensorOrList, rho: TensorOrList, seed: int, offset: int = 0,
-           starts: Optional[Sequence[int]] = None) -> TensorOrList:
+           starts: Sequence[int] | None = None) -> TensorOrList:
     """θ = μ + exp(ρ)·ε."""
     (mu, rho), single = _listify(mu, rho)
     eps = _noise_like(mu, seed, offset, starts)
@@ -116,8 +118,8 @@ def elbo_grads(g: Tensor, mu: Tensor, rho: Tensor, mu0: Tensor, rho0: Tensor, ep
 
 def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
                   mu0: TensorOrList, rho0: TensorOrList, seed: int, offset: int = 0,
-                  beta: float = 1.0, eps: Optional[TensorOrList] = None,
-                  starts: Optional[Sequence[int]] = None):
+                  beta: float = 1.0, eps: TensorOrList | None = None,
+                  starts: Sequence[int] | None = None):
     """(∂/∂μ, ∂/∂ρ) of −ELBO; ε regenerated from (seed, offset, starts) unless given."""
     (g, mu, rho, mu0, rho0, eps), single = _listify(grad_theta, mu, rho, mu0, rho0, eps)
     eps = eps if eps is not None else _noise_like(mu, seed, offset, starts)
@@ -128,7 +130,7 @@ def elbo_backward(grad_theta: TensorOrList, mu: TensorOrList, rho: TensorOrList,
 def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: TensorOrList,
                    mu: TensorOrList, rho: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
                    seed: int, offset: int = 0, beta: float = 1.0,
-                   eps: Optional[TensorOrList] = None, starts: Optional[Sequence[int]] = None) -> None:
+                   eps: TensorOrList | None = None, starts: Sequence[int] | None = None) -> None:
     """:func:`elbo_backward` written into ``out_mu``, ``out_rho`` (eager, with temporaries)."""
     (out_mu, out_rho, g, mu, rho, mu0, rho0, eps), _ = _listify(
         out_mu, out_rho, grad_theta, mu, rho, mu0, rho0, eps)
@@ -140,9 +142,10 @@ def elbo_backward_(out_mu: TensorOrList, out_rho: TensorOrList, grad_theta: Tens
 
 
 def gem_terms(mu0: Tensor, rho0: Tensor, mu_a: Tensor, rho_a: Tensor,
-              mu_b: Optional[Tensor] = None, rho_b: Optional[Tensor] = None
+              mu_b: Tensor | None = None, rho_b: Tensor | None = None
               ) -> tuple[Tensor, Tensor]:
-    """ĝ for one tensor: GEM-BML, or GEM-BML+ when λ_b = (μ_b, ρ_b) is given."""
+    """ĝ for one tensor: GEM-BML, or GEM-BML+ when λ_b = (μ_b, ρ_b) is given. The prior
+    broadcasts against the posterior, so a posterior [T, *prior shape] gives ĝ per task."""
     var0 = torch.exp(2 * rho0)
     if mu_b is None:
         return (mu_a - mu0) / var0, ((mu_a - mu0) ** 2 + torch.exp(2 * rho_a)) / var0 - 1
@@ -152,7 +155,7 @@ def gem_terms(mu0: Tensor, rho0: Tensor, mu_a: Tensor, rho_a: Tensor,
 
 
 def gem_grad(mu0: TensorOrList, rho0: TensorOrList, mu_a: TensorOrList, rho_a: TensorOrList,
-             mu_b: Optional[TensorOrList] = None, rho_b: Optional[TensorOrList] = None):
+             mu_b: TensorOrList | None = None, rho_b: TensorOrList | None = None):
     """(ĝ_μ₀, ĝ_ρ₀), the Gradient-EM ascent direction."""
     lists, single = _listify(mu0, rho0, mu_a, rho_a, mu_b, rho_b)
     n = len(lists[0])
@@ -162,18 +165,20 @@ def gem_grad(mu0: TensorOrList, rho0: TensorOrList, mu_a: TensorOrList, rho_a: T
 
 
 def gem_grad_(g_mu0: TensorOrList, g_rho0: TensorOrList, mu0: TensorOrList, rho0: TensorOrList,
-              mu_a: TensorOrList, rho_a: TensorOrList, mu_b: Optional[TensorOrList] = None,
-              rho_b: Optional[TensorOrList] = None, weight: float = 1.0) -> None:
-    """Adds weight·ĝ into ``g_mu0``, ``g_rho0`` (eager, with temporaries)."""
+              mu_a: TensorOrList, rho_a: TensorOrList, mu_b: TensorOrList | None = None,
+              rho_b: TensorOrList | None = None, weight: float = 1.0) -> None:
+    """Adds weight·ĝ into ``g_mu0``, ``g_rho0`` (eager, with temporaries). Posteriors with a
+    leading task dimension, [T, *prior shape], add weight·Σ_t ĝ(prior, posterior_t): the prior
+    broadcast over the T tasks, ĝ per task, summed over dim 0."""
     (g_mu0, g_rho0), _ = _listify(g_mu0, g_rho0)
     d_mu, d_rho = gem_grad(*(_listify(mu0, rho0, mu_a, rho_a, mu_b, rho_b)[0]))
     for b, d in zip(g_mu0 + g_rho0, d_mu + d_rho):
-        b.add_(d, alpha=weight)
+        b.add_(d.sum(0) if d.dim() == b.dim() + 1 else d, alpha=weight)
 
 
-def von_terms(mu: Tensor, rho: Tensor, h: Tensor, grad: Tensor, curv: Optional[Tensor],
-              mu0: Tensor, rho0: Tensor, eps: Optional[Tensor], lr: float, beta: float,
-              h_decay: float, damping: float, correction: Optional[Tensor] = None
+def von_terms(mu: Tensor, rho: Tensor, h: Tensor, grad: Tensor, curv: Tensor | None,
+              mu0: Tensor, rho0: Tensor, eps: Tensor | None, lr: float, beta: float,
+              h_decay: float, damping: float, correction: Tensor | None = None
               ) -> tuple[Tensor, Tensor, Tensor]:
     """(μ', ρ', h') of one VON step for one tensor; ``eps`` is needed only when ``curv`` is None."""
     c = curv if curv is not None else torch.clamp_min(grad * eps / torch.exp(rho), 0)
@@ -188,10 +193,10 @@ def von_terms(mu: Tensor, rho: Tensor, h: Tensor, grad: Tensor, curv: Optional[T
 
 
 def von_step(mu: TensorOrList, rho: TensorOrList, h: TensorOrList, grad: TensorOrList,
-             curv: Optional[TensorOrList], mu0: TensorOrList, rho0: TensorOrList, seed: int,
+             curv: TensorOrList | None, mu0: TensorOrList, rho0: TensorOrList, seed: int,
              offset: int, lr: float, beta: float, h_decay: float, damping: float,
-             correction: Optional[TensorOrList] = None, starts: Optional[Sequence[int]] = None,
-             eps: Optional[TensorOrList] = None):
+             correction: TensorOrList | None = None, starts: Sequence[int] | None = None,
+             eps: TensorOrList | None = None):
     """(μ', ρ', h') of a VON step, functionally; ε regenerated from (seed, offset, starts)
     unless given (only used without ``curv``)."""
     (mu, rho, h, grad, curv, mu0, rho0, correction, eps), single = _listify(
@@ -207,10 +212,10 @@ def von_step(mu: TensorOrList, rho: TensorOrList, h: TensorOrList, grad: TensorO
 
 
 def von_step_(mu: TensorOrList, rho: TensorOrList, h: TensorOrList, grad: TensorOrList,
-              curv: Optional[TensorOrList], mu0: TensorOrList, rho0: TensorOrList, seed: int,
+              curv: TensorOrList | None, mu0: TensorOrList, rho0: TensorOrList, seed: int,
               offset: int, lr: float, beta: float, h_decay: float, damping: float,
-              correction: Optional[TensorOrList] = None, starts: Optional[Sequence[int]] = None,
-              eps: Optional[TensorOrList] = None) -> None:
+              correction: TensorOrList | None = None, starts: Sequence[int] | None = None,
+              eps: TensorOrList | None = None) -> None:
     """:func:`von_step` written back into ``mu``, ``rho``, ``h`` (eager, with temporaries)."""
     new = von_step(mu, rho, h, grad, curv, mu0, rho0, seed, offset, lr, beta, h_decay, damping,
                    correction, starts, eps)
@@ -219,3 +224,42 @@ def von_step_(mu: TensorOrList, rho: TensorOrList, h: TensorOrList, grad: Tensor
         new = tuple([x] for x in new)
     for dst, src in zip(mu + rho + h, new[0] + new[1] + new[2]):
         dst.copy_(src)
+
+
+# ------------------------------------------------------------------ the conjugate oracle
+# Linear-Gaussian regression with orthogonal features: the exact posterior of a diagonal Gaussian
+# prior is diagonal, so the VI family contains it, and log p(D; Θ) has a closed form. The best
+# check of a Gradient-EM meta-gradient: at the exact posterior it IS ∇_Θ log p(D; Θ).
+def orthogonal_features(n: int, d: int, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """[n, d] with orthogonal columns of different norms (n >= d)."""
+    q, _ = torch.linalg.qr(torch.randn(n, d, generator=generator, dtype=torch.float64))
+    norms = scale * (0.5 + torch.rand(d, generator=generator, dtype=torch.float64) * 2)
+    return q * norms
+
+
+def exact_posterior(phi, y, mu0, rho0, noise):
+    """Diagonal exact posterior (μ, ρ) for y = Φθ + N(0, noise²) given ΦᵀΦ diagonal."""
+    prec = torch.exp(-2 * rho0) + (phi * phi).sum(0) / noise**2
+    var = 1 / prec
+    mu = var * (mu0 * torch.exp(-2 * rho0) + phi.T @ y / noise**2)
+    return mu, 0.5 * torch.log(var)
+
+
+def log_marginal(phi, y, mu0, rho0, noise):
+    """log N(y; Φμ₀, Φ diag(σ₀²) Φᵀ + noise² I), differentiable in μ₀, ρ₀."""
+    cov = phi @ torch.diag(torch.exp(2 * rho0)) @ phi.T + noise**2 * torch.eye(len(y), dtype=phi.dtype)
+    return torch.distributions.MultivariateNormal(phi @ mu0, covariance_matrix=cov).log_prob(y)
+
+
+def conjugate_problem(seed: int = 0, n_tr: int = 6, n_val: int = 5, d: int = 4, noise: float = 0.3):
+    """(Φ_tr, y_tr, Φ_val, y_val, μ₀, ρ₀, noise) of a random instance."""
+    g = torch.Generator().manual_seed(seed)
+    # support and query each with orthogonal columns, so their union has a diagonal Gram too
+    phi_tr = orthogonal_features(n_tr, d, g)
+    phi_val = orthogonal_features(n_val, d, g)
+    theta = torch.randn(d, generator=g, dtype=torch.float64)
+    y_tr = phi_tr @ theta + noise * torch.randn(n_tr, generator=g, dtype=torch.float64)
+    y_val = phi_val @ theta + noise * torch.randn(n_val, generator=g, dtype=torch.float64)
+    mu0 = 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    rho0 = math.log(0.8) + 0.2 * torch.randn(d, generator=g, dtype=torch.float64)
+    return phi_tr, y_tr, phi_val, y_val, mu0, rho0, noise

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 CHECKPOINT_FORMAT = "gemext-checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: one loop for every family (rng["family"], RL learners in the common form)
 RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint.pt.prev", "log.csv", "metrics.json")
 # settings a resumed run may change: they do not alter the meta-training trajectory
 RESUME_MAY_CHANGE = frozenset({"iterations", "out", "log_every", "checkpoint_every", "eval_tasks", "eval_steps",
@@ -123,7 +123,7 @@ class RunLock:
         self.path = Path(folder) / ".lock"
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -146,7 +146,7 @@ class RunLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

@@ -13,8 +13,8 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from gemext import ops, reference
-from gemext.distributed import DistContext, shard_bounds
 from gemext import runs as gemext_runs
+from gemext.distributed import DistContext, shard_bounds
 from gemext.train import RunConfig, load_checkpoint, train
 from gemext.vi import task_starts
 
@@ -105,7 +105,7 @@ def test_starts_reproduce_slices_of_the_full_batch(dtype):
     full = ops.sample(mu, rho, 123, 2)
     full_mu, full_rho = ops.elbo_backward(gt, mu, rho, rho, mu, 9, 1, 0.5)
     for lo, hi in [(0, 3), (3, 7), (1, 2), (5, 6), (2, 7)]:
-        part = lambda ts: [t[lo:hi].contiguous() for t in ts]  # noqa: E731
+        part = lambda ts, lo=lo, hi=hi: [t[lo:hi].contiguous() for t in ts]  # noqa: E731
         starts = task_starts(part(mu), (lo, T))
         got = ops.sample(part(mu), part(rho), 123, 2, starts=starts)
         assert all(torch.equal(a[lo:hi], b) for a, b in zip(full, got)), (lo, hi)
@@ -189,18 +189,17 @@ def _spawn_worker(rank: int, world: int, port: int, out: str) -> None:
 def _meta_steps(ctx: DistContext):
     """One meta-gradient per algorithm on the same 4 tasks, sharded over ctx's ranks."""
     from gemext import algorithms
-    from gemext.train import build
+    from gemext.train import build, meta_step
     for algo in algorithms.names():
         torch.manual_seed(0)
         cfg = RunConfig(task="sinusoid", algo=algo, meta_batch=4, inner_steps=2, out="unused")
         family, learner, T = build(cfg)
-        batch = family.sample(T, torch.Generator().manual_seed(1), "train")
-        lo, hi = ctx.shard(T)
+        batch = family.sample(T, torch.Generator().manual_seed(1))
         ctx._stat_keys = None  # a context serves one run (one learner); here each algorithm is one
-        with ctx.sharded(lo, T):
-            stats = learner.meta_backward(batch if ctx.world_size == 1 else batch[lo:hi])
-        stats, _, _ = ctx.step(learner.parameters(), stats, hi - lo, T, False, False, 1)
-        yield algo, [None if p.grad is None else p.grad.clone() for p in learner.parameters()], stats
+        # the training loop's own meta-step; lr 0 leaves Θ alone so the gradients can be compared
+        out = meta_step(learner, torch.optim.SGD(learner.parameters(), lr=0.0), batch, ctx, iteration=1)
+        assert out.stepped, algo
+        yield algo, [None if p.grad is None else p.grad.clone() for p in learner.parameters()], out.stats
 
 
 def _free_port() -> int:
@@ -286,7 +285,8 @@ def test_finished_two_rank_jobs_shut_down_cleanly(tmp_path):
         proc = _torchrun(2, ["-m", "gemext", *args, "--out", str(out)])
         assert proc.returncode == 0, (i, proc.stderr[-3000:])
         assert "outlived destroy_process_group" not in proc.stderr, (i, proc.stderr[-3000:])
-        assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.json", "log.csv", "metrics.json"]
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.json", "log.csv",
+                                                         "metrics.json"]
         assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 2
 
 
@@ -349,22 +349,20 @@ def test_corrupt_wrong_version_or_foreign_checkpoint_is_refused(runs, tmp_path):
 
 
 def test_sharded_von_fit_is_bitwise_the_full_batch_fit():
-    """Tasks k.. of a meta-batch fitted as a shard (task_shard: the full batch's noise) get exactly
+    """Tasks k.. of a meta-batch fitted as a shard (task_range: the full batch's noise) get exactly
     the posteriors they get in the full batch (shards of two or more tasks): von's per-task solves
     and step halvings never depend on which other tasks share the batch."""
     from gemext.train import build
-    from gemext.vi import task_shard
     _, learner, _ = build(RunConfig(task="sinusoid", algo="gem-bml+", out="unused", meta_batch=6,
                                     algo_options={"inner_steps": 3}))
     family = build(RunConfig(task="sinusoid", algo="gem-bml+", out="unused"))[0]
-    b = family.sample(6, torch.Generator().manual_seed(1), "train")
+    b = family.sample(6, torch.Generator().manual_seed(1))
     state = learner.generator.get_state()
     full = learner._fit(b.x_support, b.y_support, learner.prior.expand(6), learner.prior.expand(6), 3).posterior
     for lo in (0, 2, 4, 5):
         learner.generator.set_state(state)
-        with task_shard(lo, 6):
-            part = learner._fit(b.x_support[lo:], b.y_support[lo:], learner.prior.expand(6 - lo),
-                                learner.prior.expand(6 - lo), 3).posterior
+        part = learner._fit(b.x_support[lo:], b.y_support[lo:], learner.prior.expand(6 - lo),
+                            learner.prior.expand(6 - lo), 3, task_range=(lo, 6)).posterior
         for a, c in zip(full.mu + full.rho, part.mu + part.rho):
             if lo < 5:
                 assert torch.equal(a[lo:], c), lo

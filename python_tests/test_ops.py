@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import RTOL, assert_close  # noqa: F401
 
 from gemext import _C, ops
 from gemext import reference as R
-from tolerances import RTOL, assert_close  # noqa: F401
 
 DTYPES = [torch.float32, torch.float64]
 HAS_CUDA = torch.cuda.is_available() and _C.cuda
@@ -117,6 +117,136 @@ def test_gem_grad(dtype, plus, ntensors):
     ops.gem_grad_(b_mu, b_rho, mu0, rho0, mu_a, rho_a, *extra, weight=-0.25)
     assert_close(b_mu, [1 - 0.25 * e for e in e_mu], [0.25 * s + 1 for s in s_mu], dtype)
     assert_close(b_rho, [-2 - 0.25 * e for e in e_rho], [0.25 * s + 2 for s in s_rho], dtype)
+
+
+# ----------------------------------------------------------------------------- gem_grad_ over tasks
+def _gem_scales(M0, P0, MA, PA, MB=None, PB=None):
+    """Magnitudes of the terms of ĝ (float64; the prior broadcasts over a task dimension)."""
+    inv = torch.exp(-2 * P0)
+    if MB is None:
+        return (MA - M0).abs() * inv, (MA - M0) ** 2 * inv + torch.exp(2 * (PA - P0)) + 1
+    return (((MA - M0).abs() + (MB - M0).abs()) * inv,
+            ((MA - M0) ** 2 + (MB - M0) ** 2) * inv + torch.exp(2 * (PA - P0)) + torch.exp(2 * (PB - P0)))
+
+
+def _task_inputs(shapes, dtype, T, plus, seed=0):
+    """Prior lists (μ₀, ρ₀) of `shapes` and posterior lists [μa, ρa(, μb, ρb)] of shapes (T, *shape)."""
+    mu0, rho0 = rand_lists(shapes, dtype, 2, seed=seed)
+    post = rand_lists([(T, *s) for s in shapes], dtype, 4 if plus else 2, seed=seed + 1)
+    return mu0, rho0, post
+
+
+def _opt(post, plus):
+    """The (mu_b, rho_b) arguments: the posterior's λ_b lists, or None for GEM-BML."""
+    return tuple(post[2:4]) if plus else (None, None)
+
+
+TASK_SHAPES = make_shapes(12, seed=7) + [(2, 1029), (3, 0), ()]  # odd sizes, empties, scalars, > 1 block
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("T", [1, 7])
+def test_gem_grad_task_sum_matches_reference(dtype, plus, T):
+    """Posteriors [T, *prior]: g += weight·Σ_t ĝ(prior, posterior_t), against the float64 reference
+    (the prior broadcast over T, ĝ per task, summed over dim 0)."""
+    mu0, rho0, post = _task_inputs(TASK_SHAPES, dtype, T, plus, seed=11)
+    b_mu, b_rho = [torch.full_like(t, 0.5) for t in mu0], [torch.full_like(t, -2.0) for t in rho0]
+    ops.gem_grad_(b_mu, b_rho, mu0, rho0, post[0], post[1], *_opt(post, plus), weight=-0.25)
+    e_mu, e_rho = [torch.full_like(t, 0.5) for t in f64(mu0)], [torch.full_like(t, -2.0) for t in f64(rho0)]
+    P = [f64(x) for x in post]
+    R.gem_grad_(e_mu, e_rho, f64(mu0), f64(rho0), P[0], P[1], *_opt(P, plus), weight=-0.25)
+    scales = [_gem_scales(*xs) for xs in zip(f64(mu0), f64(rho0), *P)]  # [T, *shape] each
+    s_mu = [0.25 * sm.sum(0) + 0.5 for sm, _ in scales]
+    s_rho = [0.25 * sr.sum(0) + 2.0 for _, sr in scales]
+    assert_close(b_mu, e_mu, s_mu, dtype)
+    assert_close(b_rho, e_rho, s_rho, dtype)
+    # a single Tensor (not a list) works the same way
+    i = TASK_SHAPES.index((2, 1029))
+    one_mu, one_rho = torch.full_like(mu0[i], 0.5), torch.full_like(rho0[i], -2.0)
+    ops.gem_grad_(one_mu, one_rho, mu0[i], rho0[i], post[0][i], post[1][i],
+                  *(x[i] if x is not None else None for x in _opt(post, plus)), weight=-0.25)
+    assert torch.equal(one_mu, b_mu[i]) and torch.equal(one_rho, b_rho[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("plus", [False, True])
+def test_gem_grad_task_sum_equals_same_shape_calls(dtype, plus):
+    """The reduced call is the sum of T same-shape calls: exactly the per-task ĝ added in the order
+    t = 0 .. T-1 in the dtype (weight 1, zero buffers), for any thread count; with a weight and
+    non-zero buffers, T in-place same-shape calls to rounding; with T = 1, bitwise the same-shape
+    call on the only slice."""
+    T = 7
+    shapes = TASK_SHAPES + [(70_001,)]  # 7 x 70k element-steps: several chunks, run in parallel
+    mu0, rho0, post = _task_inputs(shapes, dtype, T, plus, seed=3)
+    per_task = [ops.gem_grad(mu0, rho0, *[[p[t] for p in x] for x in post]) for t in range(T)]
+    expect = [[per_task[0][k][i].clone() for i in range(len(shapes))] for k in (0, 1)]
+    for t in range(1, T):
+        for k in (0, 1):
+            expect[k] = [e + g for e, g in zip(expect[k], per_task[t][k])]
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            b_mu, b_rho = [torch.zeros_like(t) for t in mu0], [torch.zeros_like(t) for t in rho0]
+            ops.gem_grad_(b_mu, b_rho, mu0, rho0, post[0], post[1], *_opt(post, plus))
+            for k, got in enumerate((b_mu, b_rho)):
+                for i, (a, e) in enumerate(zip(got, expect[k])):
+                    assert torch.equal(a, e), (threads, k, i)
+    finally:
+        torch.set_num_threads(old)
+    # weight and accumulation into non-zero buffers: T same-shape gem_grad_ calls, to rounding
+    b_mu, b_rho = [torch.full_like(t, 0.5) for t in mu0], [torch.full_like(t, -2.0) for t in rho0]
+    s_mu, s_rho = [t.clone() for t in b_mu], [t.clone() for t in b_rho]
+    ops.gem_grad_(b_mu, b_rho, mu0, rho0, post[0], post[1], *_opt(post, plus), weight=-0.3)
+    for t in range(T):
+        sl = [[p[t] for p in x] for x in post]
+        ops.gem_grad_(s_mu, s_rho, mu0, rho0, sl[0], sl[1], *_opt(sl, plus), weight=-0.3)
+    scales = [_gem_scales(*xs) for xs in zip(f64(mu0), f64(rho0), *(f64(x) for x in post))]
+    assert_close(b_mu, f64(s_mu), [0.3 * sm.sum(0) + 0.5 for sm, _ in scales], dtype)
+    assert_close(b_rho, f64(s_rho), [0.3 * sr.sum(0) + 2.0 for _, sr in scales], dtype)
+    # T = 1: bitwise the element-wise call
+    one = [[p[:1].contiguous() for p in x] for x in post]
+    sl = [[p[0] for p in x] for x in post]
+    r_mu, r_rho = [torch.full_like(t, 0.5) for t in mu0], [torch.full_like(t, -2.0) for t in rho0]
+    s_mu, s_rho = [t.clone() for t in r_mu], [t.clone() for t in r_rho]
+    ops.gem_grad_(r_mu, r_rho, mu0, rho0, one[0], one[1], *_opt(one, plus), weight=-0.3)
+    ops.gem_grad_(s_mu, s_rho, mu0, rho0, sl[0], sl[1], *_opt(sl, plus), weight=-0.3)
+    assert all(torch.equal(a, b) for a, b in zip(r_mu + r_rho, s_mu + s_rho))
+
+
+def test_gem_grad_task_sum_refuses_bad_shapes():
+    a, b = torch.zeros(4, 3), torch.zeros(2)
+    s = lambda *shape: torch.zeros(shape)  # noqa: E731
+    cases = [  # (g_mu0, g_rho0, mu0, rho0, mu_a, rho_a[, mu_b, rho_b]), message
+        ((a, a, a, a, s(7, 4, 4), s(7, 4, 4)),
+         r"gem_grad_: mu_a has shape \(7, 4, 4\) but mu0 has \(4, 3\); expected \(4, 3\) or "
+         r"\(T, 4, 3\) with a leading task dimension T"),
+        ((a, a, a, a, s(2, 7, 4, 3), s(2, 7, 4, 3)), r"mu_a has shape \(2, 7, 4, 3\) but mu0 has \(4, 3\)"),
+        ((a, a, a, a, s(4, 3, 7), s(4, 3, 7)), r"mu_a has shape \(4, 3, 7\) but mu0 has \(4, 3\)"),
+        ((s(), s(), s(), s(), s(3), s(3, 1)),
+         r"rho_a has shape \(3, 1\) but mu0 has \(\); expected \(\) or \(T,\) with a leading task"),
+        ((a, a, a, a, s(7, 4, 3), a),
+         r"rho_a has no task dimension \(shape \(4, 3\)\) but mu_a has a task dimension T = 7 "
+         r"\(shape \(7, 4, 3\)\); every posterior tensor must have the same leading task dimension"),
+        (([a, b], [a, b], [a, b], [a, b], [s(7, 4, 3), s(5, 2)], [s(7, 4, 3), s(5, 2)]),
+         r"mu_a\[1\] has a task dimension T = 5 \(shape \(5, 2\)\) but mu_a\[0\] has a task dimension T = 7"),
+        (([a, b], [a, b], [a, b], [a, b], [s(7, 4, 3), b], [s(7, 4, 3), b]),
+         r"mu_a\[1\] has no task dimension \(shape \(2,\)\) but mu_a\[0\] has a task dimension T = 7"),
+        ((a, a, a, a, s(7, 4, 3), s(7, 4, 3), s(6, 4, 3), s(6, 4, 3)),
+         r"mu_b has a task dimension T = 6 \(shape \(6, 4, 3\)\) but mu_a has a task dimension T = 7"),
+        ((a, a, a, a, s(0, 4, 3), s(0, 4, 3)),
+         r"gem_grad_: mu_a has shape \(0, 4, 3\): a task dimension of size 0; T must be >= 1"),
+        ((s(7, 4, 3), a, a, a, s(7, 4, 3), s(7, 4, 3)),  # outputs and prior keep the prior's shape
+         r"g_mu0 has shape \(7, 4, 3\) but mu0 has \(4, 3\)$"),
+        ((a, a, a, s(7, 4, 3), s(7, 4, 3), s(7, 4, 3)), r"rho0 has shape \(7, 4, 3\) but mu0 has \(4, 3\)$"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            ops.gem_grad_(*args)
+    # the functional (differentiable) gem_grad has no task sum: posteriors keep the prior's shape
+    with pytest.raises(ValueError, match=r"gem_grad: mu_a has shape \(7, 4, 3\) but mu0 has \(4, 3\)$"):
+        ops.gem_grad(a, a, s(7, 4, 3), s(7, 4, 3))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -250,6 +380,8 @@ def _opcheck_cases():
         "gem_grad": (G.gem_grad.default, (rg(mu0), rg(rho0), rg(mu), rg(rho), [], [])),
         "gem_grad_plus": (G.gem_grad.default, (rg(mu0), rg(rho0), rg(mu), rg(rho), rg(ma), rg(ra))),
         "gem_grad_": (G.gem_grad_.default, (out(), out(), mu0, rho0, mu, rho, ma, ra, -0.5)),
+        "gem_grad_tasks": (G.gem_grad_.default, (out(), out(), mu0, rho0, *[[torch.stack([t, 2 * t, t - 1]) for t in x]
+                                                                             for x in (mu, rho, ma, ra)], -0.5)),
     }
 
 
@@ -327,8 +459,11 @@ def test_cuda_matches_cpu_bitwise(dtype):
     g, rho, mu, rho0, mu0, rho_b = rand_lists(shapes, dtype, 6, seed=4)
     # a view at an odd element offset exercises the unaligned (scalar) path
     base = torch.randn(1001, dtype=dtype)
-    g.append(base[1:]); mu.append(base[1:] * 0.5); rho.append(-base[1:].abs())
-    mu0.append(torch.zeros(1000, dtype=dtype)); rho0.append(torch.zeros(1000, dtype=dtype))
+    g.append(base[1:])
+    mu.append(base[1:] * 0.5)
+    rho.append(-base[1:].abs())
+    mu0.append(torch.zeros(1000, dtype=dtype))
+    rho0.append(torch.zeros(1000, dtype=dtype))
     rho_b.append(torch.ones(1000, dtype=dtype))
     cpu = [ops.sample(mu, rho, 9, 2), *ops.elbo_backward(g, mu, rho, mu0, rho0, 9, 2, 0.5),
            *ops.gem_grad(mu0, rho0, mu, rho), *ops.gem_grad(mu0, rho0, mu, rho, g, rho_b)]
@@ -340,6 +475,26 @@ def test_cuda_matches_cpu_bitwise(dtype):
     for k, (a, b) in enumerate(zip(cpu, gpu)):
         for i, (x, y) in enumerate(zip(a, b)):
             assert torch.equal(x, y.cpu()), (k, i)
+    # gem_grad_ summed over a leading task dimension (one thread per element, t in order): the
+    # last tensor's posteriors at an odd element offset, and numel % 4 != 0, take the scalar path
+    T = 5
+    post = rand_lists([(T, *s.shape) for s in mu0], dtype, 4, seed=6)
+
+    def misaligned(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        buf[1:] = t.reshape(-1)
+        return buf[1:].view(t.shape)
+
+    for plus in (False, True):
+        res = []
+        for dev in ("cpu", d):
+            p = [[t.to(dev) for t in x[:-1]] + [misaligned(x[-1].to(dev))] for x in post]
+            b_mu = [t.to(dev, copy=True) for t in g]
+            b_rho = [t.to(dev, copy=True) for t in rho_b]
+            ops.gem_grad_(b_mu, b_rho, _to(mu0, dev), _to(rho0, dev), p[0], p[1], *_opt(p, plus), weight=-0.3)
+            res.append([t.cpu() for t in b_mu + b_rho])
+        for i, (x, y) in enumerate(zip(*res)):
+            assert torch.equal(x, y), (plus, i)
     kl_c = ops.gaussian_kl(mu, rho, mu0, rho0)
     kl_g = ops.gaussian_kl(_to(mu, d), _to(rho, d), _to(mu0, d), _to(rho0, d))
     # the reduction order differs (CPU chunks vs CUDA blocks); both accumulate in float64
@@ -365,6 +520,14 @@ def test_cuda_autograd_inplace_and_long_lists():
     e_mu, e_rho = R.gem_grad(mu0, rho0, [m.detach() for m in mu], rho)
     for a, e in zip(buf + buf2, e_mu + e_rho):
         torch.testing.assert_close(a, 1 + 2 * e)
+    # the same over a task dimension (T = 3), GEM-BML+: several launches, against the reference
+    post = [_to(x, d) for x in rand_lists([(3, *t.shape) for t in mu0], f, 4, seed=8)]
+    got = [[torch.ones_like(t) for t in mu0] for _ in range(2)]
+    exp = [[torch.ones_like(t) for t in mu0] for _ in range(2)]
+    ops.gem_grad_(*got, mu0, rho0, *post, weight=2.0)
+    R.gem_grad_(*exp, mu0, rho0, *post, weight=2.0)
+    for a, e in zip(got[0] + got[1], exp[0] + exp[1]):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 def test_inplace_ops_bump_version_counters():

@@ -177,7 +177,8 @@ def test_bad_arguments_raise_the_documented_error_naming_it(shapes, dtype, kind,
     elif kind == "bf16":
         bad[0] = bad[0].bfloat16()
     elif kind == "noncontig":
-        bad[0] = torch.zeros(*bad[0].shape, 2, dtype=dtype)[..., 0] if bad[0].numel() > 1 else bad[0].reshape(1).expand(2)  # one element: a size-1 dim is always contiguous
+        bad[0] = (torch.zeros(*bad[0].shape, 2, dtype=dtype)[..., 0] if bad[0].numel() > 1
+                  else bad[0].reshape(1).expand(2))  # one element: a size-1 dim is always contiguous
     elif kind == "shape":
         bad[0] = torch.zeros(bad[0].numel() + 1, dtype=dtype)
     elif kind == "device":
@@ -292,7 +293,8 @@ def _cli_exit(argv: list[str], capsys) -> tuple[int, str]:
 def test_cli_int_flags_reject_bad_values_with_exit_2(flag, data, capsys):
     TRIED["cli bad flag"] += 1
     (cmd, name), least = flag, INT_FLAGS[flag]
-    bad = data.draw(st.one_of(st.integers(-10**6, least - 1).map(str), st.sampled_from(["", "x", "1.5", "1e3", "--", "0x"]),
+    bad = data.draw(st.one_of(st.integers(-10**6, least - 1).map(str),
+                              st.sampled_from(["", "x", "1.5", "1e3", "--", "0x"]),
                               st.text("abc!-", min_size=1, max_size=4)))
     code, err = _cli_exit(BASE[cmd] + [f"{name}={bad}"], capsys)
     last = err.strip().splitlines()[-1]
@@ -301,9 +303,11 @@ def test_cli_int_flags_reject_bad_values_with_exit_2(flag, data, capsys):
 
 @SETTINGS
 @given(argv=st.sampled_from([["train", "sinusoid", "--algo", "gem-bml+", "--meta-lr"],
-                        ["bench", "memory", "--out", "x", "--inner-steps"], ["train", "sinusoid", "--algo", "gem-bml+", "--options"],
+                        ["bench", "memory", "--out", "x", "--inner-steps"],
+                        ["train", "sinusoid", "--algo", "gem-bml+", "--options"],
                         ["train", "sinusoid", "--algo"], ["train", "sinusoid", "--algo", "gem-bml+", "--device"],
-                        ["bench", "memory", "--out", "x", "--task"], ["train", "sinusoid", "--algo", "gem-bml+", "--data-root"],
+                        ["bench", "memory", "--out", "x", "--task"],
+                        ["train", "sinusoid", "--algo", "gem-bml+", "--data-root"],
                         ["bench", "memory", "--out", "x", "--algos"]]),
        bad=st.sampled_from(["0", "-1", "nan", "inf", "x", "[1]", "1,,-2", "/no/such/dir", "nope", "-0.0"]))
 def test_cli_other_flags_reject_bad_values_with_exit_2(argv, bad, capsys):

@@ -192,7 +192,10 @@ def test_conjugate_gradient_solves_spd_system():
     m = torch.randn(6, 6, generator=g, dtype=torch.float64)
     a = m @ m.T + 6 * torch.eye(6, dtype=torch.float64)
     b = torch.randn(6, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(rl.conjugate_gradient(lambda v: a @ v, b, iters=20), torch.linalg.solve(a, b))
+    from gemext.linalg import conjugate_gradient  # TRPO's use: one flat system, early stop on the residual
+
+    x = conjugate_gradient(lambda v: [(a @ v[0][0]).unsqueeze(0)], [b.unsqueeze(0)], 20, residual_tol=1e-20)[0][0]
+    torch.testing.assert_close(x, torch.linalg.solve(a, b))
 
 
 def test_trpo_step_on_quadratic_matches_closed_form():
@@ -289,7 +292,7 @@ def test_mujoco_smoke_collect_process_update():
     assert b.num_steps == 10 and torch.isfinite(b.rewards).all()
 
 
-# ---------------------------------------------------------------- meta-RL (gemext.tasks.rl.meta)
+# ---------------------------------------------------------------- meta-RL (gemext.families.rl, gemext.algorithms.rl)
 TINY = dict(episodes=3, meta_batch=2, horizon=12, hidden=[8, 8], num_envs=3, eval_tasks=2, eval_episodes=3,
             eval_steps=1)
 
@@ -305,12 +308,12 @@ def _run(tmp_path, algo, iterations=2, task="nav2d", **kw):
 def test_train_eval_nav2d_end_to_end(tmp_path, algo):
     import json
 
-    from gemext.tasks.rl.meta import eval_rl, train_rl
+    from gemext.train import evaluate, train
 
-    run = train_rl(_run(tmp_path, algo), progress=False)
+    run = train(_run(tmp_path, algo), progress=False)
     for f in ("config.json", "checkpoint.pt", "log.csv", "metrics.json"):
         assert (run / f).exists(), f
-    m = eval_rl(run)
+    m = evaluate(run)
     assert {"task", "algo", "seed", "iterations", "wall_s", "return_by_step"} <= set(m)
     assert m["algo"] == algo and m["iterations"] == 2 and len(m["return_by_step"]) == 2
     assert all(math.isfinite(r) for r in m["return_by_step"])
@@ -319,51 +322,57 @@ def test_train_eval_nav2d_end_to_end(tmp_path, algo):
 
 
 def test_resume_continues_exactly(tmp_path):
-    from gemext.tasks.rl.meta import train_rl
+    from gemext.train import load_checkpoint, train
 
     full = _run(tmp_path / "a", "gem-bml+")
-    train_rl(full, progress=False)
+    train(full, progress=False)
     part = _run(tmp_path / "b", "gem-bml+", )
     part.iterations = 1
-    train_rl(part, progress=False)
+    train(part, progress=False)
     part.iterations = 2
-    train_rl(part, resume=True, progress=False)
-    from gemext.train import load_checkpoint
-
-    a = load_checkpoint(tmp_path / "a/gem-bml+/checkpoint.pt")["learner"]["learner"]
-    b = load_checkpoint(tmp_path / "b/gem-bml+/checkpoint.pt")["learner"]["learner"]
+    train(part, resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "a/gem-bml+/checkpoint.pt")["learner"]
+    b = load_checkpoint(tmp_path / "b/gem-bml+/checkpoint.pt")["learner"]
+    assert a.keys() == b.keys() and any(k.startswith("core.prior.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def _build_rl(algo, options, meta_lr=1e-2):
+    """(settings, sampler, learner, family) of a small nav2d run (close the family when done)."""
+    from gemext.train import RunConfig, open_family
+
+    family = open_family(RunConfig(task="nav2d", algo=algo, out="unused", meta_lr=meta_lr, algo_options=options))
+    return family.settings, family.sampler, family.build_learner(), family
 
 
 def test_point_posterior_vi_step_equals_policy_gradient_step():
     # Reptile's inner fit (core VI loop, delta posterior, SGD lr = inner_lr / s on s·L_PG) must move
     # μ exactly like one REINFORCE step of size inner_lr, task by task (vmapped likelihood).
-    from gemext.tasks.rl.meta import build_rl
-
-    settings, sampler, learner = build_rl("nav2d", "reptile", dict(TINY), 0, 1e-2)
+    settings, sampler, learner, family = _build_rl("reptile", dict(TINY))
     tasks = rl.sample_tasks("nav2d", 2, 1)
-    mu0 = {n: m.detach() for n, m in zip(learner.names, learner.learner.prior.mu0)}
+    mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
     batches = [sampler.rollouts(mu0, t) for t in tasks]
-    prior = learner.learner.prior.expand(2)
-    fitted = learner._fit(batches, prior, learner.learner.start(prior), 1).posterior
+    prior = learner.core.prior.expand(2)
+    fitted = learner._fit(batches, prior, learner.core.start(prior), 1).posterior
     for i, b in enumerate(batches):
         expect = rl.reinforce_step(sampler.policy, mu0, b, settings.inner_lr)
         for n, m in zip(learner.names, fitted.task(i).mu):
             torch.testing.assert_close(m, expect[n], rtol=1e-5, atol=1e-6)
-    sampler.collector.close()
+    family.close()
 
 
 @pytest.mark.parametrize("sigma0_range", ["shrink", None])
 def test_gem_rl_learned_prior_std_stays_in_its_range(sigma0_range):
     """The RL meta-step clamps σ₀ into its range after each update (a large meta step would leave it)."""
-    from gemext.tasks.rl.meta import build_rl
+    from gemext.train import meta_step
 
-    settings, sampler, learner = build_rl("nav2d", "gem-bml+", dict(TINY, sigma0_range=sigma0_range), 0, 0.5)
+    settings, sampler, learner, family = _build_rl("gem-bml+", dict(TINY, sigma0_range=sigma0_range), 0.5)
+    opt = learner.meta_optimizer(0.5)
     for it in range(2):
-        learner.meta_step(rl.sample_tasks("nav2d", 2, it))
-    s0 = torch.cat([r.detach().exp().flatten() for r in learner.learner.prior.rho0])
-    sampler.collector.close()
+        assert meta_step(learner, opt, rl.sample_tasks("nav2d", 2, it)).stepped
+    s0 = torch.cat([r.detach().exp().flatten() for r in learner.core.prior.rho0])
+    family.close()
     if sigma0_range == "shrink":
         assert float(s0.max()) <= settings.sigma0 * (1 + 1e-6) and float(s0.min()) >= settings.sigma0 / 10 * (1 - 1e-6)
     else:  # unbounded: the same steps leave (σ₀/10, σ₀)
@@ -371,16 +380,14 @@ def test_gem_rl_learned_prior_std_stays_in_its_range(sigma0_range):
 
 
 def test_gem_rl_von_inner_fit_moves_mean_and_variance():
-    from gemext.tasks.rl.meta import build_rl
-
     opts = dict(TINY, inner_optimizer="von", inner_lr=1.0, inner_options={"curvature": "reparam", "coupling": "diag"})
-    settings, sampler, learner = build_rl("nav2d", "gem-bml+", opts, 0, 1e-2)
+    settings, sampler, learner, family = _build_rl("gem-bml+", opts)
     tasks = rl.sample_tasks("nav2d", 2, 1)
-    mu0 = {n: m.detach() for n, m in zip(learner.names, learner.learner.prior.mu0)}
+    mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
     batches = [sampler.rollouts(mu0, t) for t in tasks]
-    prior = learner.learner.prior.expand(2)
+    prior = learner.core.prior.expand(2)
     post = learner._fit(batches, prior, prior, 1).posterior
-    sampler.collector.close()
+    family.close()
     moved_mu = max(float((m - m0).abs().max()) for m, m0 in zip(post.mu, prior.mu))
     shrunk = min(float((r - r0).min()) for r, r0 in zip(post.rho, prior.rho))
     assert all(torch.isfinite(t).all() for t in post.mu + post.rho)
@@ -391,7 +398,8 @@ def test_gem_rl_von_inner_fit_moves_mean_and_variance():
 def test_maml_inner_step_is_differentiable_like_finite_differences():
     torch.manual_seed(0)
     pol = rl.GaussianMLPPolicy(2, 2, hidden=(4,)).double()
-    b, q = (rl.process(EpisodeBatch(torch.randn(6, 3, 2, dtype=torch.float64), torch.randn(6, 3, 2, dtype=torch.float64),
+    b, q = (rl.process(EpisodeBatch(torch.randn(6, 3, 2, dtype=torch.float64),
+                                    torch.randn(6, 3, 2, dtype=torch.float64),
                                     torch.randn(6, 3, dtype=torch.float64), torch.ones(6, 3, dtype=torch.float64)))
             for _ in range(2))
     params = {k: v.detach().requires_grad_() for k, v in pol.named_parameters()}
@@ -402,25 +410,26 @@ def test_maml_inner_step_is_differentiable_like_finite_differences():
     grads = torch.autograd.grad(outer(params), list(params.values()))
     d = {k: torch.randn_like(v) for k, v in params.items()}
     eps = 1e-6
-    fd = (outer({k: v + eps * d[k] for k, v in params.items()}) - outer({k: v - eps * d[k] for k, v in params.items()})) / (2 * eps)
+    fd = (outer({k: v + eps * d[k] for k, v in params.items()})
+          - outer({k: v - eps * d[k] for k, v in params.items()})) / (2 * eps)
     assert sum((g * d[k]).sum() for g, k in zip(grads, params)).item() == pytest.approx(fd.item(), rel=1e-5)
 
 
 def test_rl_options_are_validated(tmp_path):
-    from gemext.tasks.rl.meta import train_rl
+    from gemext.train import train
 
     with pytest.raises(ValueError, match="unknown RL option"):
-        train_rl(_run(tmp_path, "maml", episodez=3), progress=False)
-    with pytest.raises(ValueError, match="not available for RL"):
-        train_rl(_run(tmp_path, "abml"), progress=False)
+        train(_run(tmp_path, "maml", episodez=3), progress=False)
+    with pytest.raises(ValueError, match="not available for nav2d"):
+        train(_run(tmp_path, "abml"), progress=False)
 
 
 @needs_mujoco
 def test_mujoco_meta_training_smoke(tmp_path):
-    from gemext.tasks.rl.meta import eval_rl, train_rl
+    from gemext.train import evaluate, train
 
-    run = train_rl(_run(tmp_path, "gem-bml+", iterations=1, task="halfcheetah-dir", horizon=8), progress=False)
-    assert len(eval_rl(run, plots=False)["return_by_step"]) == 2
+    run = train(_run(tmp_path, "gem-bml+", iterations=1, task="halfcheetah-dir", horizon=8), progress=False)
+    assert len(evaluate(run, plots=False)["return_by_step"]) == 2
 
 
 @needs_mujoco

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,7 +247,8 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path):
 def test_diverging_inner_loop_is_skipped_then_stops_cleanly(tmp_path):
     """A huge inner SGD step (no trust region) makes every VI diverge: steps are skipped, never written as NaN, and the
     run stops with a clear error after max_bad_steps."""
-    cfg = _config(tmp_path / "r", iterations=50, max_bad_steps=3, algo_options={"lr": 1e6, "inner_steps": 3, "inner": {"optimizer": "sgd"}})
+    cfg = _config(tmp_path / "r", iterations=50, max_bad_steps=3,
+                  algo_options={"lr": 1e6, "inner_steps": 3, "inner": {"optimizer": "sgd"}})
     with pytest.raises(FloatingPointError, match="3 consecutive meta-iterations"):
         train(cfg, progress=False)
     state = _state(tmp_path / "r")
@@ -273,7 +274,8 @@ def test_progress_lines_without_a_terminal_and_a_live_log(tmp_path):
 
 def test_plots_leave_the_users_matplotlib_alone(tmp_path):
     code = ("import matplotlib, sys; matplotlib.use('svg'); from gemext.train import RunConfig, train, evaluate; "
-            f"r = train(RunConfig(task='sinusoid', algo='maml', iterations=2, out={str(tmp_path / 'r')!r}), progress=False); "
+            f"r = train(RunConfig(task='sinusoid', algo='maml', iterations=2, out={str(tmp_path / 'r')!r}), "
+            "progress=False); "
             "evaluate(r, tasks=10, steps=1); "
             "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
             "assert 'matplotlib.pyplot' not in sys.modules; print('ok')")
@@ -313,7 +315,8 @@ def test_gymnasium_ids_are_registered_by_importing_gemext():
 def test_settings_a_task_family_does_not_read_are_refused(tmp_path, capsys):
     base = ["--iterations", "1", "--no-eval", "--no-progress"]
     cases = [(["sinusoid", "--algo", "maml", "--ways", "5"], "--ways does not apply to sinusoid"),
-             (["nav2d", "--algo", "maml", "--preset", "finn", "--shots", "2"], "--preset, --shots do not apply to nav2d")]
+             (["nav2d", "--algo", "maml", "--preset", "finn", "--shots", "2"],
+              "--preset, --shots do not apply to nav2d")]
     for i, (args, message) in enumerate(cases):
         assert cli.main(["train", *args, *base, "--out", str(tmp_path / f"r{i}")]) == 2
         assert message in capsys.readouterr().err

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import RTOL, assert_close  # noqa: F401
 
 from gemext import _C, ops
 from gemext import reference as R
-from tolerances import RTOL, assert_close  # noqa: F401
 
 DTYPES = [torch.float32, torch.float64]
 HAS_CUDA = torch.cuda.is_available() and _C.cuda
@@ -47,7 +47,7 @@ class State:
         self.rho, self.rho0 = uniform(-3.0, 1.0), uniform(-3.0, 1.0)
         self.h, self.curv = uniform(0.0, 2.0), uniform(0.0, 2.0)
 
-    def clone(self, device=None) -> "State":
+    def clone(self, device=None) -> State:
         new = object.__new__(State)
         for k, v in vars(self).items():
             setattr(new, k, [t.clone() if device is None else t.to(device) for t in v])

@@ -1,32 +1,63 @@
-"""The algorithm catalogue: every cell of the paper's matrix behind one interface."""
+"""The algorithm catalogue: every cell of the paper's matrix behind one contract (base.py), for
+supervised task families and for meta-RL (domain "rl")."""
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
 
-from . import gem  # noqa: F401  (registers gem-bml, gem-bml+, reptile)
-from . import maml  # noqa: F401  (registers maml, fomaml, imaml)
-from . import elbo  # noqa: F401  (registers abml, pmaml-elbo)
-from . import chaser  # noqa: F401  (registers kl-chaser, bmaml)
-from .base import _CLASSES, _REGISTRY, BayesianPredictor, FunctionalNet, MetaLearner, option_names, register
+from . import (
+    base,
+    chaser,  # noqa: F401  (registers kl-chaser, bmaml)
+    elbo,  # noqa: F401  (registers abml, pmaml-elbo)
+    gem,  # noqa: F401  (registers gem-bml, gem-bml+, reptile)
+    maml,  # noqa: F401  (registers maml, fomaml, imaml)
+)
+from .base import (
+    BayesianPredictor,
+    FunctionalNet,
+    MetaLearner,
+    Prediction,
+    SupervisedLearner,
+    register_class,
+    register_variants,
+)
 
-__all__ = ["create", "names", "option_names", "register", "MetaLearner", "BayesianPredictor", "FunctionalNet"]
+__all__ = ["create", "names", "option_names", "check_options", "register_class", "register_variants", "MetaLearner",
+           "SupervisedLearner", "BayesianPredictor", "Prediction", "FunctionalNet"]
 
 
-def names() -> list[str]:
-    """Names accepted by `create`."""
-    return sorted(_REGISTRY)
+def _load(domain: str) -> str:
+    if domain == "rl":  # the RL learners need gymnasium: registered on first use
+        from . import rl  # noqa: F401
+    return domain
 
 
-def create(name: str, model: nn.Module, **options: Any) -> MetaLearner:
-    """A learner of algorithm `name` over `model` (which it takes ownership of)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(names())}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if name in _CLASSES:
-        unknown = sorted(set(options) - set(option_names(name)))
-        if unknown:
-            raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(option_names(name))}")
-    return _REGISTRY[name](model, **options)
+def names(domain: str = "supervised") -> list[str]:
+    """Names accepted by `create` in a domain ("supervised" or "rl")."""
+    return base.names(_load(domain))
+
+
+def create(name: str, model: nn.Module, domain: str = "supervised", **options: Any) -> MetaLearner:
+    """A learner of algorithm `name` over `model` (which it takes ownership of); unknown or
+    ill-typed options are refused with the list of valid ones."""
+    return base.create(name, model, _load(domain), **options)
+
+
+def option_names(name: str, domain: str = "supervised") -> list[str]:
+    """The options `create(name, model, **options)` accepts."""
+    return base.option_names(name, _load(domain))
+
+
+def check_options(name: str, options: dict[str, Any], domain: str = "supervised") -> None:
+    """Refuse unknown or ill-typed options of `name` with the list of valid ones."""
+    base.check_options(name, options, _load(domain))
+
+
+def __getattr__(name: str):
+    # the RL learners need gymnasium's rollout machinery: registered on first use
+    if name == "rl":
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,27 @@
-"""What every learner of the catalogue shares: the registry, the functional forward over stacked
-per-task parameters, and Bayesian prediction from a posterior."""
+"""The learner contract and what every learner of the catalogue shares: the registry, the
+functional forward over stacked per-task parameters, and Bayesian prediction from a posterior.
+
+The contract (`MetaLearner`, checked over every registered learner by python_tests/test_contract.py):
+- `parameters()` are the meta-parameters Θ; `meta_optimizer(lr)` the optimizer the training loop
+  steps them with (Adam; MAML-TRPO: its trust-region step);
+- `meta_backward(tasks, task_range=None)` accumulates the meta-gradient of a meta-batch into .grad
+  (a mean over its tasks) and returns float statistics; `task_range=(first, total)` says where these
+  tasks sit in a larger meta-batch sharded across processes, so their inner-loop noise is the
+  full batch's;
+- `after_step()` runs after every optimizer step (the ρ₀ clamp of the Gaussian-prior learners) and
+  returns extra statistics;
+- `adapt(support, steps)` / `adapt_path(support, steps)` give predictors whose `predict(x)`
+  returns one `Prediction` (mean and std for regression, probs for classification);
+- `inner_steps` (the default adaptation length), `generator` (the learner's noise stream, saved
+  with every checkpoint), `state_dict()` (everything needed to reproduce predictions);
+- the options `create(name, model, **options)` accepts are its class's keyword parameters
+  (`option_names`); unknown or ill-typed ones are refused with the valid list."""
 from __future__ import annotations
 
 import abc
-from typing import Callable
+import inspect
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,52 +32,100 @@ from ..gaussian import Posterior
 from ..tasks import Task, as_batch
 from ..vi import CategoricalLikelihood, GaussianLikelihood
 
-_REGISTRY: dict[str, Callable[..., "MetaLearner"]] = {}
-_CLASSES: dict[str, type] = {}  # the learner class behind each name (its options are its __init__'s)
+# domain ("supervised": a model fitted on (x, y) tasks; "rl": a policy meta-trained on rollouts)
+# -> name -> (learner class, variant or None)
+_REGISTRY: dict[str, dict[str, tuple[type, str | None]]] = {"supervised": {}, "rl": {}}
+_RESERVED = ("self", "model", "variant")
 
 
-def register(*names: str) -> Callable:
-    """Class decorator: make the learner available to `create(name, ...)`."""
-    def wrap(factory: Callable) -> Callable:
-        for n in names:
-            _REGISTRY[n] = factory
-        return factory
-    return wrap
-
-
-def register_class(cls: type, *names: str) -> None:
+def register_class(cls: type, *names: str, domain: str = "supervised") -> None:
     """Register `cls(model, **options)` under each name."""
     for n in names:
-        _CLASSES[n] = cls
-        register(n)(lambda model, _cls=cls, **options: _cls(model, **options))
+        _REGISTRY[domain][n] = (cls, None)
 
 
-def option_names(name: str) -> list[str]:
-    """The options `create(name, model, **options)` accepts: the keyword parameters of the learner
-    class's __init__ along its bases (followed while an __init__ forwards **options)."""
-    import inspect
+def register_variants(cls: type, *variants: str, domain: str = "supervised") -> None:
+    """Register `cls(model, variant=name, **options)` under each variant name."""
+    for v in variants:
+        _REGISTRY[domain][v] = (cls, v)
 
-    found: list[str] = []
-    for klass in _CLASSES[name].__mro__:
+
+def _domain(domain: str) -> dict[str, tuple[type, str | None]]:
+    if domain not in _REGISTRY:
+        raise ValueError(f"unknown learner domain {domain!r}; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[domain]
+
+
+def _option_params(name: str, domain: str = "supervised") -> dict[str, inspect.Parameter]:
+    """The keyword parameters of the learner class's __init__ along its bases (followed while an
+    __init__ forwards **options)."""
+    found: dict[str, inspect.Parameter] = {}
+    for klass in _domain(domain)[name][0].__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         params = inspect.signature(init).parameters.values()
-        found += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                  and p.name not in ("self", "model", "variant")]
+        for p in params:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _RESERVED:
+                found.setdefault(p.name, p)
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
-    return sorted(set(found))
+    return found
 
 
-def register_variants(cls: type, *variants: str) -> None:
-    """Register `cls(model, variant=name, **options)` under each variant name."""
-    for v in variants:
-        _CLASSES[v] = cls
-        def make(model: nn.Module, _variant: str = v, **options) -> "MetaLearner":
-            return cls(model, variant=_variant, **options)
-        make.__doc__ = f"Create a {v} learner (see {cls.__name__} for the options)."
-        register(v)(make)
+def option_names(name: str, domain: str = "supervised") -> list[str]:
+    """The options `create(name, model, **options)` accepts."""
+    return sorted(_option_params(name, domain))
+
+
+# annotation (as written, postponed) -> accepted Python types, for the option type check
+_SIMPLE_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "dict": (dict,)}
+
+
+def _type_error(name: str, option: str, annotation: str, value: Any) -> str | None:
+    """Why `value` does not fit the option's annotation (None when it does or cannot be checked)."""
+    allowed: list[type] = []
+    for part in (a.strip() for a in str(annotation).split("|")):
+        if part == "None":
+            allowed.append(type(None))
+        elif part in _SIMPLE_TYPES:
+            allowed += _SIMPLE_TYPES[part]
+        else:
+            return None  # a richer type (a module, a tuple, a config object): the learner checks it
+    if not allowed or isinstance(value, tuple(allowed)):
+        if not (isinstance(value, bool) and bool not in allowed):  # True is not a number here
+            return None
+    return f"{name}: option {option} must be {annotation}, got {type(value).__name__} {value!r}"
+
+
+def check_options(name: str, options: dict[str, Any], domain: str = "supervised") -> None:
+    """Refuse unknown or ill-typed options with the list of valid ones."""
+    params = _option_params(name, domain)
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(params))}")
+    for option, value in options.items():
+        why = _type_error(name, option, params[option].annotation, value)
+        if why is not None:
+            raise TypeError(why)
+
+
+def names(domain: str = "supervised") -> list[str]:
+    """Names registered in a domain (gemext.algorithms.names loads the RL learners first)."""
+    return sorted(_domain(domain))
+
+
+def create(name: str, model: nn.Module, domain: str = "supervised", **options: Any) -> MetaLearner:
+    """A learner of algorithm `name` over `model` (which it takes ownership of)."""
+    registry = _domain(domain)
+    if name not in registry:
+        what = "unknown algorithm" if all(name not in r for r in _REGISTRY.values()) else "no learner for"
+        raise ValueError(f"{what} {name!r} in the {domain} domain; available: {', '.join(names(domain))}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_options(name, options, domain)
+    cls, variant = registry[name]
+    return cls(model, **options) if variant is None else cls(model, variant=variant, **options)
 
 
 def _task_loop_reason(model: nn.Module) -> str | None:
@@ -119,11 +185,41 @@ class FunctionalNet:
 
 
 class MetaLearner(nn.Module, abc.ABC):
-    """Interface of every algorithm: parameters() are the meta-parameters;
-    `meta_backward(tasks)` accumulates the meta-gradient into .grad and returns float statistics;
-    `adapt(support)` returns a predictor for a new task."""
+    """The contract of every learner (see the module docstring)."""
 
     name: str = "?"
+    inner_steps: int  # the default number of inner steps of adapt()
+    generator: torch.Generator  # the learner's own noise stream (saved with checkpoints)
+
+    @abc.abstractmethod
+    def meta_backward(self, tasks: Any, task_range: tuple[int, int] | None = None) -> dict[str, float]:
+        """Accumulate the meta-gradient of a batch of tasks (a mean over them) into the
+        meta-parameters' .grad; return float statistics."""
+
+    @abc.abstractmethod
+    def adapt(self, support: Any, steps: int | None = None) -> Any:
+        """A predictor for one task (or a stacked batch) adapted on its support set."""
+
+    @abc.abstractmethod
+    def adapt_path(self, support: Any, steps: int) -> list:
+        """Predictors after 0..steps inner updates on a stacked batch of supports (for meta-test)."""
+
+    def meta_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The optimizer of the meta-parameters (the training loop zeroes, steps and saves it)."""
+        return torch.optim.Adam(self.parameters(), lr=lr)
+
+    def after_step(self) -> dict[str, float]:
+        """Called after every meta-optimizer step; returns extra statistics for the log."""
+        return {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parameters())).device
+
+
+class SupervisedLearner(MetaLearner):
+    """A learner of (x, y) tasks: meta-batches are `gemext.tasks.Task`s and it tells one task from
+    a stacked batch by the rank of its model's inputs (learned from the first data, saved)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,22 +230,6 @@ class MetaLearner(nn.Module, abc.ABC):
     def _note_input_rank(self, rank: int) -> None:
         if int(self.input_rank) < 0:
             self.input_rank.fill_(rank)
-
-    @abc.abstractmethod
-    def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
-        """Accumulate the meta-gradient of a batch of tasks into the meta-parameters' .grad."""
-
-    @abc.abstractmethod
-    def adapt(self, support: tuple[torch.Tensor, torch.Tensor], steps: int | None = None):
-        """A predictor for one task (or a stacked batch) adapted on its support set."""
-
-    @abc.abstractmethod
-    def adapt_path(self, support: tuple[torch.Tensor, torch.Tensor], steps: int) -> list:
-        """Predictors after 0..steps inner updates on a stacked batch of supports (for meta-test)."""
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.parameters())).device
 
     def _batch(self, tasks: Task | list[Task]) -> Task:
         batch = as_batch(tasks)
@@ -194,9 +274,20 @@ class MetaLearner(nn.Module, abc.ABC):
         return x.unsqueeze(0), y.unsqueeze(0), True
 
 
+@dataclass
+class Prediction:
+    """What every predictor returns: the predictive mean and std of a regression likelihood, or
+    the class probabilities of a categorical one (the other fields None). Stacked over tasks
+    unless the predictor was adapted on a single (x, y) support."""
+
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+
+
 class BayesianPredictor:
     """Predictions of a (stacked or single-task) posterior averaged over `samples` draws:
-    regression → (mean, std) of the predictive mixture; classification → class probabilities."""
+    regression → mean and std of the predictive mixture; classification → class probabilities."""
 
     def __init__(self, net: FunctionalNet, likelihood: nn.Module, posterior: Posterior,
                  squeeze: bool, samples: int = 20, generator: torch.Generator | None = None) -> None:
@@ -205,7 +296,7 @@ class BayesianPredictor:
         self.delta = all(bool(torch.isneginf(r).all()) for r in posterior.rho)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor):
+    def predict(self, x: torch.Tensor) -> Prediction:
         xb = x.unsqueeze(0) if self.squeeze else x
         outs, lik_params = [], []
         for theta in self._draws():
@@ -215,10 +306,10 @@ class BayesianPredictor:
         if isinstance(self.likelihood, GaussianLikelihood):
             lp = [{k: v for k, v in p.items() if k.startswith("likelihood.")} for p in lik_params]
             mean, std = self.likelihood.predictive(outs_t, [self._bcast(p, mean_shape=outs_t.shape[1:]) for p in lp])
-            return (mean[0], std[0]) if self.squeeze else (mean, std)
+            return Prediction(mean=mean[0], std=std[0]) if self.squeeze else Prediction(mean=mean, std=std)
         if isinstance(self.likelihood, CategoricalLikelihood):
             probs = self.likelihood.predictive(outs_t)
-            return probs[0] if self.squeeze else probs
+            return Prediction(probs=probs[0] if self.squeeze else probs)
         raise TypeError(f"no predictive rule for likelihood {type(self.likelihood).__name__}")
 
     def _draws(self):

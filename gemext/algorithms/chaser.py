@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,10 +47,9 @@ from torch import nn
 from .. import ops
 from ..gaussian import Posterior, split_parameters
 from ..tasks import Task
-from ..vi import VIConfig
 from .base import BayesianPredictor, register_class
 from .elbo import VILearner
-from .maml import FunctionalLearner, Params
+from .functional import FunctionalLearner, Params
 
 
 class KLChaserLearner(VILearner):
@@ -63,25 +63,25 @@ class KLChaserLearner(VILearner):
         self.first_order = bool(first_order)
         self.query_steps = self.inner.steps if query_steps is None else int(query_steps)
 
-    def posteriors(self, b: Task) -> tuple[Params, Params, Posterior]:
+    def posteriors(self, b: Task, task_range: tuple[int, int] | None = None) -> tuple[Params, Params, Posterior]:
         """(μ_tr, ρ_tr, leader λ_all) for a stacked batch; λ_tr carries the graph to Θ unless
         first_order."""
         T = len(b)
         if self.first_order:
             prior = self.prior.expand(T)
-            tr = self._fit(b.x_support, b.y_support, prior, prior, self.inner.steps).posterior
+            tr = self._fit(b.x_support, b.y_support, prior, prior, self.inner.steps, task_range=task_range).posterior
             mu_tr, rho_tr = tr.mu, tr.rho
         else:
             mu_tr, rho_tr, _ = self._vi(b.x_support, b.y_support, list(self.prior.mu0), list(self.prior.rho0),
-                                        self.inner.steps, create_graph=True)
+                                        self.inner.steps, create_graph=True, task_range=task_range)
         tr = Posterior(self.prior.names, [m.detach() for m in mu_tr], [r.detach() for r in rho_tr])
-        leader = self._fit(b.x_query, b.y_query, tr, tr, self.query_steps).posterior
+        leader = self._fit(b.x_query, b.y_query, tr, tr, self.query_steps, task_range=task_range).posterior
         return mu_tr, rho_tr, leader
 
-    def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
+    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
         b = self._batch(tasks)
         T = len(b)
-        mu_tr, rho_tr, lead = self.posteriors(b)
+        mu_tr, rho_tr, lead = self.posteriors(b, task_range)
         mu_d, rho_d = [m.detach() for m in mu_tr], [r.detach() for r in rho_tr]
         g_mu, g_rho = ops.gem_grad(mu_d, rho_d, lead.mu, lead.rho)  # ĝ per task, λ_tr as the prior
         if self.first_order:
@@ -136,14 +136,14 @@ class BMAMLLearner(FunctionalLearner):
     def __init__(self, model: nn.Module, particles: int = 5, inner_steps: int = 5, lr: float = 5e-4,
                  leader_steps: int | None = None, first_order: bool = False, init_std: float = 0.1,
                  likelihood: nn.Module | None = None, bayesian=None, vectorize: bool | str = "auto",
-                 seed: int = 0, predict_samples: int = 0, forward_kwargs: dict | None = None) -> None:
+                 seed: int = 0, forward_kwargs: dict | None = None) -> None:
         super().__init__()
         if particles < 1 or inner_steps < 0 or not lr > 0:
             raise ValueError(f"bmaml: particles must be >= 1, inner_steps >= 0, lr > 0; got {particles}, "
                              f"{inner_steps}, {lr}")
         self.name = self.variant = "bmaml"
         self.M, self.first_order = int(particles), bool(first_order)
-        self.inner = VIConfig(steps=inner_steps, optimizer="sgd", lr=lr, beta=0.0)
+        self.inner_steps, self.lr = int(inner_steps), float(lr)
         self.leader_steps = inner_steps if leader_steps is None else int(leader_steps)
         self._take_over(model, likelihood, seed)
         names = split_parameters(self.net, bayesian)
@@ -190,7 +190,7 @@ class BMAMLLearner(FunctionalLearner):
                 score = torch.autograd.grad(-self._flat_call(phi, x, y), phi, create_graph=create_graph)
                 flat = torch.cat([p.reshape(T, M, -1) for p in phi], -1)
                 sflat = torch.cat([s.reshape(T, M, -1) for s in score], -1)
-                step = svgd_direction(flat, sflat) * self.inner.lr
+                step = svgd_direction(flat, sflat) * self.lr
                 new, pos = [], 0
                 for p in phi:
                     n = p[0, 0].numel()
@@ -205,10 +205,11 @@ class BMAMLLearner(FunctionalLearner):
         ps = [p if graph else p.detach() for p in self.particles]
         return [p.unsqueeze(0).expand(T, *p.shape) for p in ps]
 
-    def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
+    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
+        """(SVGD draws no noise: task_range changes nothing.)"""
         b = self._batch(tasks)
         T = len(b)
-        chaser = self._svgd(self._start(T, True), b.x_support, b.y_support, self.inner.steps,
+        chaser = self._svgd(self._start(T, True), b.x_support, b.y_support, self.inner_steps,
                             create_graph=not self.first_order)
         if self.first_order:  # identity Jacobian: the chaser is a leaf hanging off Θ
             chaser = [p.detach() + (s - s.detach()) for p, s in zip(chaser, self._start(T, True))]
@@ -225,17 +226,9 @@ class BMAMLLearner(FunctionalLearner):
     def _predictor(self, phi: Params, squeeze: bool) -> ParticlePredictor:
         return ParticlePredictor(self.forward_net, self.net.likelihood, phi, self.names, squeeze)
 
-    def adapt(self, support, steps: int | None = None) -> ParticlePredictor:
-        x, y, squeeze = self._prepare_support(support)
-        phi = self._svgd(self._start(x.shape[0], False), x, y, self.inner.steps if steps is None else steps, False)
-        return self._predictor(phi, squeeze)
-
-    def adapt_path(self, support, steps: int) -> list[ParticlePredictor]:
-        x, y, squeeze = self._prepare_support(support)
-        path: list[ParticlePredictor] = []
-        self._svgd(self._start(x.shape[0], False), x, y, steps, False,
-                   callback=lambda k, phi: path.append(self._predictor(phi, squeeze)))
-        return path
+    def _inner_path(self, x, y, steps: int, on_step) -> Params:
+        return self._svgd(self._start(x.shape[0], False), x, y, steps, False,
+                          None if on_step is None else (lambda k, phi: on_step(phi)))
 
 
 register_class(KLChaserLearner, "kl-chaser")

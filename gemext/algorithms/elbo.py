@@ -28,18 +28,16 @@ import torch
 from torch import nn
 
 from .. import ops, reference
-from ..gaussian import GaussianPrior, Posterior
+from ..gaussian import Posterior
 from ..tasks import Task
-from ..vi import (DataTerm, NaturalGradientVI, VIConfig, _fit_von, current_task_range, fit, ngvi_update,
-                  task_starts)
-from .base import BayesianPredictor, register_variants
-from .gem import _vi_config
-from .maml import FunctionalLearner, Params
+from ..vi import DataTerm, NaturalGradientVI, VIConfig, _fit_von, fit, ngvi_update, task_starts
+from .base import register_variants
+from .functional import Params, PriorLearner, vi_config
 
 _DIFFERENTIABLE_VI = ("sgd", "ngvi", "von")
 
 
-class VILearner(FunctionalLearner):
+class VILearner(PriorLearner):
     """Shared by the ELBO-gradient and KL-chaser learners: a Gaussian prior over the model's
     parameters and a differentiable, task-vectorised VI inner loop.
 
@@ -58,7 +56,7 @@ class VILearner(FunctionalLearner):
         super().__init__()
         if inner is None:
             inner = VIConfig(steps=5, optimizer="ngvi", lr=0.2)
-        self.inner = _vi_config(inner, steps=inner_steps, lr=lr, beta=beta, mc_samples=mc_samples)
+        self.inner = vi_config(inner, steps=inner_steps, lr=lr, beta=beta, mc_samples=mc_samples)
         opt = self.inner.optimizer
         if not (isinstance(opt, str) and opt.lower() in _DIFFERENTIABLE_VI):
             raise ValueError(f"{self.name}: the differentiable VI supports optimizer 'sgd', 'ngvi' or 'von', "
@@ -69,13 +67,18 @@ class VILearner(FunctionalLearner):
         if extra or self.inner.batch_size is not None:
             raise ValueError(f"{self.name}: the differentiable VI takes no optimizer_kwargs {sorted(extra)} "
                              "and no batch_size")
-        self._take_over(model, likelihood, seed, predict_samples)
-        self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian)
+        self._take_over(model, likelihood, seed)
+        self._make_prior(sigma0, bayesian)
         self._finish_take_over(self.prior.names, vectorize, forward_kwargs)
+        self.predict_samples = predict_samples
+
+    @property
+    def inner_steps(self) -> int:
+        return self.inner.steps
 
     # -- differentiable VI --------------------------------------------------------------------------
-    def _vi(self, x, y, mu0: Params, rho0: Params, steps: int, create_graph: bool
-            ) -> tuple[Params, Params, float]:
+    def _vi(self, x, y, mu0: Params, rho0: Params, steps: int, create_graph: bool,
+            task_range: tuple[int, int] | None = None) -> tuple[Params, Params, float]:
         """K steps of VI from λ = prior on a stacked batch; prior tensors without a task dimension
         (μ₀, ρ₀, possibly graph-connected). Returns (μ_K, ρ_K, last data term)."""
         T, cfg = x.shape[0], self.inner
@@ -85,7 +88,7 @@ class VILearner(FunctionalLearner):
             pm, pr = [m.detach() for m in pm], [r.detach() for r in pr]
         mu, rho = [m.clone() for m in pm], [r.clone() for r in pr]  # distinct from the prior's nodes
         if cfg.optimizer.lower() == "von":
-            return self._vi_von(self._term(x, y), mu, rho, pm, pr, steps, create_graph)
+            return self._vi_von(self._term(x, y), mu, rho, pm, pr, steps, create_graph, task_range)
         ngvi = cfg.optimizer.lower() == "ngvi"
         if ngvi:  # the optimizer's own resolved defaults (ρ step, trust region), so `fit` and `_vi` agree
             hp = NaturalGradientVI([torch.zeros(1), torch.zeros(1)], lr=cfg.lr, **cfg.optimizer_kwargs).defaults
@@ -99,7 +102,7 @@ class VILearner(FunctionalLearner):
                 seed = ops.new_seed(self.generator)
                 data = 0.0
                 for s in range(S):
-                    eps = self._eps(mu, seed, s)
+                    eps = self._eps(mu, seed, s, task_range)
                     data = data + self._nll([m + r.exp() * e for m, r, e in zip(mu, rho, eps)], x, y) / S
                 kl = sum(reference.kl_terms(m, r, m0, r0).sum() for m, r, m0, r0 in zip(mu, rho, pm, pr))
                 g = torch.autograd.grad(data + cfg.beta * kl, mu + rho, create_graph=create_graph)
@@ -117,11 +120,11 @@ class VILearner(FunctionalLearner):
         return mu, rho, last
 
     def _vi_von(self, term: DataTerm, mu: Params, rho: Params, pm: Params, pr: Params, steps: int,
-                create_graph: bool) -> tuple[Params, Params, float]:
+                create_graph: bool, task_range: tuple[int, int] | None) -> tuple[Params, Params, float]:
         """`_vi` with the variational online Newton step: `gemext.vi`'s own von loop, in its
         differentiable mode when the graph is wanted."""
         res = _fit_von(term, term.x.shape[1], Posterior(self.names, pm, pr), Posterior(self.names, mu, rho),
-                       replace(self.inner, steps=steps), self.generator, None, None, create_graph=create_graph)
+                       replace(self.inner, steps=steps), self.generator, None, task_range, create_graph=create_graph)
         return res.posterior.mu, res.posterior.rho, res.nll
 
     def _term(self, x: torch.Tensor, y: torch.Tensor) -> DataTerm:
@@ -129,40 +132,30 @@ class VILearner(FunctionalLearner):
 
     @staticmethod
     @torch.no_grad()
-    def _eps(like: Params, seed: int, offset: int) -> Params:
+    def _eps(like: Params, seed: int, offset: int, task_range: tuple[int, int] | None = None) -> Params:
         """The kernels' ε for tensors shaped like `like` (θ = 0 + 1·ε)."""
         zeros = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in like]
-        return ops.sample(zeros, zeros, seed, offset, task_starts(like, current_task_range()))
+        return ops.sample(zeros, zeros, seed, offset, task_starts(like, task_range))
 
-    def _expected_nll(self, mu: Params, rho: Params, x, y) -> torch.Tensor:
+    def _expected_nll(self, mu: Params, rho: Params, x, y, task_range: tuple[int, int] | None = None) -> torch.Tensor:
         """E_q[nll] by `mc_samples` draws of the fused `sample` op (first-order differentiable)."""
         seed = ops.new_seed(self.generator)
         S = self.inner.mc_samples
-        starts = task_starts(mu, current_task_range())
+        starts = task_starts(mu, task_range)
         return sum(self._nll(ops.sample(mu, rho, seed, s, starts), x, y) for s in range(S)) / S
 
-    def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None):
+    def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None,
+             task_range: tuple[int, int] | None = None):
         """The fused, graph-free VI of gemext.vi (same update and ε stream as `_vi`)."""
         cfg = replace(self.inner, steps=steps)
-        return fit(self._term(x, y), x.shape[1], prior, init, cfg, self.generator, callback=callback)
+        return fit(self._term(x, y), x.shape[1], prior, init, cfg, self.generator, callback=callback,
+                   task_range=task_range)
 
     # -- meta-testing -------------------------------------------------------------------------------
-    def _predictor(self, posterior: Posterior, squeeze: bool) -> BayesianPredictor:
-        return BayesianPredictor(self.forward_net, self.net.likelihood, posterior, squeeze,
-                                 self.predict_samples, self.generator)
-
-    def adapt(self, support, steps: int | None = None) -> BayesianPredictor:
-        x, y, squeeze = self._prepare_support(support)
+    def _inner_path(self, x, y, steps: int, on_step) -> Posterior:
         prior = self.prior.expand(x.shape[0])
-        res = self._fit(x, y, prior, prior, self.inner.steps if steps is None else steps)
-        return self._predictor(res.posterior, squeeze)
-
-    def adapt_path(self, support, steps: int) -> list[BayesianPredictor]:
-        x, y, squeeze = self._prepare_support(support)
-        prior = self.prior.expand(x.shape[0])
-        path: list[BayesianPredictor] = []
-        self._fit(x, y, prior, prior, steps, callback=lambda k, p: path.append(self._predictor(p.clone(), squeeze)))
-        return path
+        callback = None if on_step is None else (lambda k, post: on_step(post.clone()))
+        return self._fit(x, y, prior, prior, steps, callback).posterior
 
 
 class ELBOLearner(VILearner):
@@ -175,23 +168,24 @@ class ELBOLearner(VILearner):
         self.name = self.variant = variant
         super().__init__(model, **options)
 
-    def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
+    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
         b = self._batch(tasks)
         T = len(b)
         mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
-        mu, rho, nll_s = self._vi(b.x_support, b.y_support, mu0, rho0, self.inner.steps, create_graph=True)
+        mu, rho, nll_s = self._vi(b.x_support, b.y_support, mu0, rho0, self.inner.steps, create_graph=True,
+                                  task_range=task_range)
         stats = {"nll_support": nll_s / (T * b.x_support.shape[1])}
         with torch.enable_grad():
             if self.variant == "abml":
                 x, y = b.joint()
-                data = self._expected_nll(mu, rho, x, y)
+                data = self._expected_nll(mu, rho, x, y, task_range)
                 kl = ops.gaussian_kl(mu, rho, [m.unsqueeze(0).expand_as(t).contiguous() for m, t in zip(mu0, mu)],
                                      [r.unsqueeze(0).expand_as(t).contiguous() for r, t in zip(rho0, rho)])
                 loss = data + self.inner.beta * kl
                 stats["nll_all"] = float(data.detach()) / (T * x.shape[1])
                 stats["kl"] = float(kl.detach()) / T
             else:
-                loss = self._expected_nll(mu, rho, b.x_query, b.y_query)
+                loss = self._expected_nll(mu, rho, b.x_query, b.y_query, task_range)
                 stats["nll_query"] = float(loss.detach()) / (T * b.x_query.shape[1])
             (loss / T).backward()
         return stats

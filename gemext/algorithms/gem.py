@@ -8,37 +8,19 @@ no back-propagation through either inner loop, so memory does not grow with the 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..gaussian import GaussianPrior, Posterior, detach_parameters
+from ..gaussian import Posterior
 from ..tasks import Task
-from ..vi import (DataTerm, FitResult, GaussianLikelihood, NaturalGradientVI, VariationalOnlineNewton, VIConfig,
-                  fit)
-from .base import BayesianPredictor, FunctionalNet, MetaLearner, register_variants, resolve_vectorize
+from ..vi import DataTerm, FitResult, NaturalGradientVI, VariationalOnlineNewton, VIConfig, fit
+from .base import register_variants
+from .functional import PriorLearner, vi_config
 
 
-class _Net(nn.Module):
-    """The model and its likelihood in one module, so likelihood parameters (a learned noise
-    scale) are covered by the prior like any weight."""
-
-    def __init__(self, model: nn.Module, likelihood: nn.Module) -> None:
-        super().__init__()
-        self.model, self.likelihood = model, likelihood
-
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.model(x, **kwargs)
-
-
-def _vi_config(inner: VIConfig | dict[str, Any] | None, **overrides: Any) -> VIConfig:
-    base = inner if isinstance(inner, VIConfig) else VIConfig(**(inner or {}))
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-class GEMLearner(MetaLearner):
+class GEMLearner(PriorLearner):
     """Gradient-EM meta-learner over any nn.Module.
 
     Options: likelihood (GaussianLikelihood(0.5) default; CategoricalLikelihood for
@@ -66,30 +48,26 @@ class GEMLearner(MetaLearner):
         self.delta = variant == "reptile"
         if not self.delta and (inner is None or (isinstance(inner, dict) and "optimizer" not in inner)):
             inner = {**(inner or {}), "optimizer": "von"}  # the curvature-aware VI; Reptile's points use Adam
-        self.inner = _vi_config(inner, steps=inner_steps, lr=lr, beta=0.0 if self.delta else beta)
+        self.inner = vi_config(inner, steps=inner_steps, lr=lr, beta=0.0 if self.delta else beta)
         if self.delta and self.inner.optimizer_class() in (NaturalGradientVI, VariationalOnlineNewton):
             # fail at construction, not in the middle of training
             raise ValueError(f"reptile fits point posteriors (σ = 0): inner optimizer {self.inner.optimizer!r} "
                              "needs a Gaussian posterior; use sgd or adam")
         self.query_steps = self.inner.steps if query_steps is None else query_steps
-        self.net = _Net(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
+        self._take_over(model, likelihood, seed)
         # Reptile: fixed prior variance C₀ = sigma0² (ĝ_μ₀ = (μ − μ₀)/C₀²), point posteriors.
-        if sigma0_range == "shrink":  # σ₀ may only become more certain than its start (down to 1/10)
-            sigma0_range = (sigma0 / 10, sigma0)
-        elif isinstance(sigma0_range, str):
-            raise ValueError(f"{variant}: sigma0_range must be None, 'shrink' or (lo, hi), got {sigma0_range!r}")
-        self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian,
-                                   learn_sigma=learn_sigma and not self.delta, sigma0_range=sigma0_range)
+        self._make_prior(sigma0, bayesian, learn_sigma and not self.delta, sigma0_range)
         # every module parameter now lives in the prior or stays fixed: parameters() = Θ only
-        detach_parameters(self.net, self.prior.names)
-        vectorize = resolve_vectorize(variant, model, vectorize)
-        self.forward_net = FunctionalNet(self.net, self.prior.names, vectorize, forward_kwargs)
+        self._finish_take_over(self.prior.names, vectorize, forward_kwargs)
         self.predict_samples = predict_samples
-        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def inner_steps(self) -> int:
+        return self.inner.steps
 
     # -- data terms -------------------------------------------------------------------------
     def _nll(self, x: torch.Tensor, y: torch.Tensor) -> DataTerm:
-        return DataTerm(self.forward_net, self.net.likelihood, x, y, self.prior.names)
+        return DataTerm(self.forward_net, self.net.likelihood, x, y, self.names)
 
     def start(self, prior: Posterior) -> Posterior:
         """Where each task's inner loop starts, given the expanded prior: the prior itself (fit
@@ -99,45 +77,41 @@ class GEMLearner(MetaLearner):
         return Posterior(prior.names, prior.mu, [torch.full_like(r, float("-inf")) for r in prior.rho])
 
     def fit_posterior(self, nll, n_data: int, prior: Posterior, init: Posterior, steps: int,
-                      callback=None) -> FitResult:
+                      callback=None, task_range: tuple[int, int] | None = None) -> FitResult:
         """The learner's inner loop (its VI settings, noise stream and delta mode) on any data
-        term `nll(theta, index)`; RL and other task families plug their likelihood in here."""
+        term `nll(theta, index)`; RL and other task families plug their likelihood in here.
+        `task_range`: where these tasks sit in a sharded meta-batch (see gemext.vi.fit)."""
         cfg = replace(self.inner, steps=steps)
-        return fit(nll, n_data, prior, init, cfg, self.generator, self.delta, callback)
+        return fit(nll, n_data, prior, init, cfg, self.generator, self.delta, callback, task_range)
 
-    def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None) -> FitResult:
-        return self.fit_posterior(self._nll(x, y), x.shape[1], prior, init, steps, callback)
+    def _fit(self, x, y, prior: Posterior, init: Posterior, steps: int, callback=None,
+             task_range: tuple[int, int] | None = None) -> FitResult:
+        return self.fit_posterior(self._nll(x, y), x.shape[1], prior, init, steps, callback, task_range)
 
-    def accumulate_meta_grad(self, tr: Posterior, all_: Posterior, prior: Posterior | None = None) -> None:
+    def accumulate_meta_grad(self, tr: Posterior, all_: Posterior) -> None:
         """Θ.grad −= mean over tasks of ĝ(λ_all) [− ĝ(λ_tr) for GEM-BML+]: the descent direction
-        any torch.optim optimizer steps. λ_tr, λ_all carry a leading task dimension; `prior` is
-        `self.prior.expand(T)` when the caller already has it."""
-        mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
+        any torch.optim optimizer steps. λ_tr, λ_all carry a leading task dimension [T, ...]; one
+        fused launch sums the T tasks straight into Θ.grad (no [T, ...] copies of the prior)."""
+        params = list(self.prior.mu0) + list(self.prior.rho0)
         T = all_.mu[0].shape[0]
         plus = self.variant == "gem-bml+"
-        # one fused launch over every task: the prior broadcast to [T, ...], ĝ per task into
-        # scratch buffers, then the task mean into Θ.grad (instead of T launches from Python)
-        prior = prior if prior is not None else self.prior.expand(T)
-        g_mu = [torch.zeros_like(m) for m in prior.mu]
-        g_rho = [torch.zeros_like(r) for r in prior.rho]
-        ops.gem_grad_(g_mu, g_rho, prior.mu, prior.rho, all_.mu, all_.rho,
-                      tr.mu if plus else None, tr.rho if plus else None, weight=-1.0 / T)
-        for p, g in zip(mu0 + rho0, g_mu + g_rho):
-            if not p.requires_grad:
-                continue
-            if p.grad is None:
-                p.grad = g.sum(0)
-            else:
-                p.grad.add_(g.sum(0))
+        out = []
+        for p in params:  # a fixed σ₀ (learn_sigma=False) gets a scratch buffer, not a .grad
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+            out.append(p.grad if p.requires_grad else torch.zeros_like(p))
+        n = len(self.prior.mu0)
+        ops.gem_grad_(out[:n], out[n:], [p.detach() for p in params[:n]], [p.detach() for p in params[n:]],
+                      all_.mu, all_.rho, tr.mu if plus else None, tr.rho if plus else None, weight=-1.0 / T)
 
     # -- meta-training ----------------------------------------------------------------------
-    def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
+    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
         b = self._batch(tasks)
         T = len(b)
         prior = self.prior.expand(T)
-        tr = self._fit(b.x_support, b.y_support, prior, self.start(prior), self.inner.steps)
-        all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps)
-        self.accumulate_meta_grad(tr.posterior, all_.posterior, prior)
+        tr = self._fit(b.x_support, b.y_support, prior, self.start(prior), self.inner.steps, task_range=task_range)
+        all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps, task_range=task_range)
+        self.accumulate_meta_grad(tr.posterior, all_.posterior)
         stats = {"nll_support": tr.nll / (T * b.x_support.shape[1]),
                  "nll_query": all_.nll / (T * b.x_query.shape[1])}
         if not self.delta:
@@ -145,28 +119,11 @@ class GEMLearner(MetaLearner):
         return stats
 
     # -- meta-testing -----------------------------------------------------------------------
-    def _predictor(self, posterior: Posterior, squeeze: bool) -> BayesianPredictor:
-        return BayesianPredictor(self.forward_net, self.net.likelihood, posterior, squeeze,
-                                 self.predict_samples, self.generator)
-
-    def adapt(self, support, steps: int | None = None) -> BayesianPredictor:
-        """Posterior (or point estimate) for a new task from its support set, as a predictor."""
-        x, y, squeeze = self._support_batch(support)
-        x, y = x.to(self.device), y.to(self.device)
-        T = x.shape[0]
-        prior = self.prior.expand(T)
-        res = self._fit(x, y, prior, self.start(prior), self.inner.steps if steps is None else steps)
-        return self._predictor(res.posterior, squeeze)
-
-    def adapt_path(self, support, steps: int) -> list[BayesianPredictor]:
-        x, y, squeeze = self._support_batch(support)
-        x, y = x.to(self.device), y.to(self.device)
-        T = x.shape[0]
-        path: list[BayesianPredictor] = []
-        prior = self.prior.expand(T)
-        self._fit(x, y, prior, self.start(prior), steps,
-                  callback=lambda k, post: path.append(self._predictor(post.clone(), squeeze)))
-        return path
+    def _inner_path(self, x, y, steps: int, on_step) -> Posterior:
+        """Posteriors (or point estimates) of new tasks from their supports."""
+        prior = self.prior.expand(x.shape[0])
+        callback = None if on_step is None else (lambda k, post: on_step(post.clone()))
+        return self._fit(x, y, prior, self.start(prior), steps, callback).posterior
 
 
 register_variants(GEMLearner, "gem-bml", "gem-bml+", "reptile")

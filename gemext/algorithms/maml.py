@@ -19,77 +19,17 @@ match), and the inner update is SGD with step size `lr` on it: φ ← φ − lr�
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.func import grad, grad_and_value, jvp, vmap
 
-from ..gaussian import Posterior, detach_parameters, split_parameters
+from ..gaussian import split_parameters
+from ..linalg import conjugate_gradient
 from ..tasks import Task
-from ..vi import GaussianLikelihood, VIConfig
-from .base import BayesianPredictor, FunctionalNet, MetaLearner, register_variants, resolve_vectorize
-from .gem import _Net
-
-Params = list[torch.Tensor]
-
-
-class FunctionalLearner(MetaLearner):
-    """Shared take-over of a model (as GEMLearner does): the model and its likelihood become one
-    `_Net` whose parameters turn into buffers (`detach_parameters`); the meta-parameters live in the
-    learner and are fed back with `functional_call`. Parameters with requires_grad=False are left
-    out of the meta-parameters and stay fixed. Subclasses create their meta-parameters from
-    `self.net` between `_take_over` and `_finish_take_over`."""
-
-    def _take_over(self, model: nn.Module, likelihood: nn.Module | None, seed: int,
-                   predict_samples: int = 20) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.net = _Net(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
-        self.generator = torch.Generator().manual_seed(seed)
-        self.predict_samples = predict_samples
-
-    def _finish_take_over(self, names: list[str], vectorize: bool | str, forward_kwargs: dict | None = None) -> None:
-        self.names = list(names)
-        detach_parameters(self.net, self.names)
-        vectorize = resolve_vectorize(self.name, self.net.model, vectorize)
-        self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs)
-        self._lik_idx = [i for i, n in enumerate(self.names) if n.startswith("likelihood.")]
-
-    @property
-    def vectorize(self) -> bool:
-        return self.forward_net.vectorize
-
-    # -- data terms (summed negative log-likelihood) ---------------------------------------------
-    def _nll_one(self, theta: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One task: θ without a task dimension."""
-        out = self.forward_net._one(tuple(theta), x)
-        return self.net.likelihood.nll(out, y, {self.names[i]: theta[i] for i in self._lik_idx})
-
-    def _nll(self, theta: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """A stacked batch: θ, x, y with a leading task dimension; summed over tasks (the tasks are
-        separable, so its gradient wrt θ holds every task's own gradient)."""
-        out = self.forward_net(list(theta), x)
-        lik = {self.names[i]: theta[i].reshape(theta[i].shape[0], *([1] * (y.dim() - 1))) for i in self._lik_idx}
-        return self.net.likelihood.nll(out, y, lik)
-
-    def _prepare_support(self, support) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        x, y, squeeze = self._support_batch(support)
-        return x.to(self.device), y.to(self.device), squeeze
-
-    @staticmethod
-    def _accumulate(params, grads) -> None:
-        """Add into .grad (accumulating, as every learner's meta_backward does)."""
-        for p, g in zip(params, grads):
-            if not p.requires_grad:
-                continue
-            g = g.detach().to(p.dtype)
-            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-
-    def _delta_predictor(self, theta: Params, squeeze: bool) -> BayesianPredictor:
-        post = Posterior(self.names, [t.detach() for t in theta],
-                         [torch.full_like(t, float("-inf")) for t in theta])
-        return BayesianPredictor(self.forward_net, self.net.likelihood, post, squeeze, 1, self.generator)
+from .base import BayesianPredictor, register_variants
+from .functional import FunctionalLearner, Params
 
 
 class MAMLLearner(FunctionalLearner):
@@ -103,7 +43,7 @@ class MAMLLearner(FunctionalLearner):
 
     def __init__(self, model: nn.Module, variant: str = "maml", inner_steps: int = 5, lr: float = 5e-4,
                  likelihood: nn.Module | None = None, bayesian=None, vectorize: bool | str = "auto",
-                 seed: int = 0, reg: float = 1.0, cg_steps: int = 5, predict_samples: int = 1,
+                 seed: int = 0, reg: float = 1.0, cg_steps: int = 5,
                  forward_kwargs: dict | None = None) -> None:
         super().__init__()
         if variant not in ("maml", "fomaml", "imaml"):
@@ -113,9 +53,9 @@ class MAMLLearner(FunctionalLearner):
         if variant == "imaml" and (not reg > 0 or cg_steps < 1):
             raise ValueError(f"imaml: reg must be > 0 and cg_steps >= 1, got {reg}, {cg_steps}")
         self.name = self.variant = variant
-        self.inner = VIConfig(steps=inner_steps, optimizer="sgd", lr=lr, beta=0.0)
+        self.inner_steps, self.lr = int(inner_steps), float(lr)
         self.reg, self.cg_steps = float(reg), int(cg_steps)
-        self._take_over(model, likelihood, seed, predict_samples)
+        self._take_over(model, likelihood, seed)
         names = split_parameters(self.net, bayesian)
         params = dict(self.net.named_parameters())
         self.theta0 = nn.ParameterList([nn.Parameter(params[n].detach().clone()) for n in names])
@@ -138,7 +78,7 @@ class MAMLLearner(FunctionalLearner):
             phi = [p.detach().requires_grad_(True) for p in phi]
             loss = self._nll(phi, x, y) + self._prox(phi, theta)
             g = torch.autograd.grad(loss, phi)
-            phi = [p.detach() - self.inner.lr * gi for p, gi in zip(phi, g)]
+            phi = [p.detach() - self.lr * gi for p, gi in zip(phi, g)]
             if callback is not None:
                 callback(k + 1, phi)
         return phi
@@ -147,23 +87,24 @@ class MAMLLearner(FunctionalLearner):
         """Second-order MAML loss of one task (differentiable in θ₀). Inside vmap the inner
         gradients come from torch.func.grad, otherwise from autograd with create_graph."""
         phi = list(theta0)
-        for _ in range(self.inner.steps):
+        for _ in range(self.inner_steps):
             if self.vectorize:
                 g = grad(self._nll_one)(phi, xs, ys)
             else:
                 g = torch.autograd.grad(self._nll_one(phi, xs, ys), phi, create_graph=True)
-            phi = [p - self.inner.lr * gi for p, gi in zip(phi, g)]
+            phi = [p - self.lr * gi for p, gi in zip(phi, g)]
         return self._nll_one(phi, xq, yq)
 
     # -- meta-training -------------------------------------------------------------------------
-    def meta_backward(self, tasks: Task | list[Task]) -> dict[str, float]:
+    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
+        """(No inner-loop noise: task_range changes nothing.)"""
         b = self._batch(tasks)
         T = len(b)
         if self.variant == "maml":
             grads, loss = self._maml_grads(b)
         elif self.variant == "fomaml":
             with torch.enable_grad():
-                phi = [p.requires_grad_(True) for p in self._adapt_batch(b.x_support, b.y_support, self.inner.steps)]
+                phi = [p.requires_grad_(True) for p in self._adapt_batch(b.x_support, b.y_support, self.inner_steps)]
                 q = self._nll(phi, b.x_query, b.y_query)
                 grads = [g.sum(0) for g in torch.autograd.grad(q, phi)]
             loss = float(q.detach())
@@ -190,7 +131,7 @@ class MAMLLearner(FunctionalLearner):
         return total, loss_sum
 
     def _imaml_grads(self, b: Task) -> tuple[Params, float]:
-        phi = self._adapt_batch(b.x_support, b.y_support, self.inner.steps)
+        phi = self._adapt_batch(b.x_support, b.y_support, self.inner_steps)
         with torch.enable_grad():
             phi = [p.requires_grad_(True) for p in phi]
             q = self._nll(phi, b.x_query, b.y_query)
@@ -220,42 +161,11 @@ class MAMLLearner(FunctionalLearner):
         return hvp
 
     # -- meta-testing -----------------------------------------------------------------------------
-    def adapt(self, support, steps: int | None = None) -> BayesianPredictor:
-        x, y, squeeze = self._prepare_support(support)
-        phi = self._adapt_batch(x, y, self.inner.steps if steps is None else steps)
+    def _inner_path(self, x, y, steps: int, on_step) -> Params:
+        return self._adapt_batch(x, y, steps, None if on_step is None else (lambda k, phi: on_step(phi)))
+
+    def _predictor(self, phi: Params, squeeze: bool) -> BayesianPredictor:
         return self._delta_predictor(phi, squeeze)
-
-    def adapt_path(self, support, steps: int) -> list[BayesianPredictor]:
-        x, y, squeeze = self._prepare_support(support)
-        path: list[BayesianPredictor] = []
-        self._adapt_batch(x, y, steps, callback=lambda k, phi: path.append(self._delta_predictor(phi, squeeze)))
-        return path
-
-
-def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int, tiny: float = 1e-30) -> Params:
-    """`steps` iterations of conjugate gradient for A x = b from x = 0, for a batch of independent
-    symmetric positive-definite systems: every tensor carries a leading task dimension and the
-    inner products are per task (a fixed number of steps, so it runs under vmap and on any device)."""
-    def dot(u: Params, w: Params) -> torch.Tensor:
-        return sum((ui * wi).flatten(1).sum(1) for ui, wi in zip(u, w))
-
-    def bc(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return s.view(-1, *([1] * (like.dim() - 1)))
-
-    x = [torch.zeros_like(bi) for bi in b]
-    r = [bi.clone() for bi in b]
-    p = [bi.clone() for bi in b]
-    rs = dot(r, r)
-    for _ in range(steps):
-        ap = matvec(p)
-        alpha = rs / (dot(p, ap) + tiny)
-        x = [xi + bc(alpha, xi) * pi for xi, pi in zip(x, p)]
-        r = [ri - bc(alpha, ri) * api for ri, api in zip(r, ap)]
-        rs_new = dot(r, r)
-        beta = rs_new / (rs + tiny)
-        p = [ri + bc(beta, ri) * pi for ri, pi in zip(r, p)]
-        rs = rs_new
-    return x
 
 
 register_variants(MAMLLearner, "maml", "fomaml", "imaml")

@@ -2,8 +2,8 @@
 with a leading task dimension on every tensor, so inner loops can run over all tasks at once."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import torch
 
@@ -17,13 +17,13 @@ class Task:
     x_query: torch.Tensor
     y_query: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Task":
+    def to(self, device: torch.device | str) -> Task:
         return Task(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def __len__(self) -> int:
         return self.x_support.shape[0]
 
-    def __getitem__(self, i: int | slice) -> "Task":
+    def __getitem__(self, i: int | slice) -> Task:
         """Task i of a stacked batch (a slice keeps the task dimension)."""
         return Task(*(getattr(self, f.name)[i] for f in fields(self)))
 
@@ -40,13 +40,13 @@ class Task:
         return torch.cat([self.x_support, self.x_query], 1), torch.cat([self.y_support, self.y_query], 1)
 
     @staticmethod
-    def stack(tasks: Sequence["Task"]) -> "Task":
+    def stack(tasks: Sequence[Task]) -> Task:
         if len(tasks) == 0:
             raise ValueError("Task.stack: no tasks")
         return Task(*(torch.stack([getattr(t, f.name) for t in tasks]) for f in fields(Task)))
 
 
-def as_batch(tasks: "Task | Sequence[Task]") -> Task:
+def as_batch(tasks: Task | Sequence[Task]) -> Task:
     """Accept a stacked batch or a list of single tasks; validate sizes and finiteness."""
     batch = Task.stack(list(tasks)) if isinstance(tasks, (list, tuple)) else tasks
     if not isinstance(batch, Task):

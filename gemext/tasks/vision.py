@@ -30,9 +30,9 @@ import re
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ def _cached(name: str, key: str, build: Callable[[], dict], where: Path) -> dict
         try:
             return torch.load(path, mmap=True, weights_only=True)
         except Exception as exc:  # a damaged cache is rebuilt, not fatal
-            warnings.warn(f"rebuilding unreadable cache {path}: {exc}")
+            warnings.warn(f"rebuilding unreadable cache {path}: {exc}", stacklevel=2)
     obj = build()
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
@@ -262,7 +262,7 @@ class FewShotSplit:
                               align_corners=False, antialias=x.shape[-1] > self.image_size)
         return x.reshape(*index.shape, *x.shape[1:])
 
-    def subset(self, classes: Sequence[int], name: str) -> "FewShotSplit":
+    def subset(self, classes: Sequence[int], name: str) -> FewShotSplit:
         """A new split holding only `classes` (copied out of a memory-mapped cache)."""
         idx = torch.cat([torch.arange(int(self.offsets[c]), int(self.offsets[c + 1])) for c in classes])
         counts = self.counts[list(classes)]

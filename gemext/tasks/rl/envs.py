@@ -23,14 +23,15 @@ mean inside the actuator range.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium import spaces
 
 from ..._gym import GYM_IDS, _register
-from gymnasium import spaces
 
 Task = dict[str, Any]
 SeedLike = int | np.random.Generator | torch.Generator | None
@@ -120,7 +121,7 @@ class _MujocoTaskEnv(gym.Wrapper, abc.ABC):
         self.set_task(task if task is not None else self.sample_tasks(1, 0)[0])
 
     @property
-    def unwrapped(self) -> "gym.Env":
+    def unwrapped(self) -> gym.Env:
         return self
 
     @property

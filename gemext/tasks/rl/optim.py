@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
 
+from ...linalg import conjugate_gradient
 from .policy import GaussianMLPPolicy, Params, gaussian_kl
 from .rollouts import EpisodeBatch
 
-ParamSet = Union[Mapping[str, Tensor], Sequence[Tensor]]
+ParamSet = Mapping[str, Tensor] | Sequence[Tensor]
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -95,36 +95,20 @@ def reinforce_step(policy: GaussianMLPPolicy, params: Params, batch: EpisodeBatc
     return {n: (t - lr * g) if create_graph else (t - lr * g).detach() for n, t, g in zip(names, ts, grads)}
 
 
-def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10,
-                       residual_tol: float = 1e-10) -> Tensor:
-    """Approximately solve A x = b for symmetric positive-definite A given x ↦ A x."""
-    x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()
-    rr = r @ r
-    for _ in range(iters):
-        if rr.item() < residual_tol:
-            break
-        ap = avp(p)
-        alpha = rr / (p @ ap)
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x
-
-
 def trpo_step(params: ParamSet, loss_fn: Callable[[ParamSet], Tensor], kl_fn: Callable[[ParamSet], Tensor],
               max_kl: float = 1e-2, damping: float = 1e-2, cg_iters: int = 10, ls_max_steps: int = 15,
-              ls_backtrack_ratio: float = 0.8) -> tuple[ParamSet, dict[str, float]]:
+              ls_backtrack_ratio: float = 0.8, grad: Tensor | None = None,
+              loss_before: float | None = None) -> tuple[ParamSet, dict[str, float]]:
     """One TRPO step minimising `loss_fn` subject to `kl_fn` ≤ max_kl.
 
     `kl_fn(p)` must be the divergence from the policy at `params` (held fixed) to the policy at
     `p`, so that it is 0 with zero gradient at `params` and its Hessian there is the Fisher
     matrix. Both functions receive the same structure as `params` (dict or list) with leaf
     tensors that require grad, so they may differentiate internally (e.g. a MAML inner step).
-    Returns the new (detached) parameters and a dict with loss/kl before and after, the number
-    of backtracking steps and whether a step was accepted.
+    `grad` (flat) and `loss_before`: the loss's gradient and value at `params` when the caller
+    already has them (MAML-TRPO's meta_backward). Returns the new (detached) parameters and a
+    dict with loss/kl before and after, the number of backtracking steps and whether a step was
+    accepted.
     """
     if max_kl <= 0 or damping < 0 or cg_iters < 1 or ls_max_steps < 1 or not 0 < ls_backtrack_ratio < 1:
         raise ValueError(f"trpo_step: need max_kl > 0, damping >= 0, cg_iters >= 1, ls_max_steps >= 1, "
@@ -132,19 +116,23 @@ def trpo_step(params: ParamSet, loss_fn: Callable[[ParamSet], Tensor], kl_fn: Ca
                          f"{ls_backtrack_ratio}")
     names, ts = _split(params)
     x0 = [t.detach().requires_grad_() for t in ts]
-    loss0 = loss_fn(_join(names, x0))
-    g = _flat(torch.autograd.grad(loss0, x0, retain_graph=True))  # kl_fn may share loss_fn's graph
+    if grad is None or loss_before is None:
+        loss0 = loss_fn(_join(names, x0))
+        grad = _flat(torch.autograd.grad(loss0, x0, retain_graph=True))  # kl_fn may share loss_fn's graph
+        loss_before = loss0.item()
+    g = grad
     kl_grad = _flat(torch.autograd.grad(kl_fn(_join(names, x0)), x0, create_graph=True))
 
     def fvp(v: Tensor) -> Tensor:
         return _flat(torch.autograd.grad(kl_grad @ v, x0, retain_graph=True)) + damping * v
 
-    direction = conjugate_gradient(fvp, -g, cg_iters)
+    direction = conjugate_gradient(lambda v: [fvp(v[0][0]).unsqueeze(0)], [(-g).unsqueeze(0)], cg_iters,
+                                   residual_tol=1e-10)[0][0]
     shs = 0.5 * (direction @ fvp(direction))
     if not torch.isfinite(shs) or shs.item() <= 0:
         raise FloatingPointError(f"trpo_step: non-positive curvature sᵀFs = {shs.item()}; raise damping")
     step = direction * math.sqrt(max_kl / shs.item())  # ½ sᵀFs = δ at the full step
-    info = {"loss_before": loss0.item(), "kl": 0.0, "loss_after": loss0.item(), "accepted": 0.0,
+    info = {"loss_before": loss_before, "kl": 0.0, "loss_after": loss_before, "accepted": 0.0,
             "backtracks": float(ls_max_steps)}
     for k in range(ls_max_steps):
         frac = ls_backtrack_ratio**k

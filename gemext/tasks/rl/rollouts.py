@@ -41,7 +41,7 @@ class EpisodeBatch:
         """Undiscounted return of each episode: [K]."""
         return (self.rewards * self.mask).sum(0)
 
-    def concat(self, other: "EpisodeBatch") -> "EpisodeBatch":
+    def concat(self, other: EpisodeBatch) -> EpisodeBatch:
         """Episodes of both batches side by side (padded to the longer horizon), unprocessed."""
         return _combine([self, other], lambda xs: torch.cat(xs, dim=1), with_processed=False)
 
@@ -50,7 +50,8 @@ def stack(batches: list[EpisodeBatch]) -> EpisodeBatch:
     """Batches of several tasks (same episode count) stacked on a new leading task dimension
     [T_tasks, H, K, ...], padded to the longest horizon; used to vmap over the tasks."""
     if len({b.num_episodes for b in batches}) != 1:
-        raise ValueError(f"stack: every batch needs the same number of episodes, got {[b.num_episodes for b in batches]}")
+        raise ValueError("stack: every batch needs the same number of episodes, "
+                         f"got {[b.num_episodes for b in batches]}")
     return _combine(batches, torch.stack, with_processed=True)
 
 
@@ -119,7 +120,7 @@ class LinearFeatureBaseline:
         t = torch.arange(len(obs), dtype=torch.float64).view(-1, 1, 1).expand_as(m) / 100.0
         return torch.cat([obs, obs**2, t, t**2, t**3, torch.ones_like(m)], dim=-1) * m
 
-    def fit(self, batch: EpisodeBatch, returns: Tensor) -> "LinearFeatureBaseline":
+    def fit(self, batch: EpisodeBatch, returns: Tensor) -> LinearFeatureBaseline:
         x = self.features(batch.observations, batch.mask).flatten(0, 1)
         y = returns.to(torch.float64).reshape(-1, 1)
         xtx, xty = x.T @ x, x.T @ y
@@ -240,7 +241,7 @@ class RolloutCollector:
     def close(self) -> None:
         self.envs.close()
 
-    def __enter__(self) -> "RolloutCollector":
+    def __enter__(self) -> RolloutCollector:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,5 +1,6 @@
-"""Rollout-collector throughput: `python -m gemext.tasks.rl.bench [--tasks nav2d,halfcheetah-vel]`;
-meta-RL comparison: `python -m gemext.tasks.rl.bench compare --algos maml,gem-bml+ --iterations 30`.
+"""Rollout-collector throughput: `python benchmarks/rl_bench.py [--tasks nav2d,halfcheetah-vel]`;
+meta-RL comparison: `python benchmarks/rl_bench.py compare --algos maml,gem-bml+ --iterations 30`.
+Run from the repository root with gemext installed (`pip install ".[rl]"`).
 
 Prints environment steps per second (policy sampling included: the 2×100 Gaussian MLP) for
 SyncVectorEnv and AsyncVectorEnv pools of several sizes, collecting `--episodes` full episodes
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from .envs import sample_tasks
-from .rollouts import RolloutCollector
+from gemext.tasks.rl import RolloutCollector, sample_tasks
+from gemext.train import RunConfig, evaluate, train
 
 
 def throughput(task: str, mode: str, num_envs: int, episodes: int, repeats: int = 3) -> float:
@@ -35,12 +38,10 @@ def throughput(task: str, mode: str, num_envs: int, episodes: int, repeats: int 
 
 def compare(argv: list[str]) -> None:
     """Train and meta-test one run per algorithm with the same budget; one figure for all."""
-    from pathlib import Path
+    # the one import that names an inner module (not part of the public gemext.train API)
+    from gemext.families.rl import plot_return_comparison
 
-    from ...train import RunConfig
-    from .meta import eval_rl, plot_return_comparison, train_rl
-
-    ap = argparse.ArgumentParser(prog="bench compare")
+    ap = argparse.ArgumentParser(prog="rl_bench.py compare")
     ap.add_argument("--task", default="nav2d")
     ap.add_argument("--algos", default="maml,gem-bml+,gem-bml,reptile")
     ap.add_argument("--iterations", type=int, default=30)
@@ -52,10 +53,10 @@ def compare(argv: list[str]) -> None:
     runs = []
     for algo in args.algos.split(","):
         run = Path(args.out) / f"{args.task}-{algo}"
-        train_rl(RunConfig(task=args.task, algo=algo, iterations=args.iterations, seed=args.seed, out=str(run),
-                           meta_lr=args.meta_lr, log_every=5, checkpoint_every=10, algo_options=args.options),
-                 progress=False, overwrite=True)
-        m = eval_rl(run)
+        train(RunConfig(task=args.task, algo=algo, iterations=args.iterations, seed=args.seed, out=str(run),
+                        meta_lr=args.meta_lr, log_every=5, checkpoint_every=10, algo_options=args.options),
+              progress=False, overwrite=True)
+        m = evaluate(run)
         print(json.dumps({k: m[k] for k in ("algo", "iterations", "wall_s", "env_steps", "return_by_step",
                                             "return_ci95_by_step", "eval_tasks")}), flush=True)
         runs.append(run)
@@ -63,8 +64,6 @@ def compare(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare(argv[1:])

@@ -1,6 +1,5 @@
-"""Few-shot classification runs: presets, learner defaults and the meta-test (accuracy with 95% CI,
-NLL, Brier score, ECE/MCE and a reliability diagram), used by gemext.train for omniglot,
-tinyimagenet and miniimagenet."""
+"""Few-shot classification runs (omniglot, tinyimagenet, miniimagenet): presets, learner defaults
+and the meta-test (accuracy with 95% CI, NLL, Brier score, ECE/MCE and a reliability diagram)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +9,22 @@ from typing import Any
 import torch
 
 from .. import algorithms
-from ..metrics import (brier_score, categorical_nll, expected_calibration_error,
-                       max_calibration_error, mean_ci95, plot_reliability, reliability_data)
+from ..algorithms import MetaLearner
+from ..metrics import (
+    brier_score,
+    categorical_nll,
+    expected_calibration_error,
+    max_calibration_error,
+    mean_ci95,
+    plot_reliability,
+    reliability_data,
+)
+from ..progress import Progress
+from ..runs import best_effort
+from ..tasks import Task
+from ..tasks.vision import FewShotTasks, load_split, make_backbone
 from ..vi import CategoricalLikelihood
-from . import Task
-from .vision import FewShotTasks, load_split, make_backbone
+from .base import SupervisedFamily
 
 # The paper's settings: N-way K-shot.
 PRESETS: dict[str, tuple[int, int]] = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1), "20w5s": (20, 5)}
@@ -102,70 +112,75 @@ def ways_shots(config) -> tuple[int, int]:
     return config.ways or ways, config.shots or shots
 
 
-class VisionFamily:
-    """Adapts the episodic samplers to the task-family interface of gemext.train."""
+class VisionFamily(SupervisedFamily):
+    """N-way K-shot episodes of a vision dataset (its training split; meta-test on fixed episodes
+    of its test split)."""
 
-    kind = "classification"
+    tasks = ("omniglot", "tinyimagenet", "miniimagenet")
+    flags = ("preset", "ways", "shots", "data_root")
+    eval_batch = 10  # meta-test episodes adapted together
 
-    def __init__(self, task: str, ways: int, shots: int, root: str | None, seed: int) -> None:
-        self.task, self.ways, self.shots, self.query = task, ways, shots, QUERY[task]
-        self.train = FewShotTasks(load_split(task, "train", root), ways, shots, self.query, seed)
-        self._test_root = root
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.task = config.task
+        self.ways, self.shots = ways_shots(config)
+        self.query = QUERY[config.task]
+        self.train = FewShotTasks(load_split(config.task, "train", config.data_root), self.ways, self.shots,
+                                  self.query, config.seed)
         self._test: FewShotTasks | None = None
 
     @property
     def test(self) -> FewShotTasks:
         if self._test is None:  # fixed episodes: seed 0 for every run
-            self._test = FewShotTasks(load_split(self.task, TEST_SPLIT[self.task], self._test_root),
+            self._test = FewShotTasks(load_split(self.task, TEST_SPLIT[self.task], self.config.data_root),
                                       self.ways, self.shots, self.query, seed=0)
         return self._test
 
-    def sample(self, n: int, generator: torch.Generator, split: str = "train") -> Task:
-        if split != "train":
-            raise ValueError("meta-test episodes are fixed: use VisionFamily.test.episodes(indices)")
-        return self.train.sample(n, generator)
+    def build_learner(self) -> MetaLearner:
+        opts = learner_options(self.config, self.ways, self.shots)
+        learner = algorithms.create(self.config.algo, make_backbone(self.task, self.ways), seed=self.config.seed,
+                                    **opts)
+        return learner.to(self.config.device)
 
+    @property
+    def meta_batch(self) -> int:
+        return self.config.meta_batch or META_BATCH[self.task]
 
-def build(config):
-    ways, shots = ways_shots(config)
-    family = VisionFamily(config.task, ways, shots, config.data_root, config.seed)
-    opts = learner_options(config, ways, shots)
-    learner = algorithms.create(config.algo, make_backbone(config.task, ways), seed=config.seed, **opts)
-    return family, learner.to(config.device), config.meta_batch or META_BATCH[config.task]
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Task:
+        return self.train.sample(n, self.generator if generator is None else generator)
 
-
-def evaluate(config, family: VisionFamily, learner, n: int, steps: int | None, run: Path, plots: bool,
-             batch: int = 10, progress: bool | None = None) -> dict:
-    """Meta-test on n fixed episodes: adapt on the support, predict the query."""
-    from ..progress import Progress
-    K = steps if steps is not None else (config.eval_steps or learner.inner.steps)
-    acc_by_step: list[list[float]] = [[] for _ in range(K + 1)]
-    probs_all, labels_all = [], []
-    starts = range(0, n, batch)
-    for start in Progress(starts, len(starts), f"meta-test {config.algo} ({n} episodes)",
-                          every=max(1, len(starts) // 10), enabled=progress):
-        ep = family.test.episodes(range(start, min(n, start + batch))).to(learner.device)
-        path = learner.adapt_path(ep, K)
-        for k, pred in enumerate(path):
-            if k < K and hasattr(pred, "samples"):  # intermediate steps: a cheaper predictive
-                pred.samples = min(pred.samples, INTERMEDIATE_SAMPLES)
-            probs = pred.predict(ep.x_query)
-            acc_by_step[k] += (probs.argmax(-1) == ep.y_query).double().mean(1).tolist()
-        probs_all.append(probs.reshape(-1, probs.shape[-1]).cpu())
-        labels_all.append(ep.y_query.reshape(-1).cpu())
-    probs, labels = torch.cat(probs_all), torch.cat(labels_all)
-    acc, ci = mean_ci95(acc_by_step[-1])
-    result = {"accuracy": acc, "ci95": ci, "accuracy_by_step": [mean_ci95(a)[0] for a in acc_by_step],
-              "ece": expected_calibration_error(probs, labels, CALIBRATION_BINS),
-              "mce": max_calibration_error(probs, labels, CALIBRATION_BINS),
-              "nll": categorical_nll(probs, labels), "brier": brier_score(probs, labels),
-              "calibration_bins": CALIBRATION_BINS, "eval_tasks": n, "eval_steps": K,
-              "ways": family.ways, "shots": family.shots}
-    if plots:
-        from ..runs import best_effort
-        data = reliability_data(probs, labels, CALIBRATION_BINS)
-        with best_effort(f"the reliability data and plot into {run}"):
-            (run / "reliability.json").write_text(json.dumps(data))  # for combined plots (benchmarks/vision_study.py)
-            plot_reliability(data, str(run / "reliability.png"),
-                             title=f"{config.algo} {config.task} {family.ways}-way {family.shots}-shot")
-    return result
+    def evaluate(self, learner: MetaLearner, tasks: int | None, steps: int | None, run: Path, plots: bool,
+                 progress: bool | None = None) -> dict[str, Any]:
+        """Meta-test on n fixed episodes: adapt on the support, predict the query."""
+        config, n = self.config, self.eval_tasks(tasks)
+        K = steps if steps is not None else (config.eval_steps or learner.inner_steps)
+        acc_by_step: list[list[float]] = [[] for _ in range(K + 1)]
+        probs_all, labels_all = [], []
+        starts = range(0, n, self.eval_batch)
+        for start in Progress(starts, len(starts), f"meta-test {config.algo} ({n} episodes)",
+                              every=max(1, len(starts) // 10), enabled=progress):
+            ep = self.test.episodes(range(start, min(n, start + self.eval_batch))).to(learner.device)
+            path = learner.adapt_path(ep, K)
+            for k, pred in enumerate(path):
+                if k < K and hasattr(pred, "samples"):  # intermediate steps: a cheaper predictive
+                    pred.samples = min(pred.samples, INTERMEDIATE_SAMPLES)
+                probs = pred.predict(ep.x_query).probs
+                acc_by_step[k] += (probs.argmax(-1) == ep.y_query).double().mean(1).tolist()
+            probs_all.append(probs.reshape(-1, probs.shape[-1]).cpu())
+            labels_all.append(ep.y_query.reshape(-1).cpu())
+        probs, labels = torch.cat(probs_all), torch.cat(labels_all)
+        acc, ci = mean_ci95(acc_by_step[-1])
+        result = {"accuracy": acc, "ci95": ci, "accuracy_by_step": [mean_ci95(a)[0] for a in acc_by_step],
+                  "ece": expected_calibration_error(probs, labels, CALIBRATION_BINS),
+                  "mce": max_calibration_error(probs, labels, CALIBRATION_BINS),
+                  "nll": categorical_nll(probs, labels), "brier": brier_score(probs, labels),
+                  "calibration_bins": CALIBRATION_BINS, "eval_tasks": n, "eval_steps": K,
+                  "ways": self.ways, "shots": self.shots}
+        if plots:
+            data = reliability_data(probs, labels, CALIBRATION_BINS)
+            with best_effort(f"the reliability data and plot into {run}"):
+                # for combined plots (benchmarks/vision_study.py)
+                (run / "reliability.json").write_text(json.dumps(data))
+                plot_reliability(data, str(run / "reliability.png"),
+                                 title=f"{config.algo} {config.task} {self.ways}-way {self.shots}-shot")
+        return result

@@ -1,0 +1,136 @@
+"""What the supervised learners share: the take-over of a user's model (model and likelihood as
+one module whose parameters become buffers fed back through `functional_call`) and the
+Gaussian-prior learners' common parts."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..gaussian import GaussianPrior, Posterior, detach_parameters
+from ..vi import GaussianLikelihood, VIConfig
+from .base import BayesianPredictor, FunctionalNet, SupervisedLearner, resolve_vectorize
+
+Params = list[torch.Tensor]
+
+
+class ModelAndLikelihood(nn.Module):
+    """The model and its likelihood in one module, so likelihood parameters (a learned noise
+    scale) are covered by the prior like any weight."""
+
+    def __init__(self, model: nn.Module, likelihood: nn.Module) -> None:
+        super().__init__()
+        self.model, self.likelihood = model, likelihood
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model(x, **kwargs)
+
+
+def vi_config(inner: VIConfig | dict[str, Any] | None, **overrides: Any) -> VIConfig:
+    """A VIConfig from a config or dict, with the given (non-None) fields replaced."""
+    base = inner if isinstance(inner, VIConfig) else VIConfig(**(inner or {}))
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class FunctionalLearner(SupervisedLearner):
+    """The take-over of a model shared by every supervised learner: the model and its likelihood
+    become one `ModelAndLikelihood` whose parameters turn into buffers (`detach_parameters`); the
+    meta-parameters live in the learner and are fed back with `functional_call`. Parameters with
+    requires_grad=False are left out of the meta-parameters and stay fixed. Subclasses create their
+    meta-parameters from `self.net` between `_take_over` and `_finish_take_over`, and implement
+    `_inner_path` and `_predictor`, from which `adapt` and `adapt_path` are built."""
+
+    def _take_over(self, model: nn.Module, likelihood: nn.Module | None, seed: int) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.net = ModelAndLikelihood(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _finish_take_over(self, names: list[str], vectorize: bool | str, forward_kwargs: dict | None = None) -> None:
+        self.names = list(names)
+        detach_parameters(self.net, self.names)
+        vectorize = resolve_vectorize(self.name, self.net.model, vectorize)
+        self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs)
+        self._lik_idx = [i for i, n in enumerate(self.names) if n.startswith("likelihood.")]
+
+    @property
+    def vectorize(self) -> bool:
+        return self.forward_net.vectorize
+
+    # -- data terms (summed negative log-likelihood) ---------------------------------------------
+    def _nll_one(self, theta: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One task: θ without a task dimension."""
+        out = self.forward_net._one(tuple(theta), x)
+        return self.net.likelihood.nll(out, y, {self.names[i]: theta[i] for i in self._lik_idx})
+
+    def _nll(self, theta: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A stacked batch: θ, x, y with a leading task dimension; summed over tasks (the tasks are
+        separable, so its gradient wrt θ holds every task's own gradient)."""
+        out = self.forward_net(list(theta), x)
+        lik = {self.names[i]: theta[i].reshape(theta[i].shape[0], *([1] * (y.dim() - 1))) for i in self._lik_idx}
+        return self.net.likelihood.nll(out, y, lik)
+
+    @staticmethod
+    def _accumulate(params, grads) -> None:
+        """Add into .grad (accumulating, as every learner's meta_backward does)."""
+        for p, g in zip(params, grads):
+            if not p.requires_grad:
+                continue
+            g = g.detach().to(p.dtype)
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+
+    # -- meta-testing: one skeleton for every learner --------------------------------------------
+    def _inner_path(self, x: torch.Tensor, y: torch.Tensor, steps: int,
+                    on_step: Callable[[Any], None] | None) -> Any:
+        """Adapt a stacked batch of supports for `steps` inner steps without a graph; call
+        `on_step(state)` after 0..steps steps with a state `_predictor` accepts (a snapshot, safe to
+        keep); return the final state."""
+        raise NotImplementedError
+
+    def _predictor(self, state: Any, squeeze: bool) -> BayesianPredictor:
+        raise NotImplementedError
+
+    def adapt(self, support, steps: int | None = None) -> BayesianPredictor:
+        x, y, squeeze = self._support_batch(support)
+        state = self._inner_path(x.to(self.device), y.to(self.device),
+                                 self.inner_steps if steps is None else steps, None)
+        return self._predictor(state, squeeze)
+
+    def adapt_path(self, support, steps: int) -> list[BayesianPredictor]:
+        x, y, squeeze = self._support_batch(support)
+        path: list[BayesianPredictor] = []
+        self._inner_path(x.to(self.device), y.to(self.device), steps,
+                         lambda state: path.append(self._predictor(state, squeeze)))
+        return path
+
+    def _delta_predictor(self, theta: Params, squeeze: bool) -> BayesianPredictor:
+        post = Posterior(self.names, [t.detach() for t in theta],
+                         [torch.full_like(t, float("-inf")) for t in theta])
+        return BayesianPredictor(self.forward_net, self.net.likelihood, post, squeeze, 1, self.generator)
+
+
+class PriorLearner(FunctionalLearner):
+    """A learner whose meta-parameters are a diagonal Gaussian prior Θ = (μ₀, ρ₀) over the
+    model's parameters (GEM, ELBO-gradient and KL-chaser learners): Gaussian-posterior
+    predictions over `predict_samples` draws, and the ρ₀ clamp after each meta-step."""
+
+    def _make_prior(self, sigma0: float, bayesian, learn_sigma: bool = True,
+                    sigma0_range: tuple[float, float] | str | None = None) -> None:
+        if sigma0_range == "shrink":  # σ₀ may only become more certain than its start (down to 1/10)
+            sigma0_range = (sigma0 / 10, sigma0)
+        elif isinstance(sigma0_range, str):
+            raise ValueError(f"{self.name}: sigma0_range must be None, 'shrink' or (lo, hi), got {sigma0_range!r}")
+        self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian, learn_sigma=learn_sigma,
+                                   sigma0_range=sigma0_range)
+
+    def after_step(self) -> dict[str, float]:
+        """Keep ρ₀ in its sigma0_range and in the safe range of gemext.vi."""
+        self.prior.clamp_()
+        return {}
+
+    def _predictor(self, posterior: Posterior, squeeze: bool) -> BayesianPredictor:
+        return BayesianPredictor(self.forward_net, self.net.likelihood, posterior, squeeze,
+                                 self.predict_samples, self.generator)

@@ -1,0 +1,395 @@
+"""Meta-RL learners: GEM-BML, GEM-BML+, Reptile (on the core's VI loop and `gem_grad_`) and
+MAML-TRPO, behind the learner contract of base.py (domain "rl").
+
+Per meta-iteration and task (paper §2.1; Finn et al. 2017 for MAML):
+1. K support rollouts with the current policy: the prior mean μ₀ (GEM/Reptile) or θ (MAML);
+2. inner update on the support surrogate: VI from λ = Θ with KL to the prior (GEM), a point
+   estimate (Reptile), or one differentiable policy-gradient step (MAML);
+3. K query rollouts with the adapted policy (posterior mean μ_tr / θ');
+4. meta-gradient: GEM-BML ĝ(λ_all) with λ_all = VI(prior λ_tr, start λ_tr, D_query) (support ∪
+   query by sequential updating, as the core's GEMLearner does), GEM-BML+ ĝ(λ_all) − ĝ(λ_tr),
+   Reptile (μ_all − μ₀)/C₀²; Θ.grad = −mean ĝ and a torch.optim Adam step. MAML: one TRPO step
+   on the query surrogate through the inner step (KL ≤ max_kl, natural gradient by CG).
+
+The likelihood of the RL data (App. B.1) is −log p(D|θ) = s·L_PG(θ), with L_PG = −mean_t log π·Â
+the REINFORCE surrogate and s = `likelihood_scale` (default K·horizon: the surrogate summed over
+the support steps). The VI optimizer is SGD with lr = inner_lr/s, so one VI step moves μ exactly as
+one MAML policy-gradient step of size inner_lr would (and the KL weighs 1/s against it). Tasks of
+a meta-batch are fitted together: the posteriors carry a leading task dimension and the policy is
+vmapped over it. Rollouts use the posterior *mean* weights (action noise from the policy's σ).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from ..tasks.rl.envs import Task
+from ..tasks.rl.optim import _flat, mean_kl, pg_surrogate, reinforce_step, trpo_step, trpo_surrogate
+from ..tasks.rl.rollouts import EpisodeBatch, RolloutCollector, process, stack
+from ..vi import VIConfig
+from .base import MetaLearner, register_class, register_variants
+from .gem import GEMLearner
+
+RL_ALGOS = ("gem-bml", "gem-bml+", "reptile", "maml")
+
+
+@dataclass
+class RLSettings:
+    """Hyper-parameters of a meta-RL run (defaults follow pytorch-maml-rl where it has one)."""
+
+    episodes: int = 20  # K: rollouts per task for the support and for the query (fast-batch-size)
+    meta_batch: int = 20  # tasks per meta-iteration
+    horizon: int | None = None  # None: the environment's (nav2d 100, MuJoCo 200)
+    hidden: tuple[int, ...] = (100, 100)
+    init_log_std: float = 0.0
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    inner_lr: float = 0.1  # policy-gradient step on the mean surrogate (MAML-RL fast-lr)
+    inner_steps: int = 1
+    query_steps: int = 1
+    # GEM-BML(+) and Reptile
+    sigma0: float = 0.01  # prior std (Reptile: the fixed C₀)
+    # the prior std is meta-learned by GEM-BML(+) within (σ₀/10, σ₀) ("shrink", as the sinusoid and
+    # vision presets: measured in benchmarks/RESULTS.md, "RL: learned prior variance"); None: unbounded
+    learn_sigma: bool = True
+    sigma0_range: str | tuple[float, float] | None = "shrink"
+    # the inner VI: "sgd" (a policy-gradient step of inner_lr on the surrogate), or "von" with
+    # inner_options {"curvature": "reparam", "coupling": "diag"} (the surrogate is not a likelihood:
+    # there is no Gauss-Newton factor for the coupled step); lr is then inner_lr unscaled
+    inner_optimizer: str = "sgd"
+    inner_options: dict[str, Any] = field(default_factory=dict)
+    beta: float = 1.0
+    mc_samples: int = 1
+    likelihood_scale: float | None = None  # s; None: episodes × horizon
+    # MAML-TRPO (MAML-RL values)
+    first_order: bool = False
+    max_kl: float = 1e-2
+    cg_damping: float = 1e-5
+    cg_iters: int = 10
+    ls_max_steps: int = 15
+    ls_backtrack_ratio: float = 0.8
+    # rollouts and meta-test
+    num_envs: int = 20
+    vector: str = "sync"
+    eval_tasks: int = 40
+    eval_episodes: int = 40
+    eval_steps: int = 3
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        for name in ("episodes", "meta_batch", "num_envs", "eval_tasks", "eval_episodes", "mc_samples",
+                     "cg_iters", "ls_max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RL option {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("inner_steps", "query_steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RL option {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("inner_lr", "sigma0", "max_kl"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RL option {name} must be > 0, got {getattr(self, name)}")
+        if isinstance(self.sigma0_range, list):  # from JSON
+            self.sigma0_range = tuple(self.sigma0_range)
+        if self.inner_optimizer not in ("sgd", "von"):
+            raise ValueError(f"RL option inner_optimizer must be 'sgd' or 'von', got {self.inner_optimizer!r}")
+        if self.vector not in ("sync", "async"):
+            raise ValueError(f"RL option vector must be 'sync' or 'async', got {self.vector!r}")
+
+    def scale(self, horizon: int) -> float:
+        return float(self.likelihood_scale or self.episodes * horizon)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> RLSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown RL option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+
+class Sampler:
+    """The rollout collector, the policy and the action-noise generator of a run."""
+
+    def __init__(self, task: str, settings: RLSettings, seed: int) -> None:
+        self.task, self.settings = task, settings
+        self.collector = RolloutCollector(task, num_envs=min(settings.num_envs, settings.eval_episodes),
+                                          mode=settings.vector, horizon=settings.horizon, seed=seed)
+        self.horizon = self.collector.horizon
+        torch.manual_seed(seed)  # the policy's initial weights
+        self.policy = self.collector.make_policy(settings.hidden, init_log_std=settings.init_log_std)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def rollouts(self, params: dict[str, Tensor], task: Task, episodes: int | None = None) -> EpisodeBatch:
+        batch = self.collector.collect(self.policy, params, task, episodes or self.settings.episodes, self.generator)
+        return process(batch, self.settings.gamma, self.settings.gae_lambda)
+
+    def rng_state(self) -> dict:
+        return {"actions": self.generator.get_state(), "resets": self.collector._rng.bit_generator.state,
+                "env_steps": self.collector.total_steps}
+
+    def set_rng_state(self, state: dict) -> None:
+        self.generator.set_state(state["actions"])
+        self.collector._rng.bit_generator.state = state["resets"]
+        self.collector.total_steps = state["env_steps"]
+
+
+def _mean_return(batches: list[EpisodeBatch]) -> Tensor:
+    """Mean undiscounted episode return of each task's batch: [T]."""
+    return torch.stack([b.episode_returns().mean() for b in batches])
+
+
+def _no_shard(name: str, task_range: tuple[int, int] | None, n: int) -> None:
+    if task_range is not None and tuple(task_range) != (0, n):
+        raise ValueError(f"{name}: RL meta-training runs in a single process (no sharded meta-batches)")
+
+
+class RLLearner(MetaLearner):
+    """A meta-RL learner: tasks are environment task dicts; `_path` adapts them, with rollouts."""
+
+    sampler: Sampler
+
+    def _start(self, T: int) -> Any:
+        """The adaptation state of T new tasks before any update."""
+        raise NotImplementedError
+
+    def _policies(self, state: Any) -> list[dict[str, Tensor]]:
+        """The policy weights each task acts with in `state`."""
+        raise NotImplementedError
+
+    def _update(self, state: Any, batches: list[EpisodeBatch]) -> Any:
+        """One inner update of every task on its rollouts."""
+        raise NotImplementedError
+
+    def _path(self, tasks: list[Task], steps: int, episodes: int | None, on_step) -> list[dict[str, Tensor]]:
+        """Adapt each task for `steps` inner updates, each on fresh rollouts of its current
+        policy; on_step(rollouts) after 0..steps updates. Returns the adapted weights."""
+        state = self._start(len(tasks))
+        for k in range(steps + 1):
+            params = self._policies(state)
+            if on_step is None and k == steps:
+                break
+            batches = [self.sampler.rollouts(p, t, episodes) for p, t in zip(params, tasks)]
+            if on_step is not None:
+                on_step(batches)
+            if k < steps:
+                state = self._update(state, batches)
+        return params
+
+    def adapt(self, tasks: list[Task], steps: int | None = None) -> list[dict[str, Tensor]]:
+        """Adapted policy weights of each task (posterior means for GEM)."""
+        return self._path(tasks, self.inner_steps if steps is None else steps, None, None)
+
+    def adapt_path(self, tasks: list[Task], steps: int, episodes: int | None = None) -> list[list[EpisodeBatch]]:
+        """Rollouts of each task after 0..steps inner updates (`episodes` each)."""
+        path: list[list[EpisodeBatch]] = []
+        self._path(tasks, steps, episodes, path.append)
+        return path
+
+
+class GEMRL(RLLearner):
+    """GEM-BML / GEM-BML+ / Reptile on RL tasks: a core `GEMLearner` (`self.core`) holds the prior
+    (μ₀, ρ₀ over every policy weight, log-std included); the VI fits are the core's `vi.fit`, the
+    meta-gradient the core's `ops.gem_grad_`. `model` is the sampler's policy."""
+
+    def __init__(self, model: nn.Module, variant: str = "gem-bml+", sampler: Sampler | None = None,
+                 settings: RLSettings | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if sampler is None or model is not sampler.policy:
+            raise ValueError(f"{variant} (RL): pass the Sampler whose policy is the model (sampler=...)")
+        settings = settings or RLSettings()
+        self.name = self.variant = variant
+        self.sampler, self.settings = sampler, settings
+        self.scale = settings.scale(sampler.horizon)
+        von = settings.inner_optimizer == "von"
+        inner = VIConfig(steps=settings.inner_steps, optimizer=settings.inner_optimizer,
+                         lr=settings.inner_lr if von else settings.inner_lr / self.scale,
+                         optimizer_kwargs=dict(settings.inner_options), mc_samples=settings.mc_samples,
+                         beta=settings.beta)
+        bayes = {} if variant == "reptile" else dict(learn_sigma=settings.learn_sigma,
+                                                     sigma0_range=settings.sigma0_range)
+        self.core = GEMLearner(model, variant=variant, sigma0=settings.sigma0, inner=inner,
+                               query_steps=settings.query_steps, vectorize=True, seed=seed, **bayes)
+        self.generator = self.core.generator
+        self.names = [n.removeprefix("model.") for n in self.core.prior.names]
+        policy = sampler.policy
+
+        def task_loss(theta: tuple[Tensor, ...], obs: Tensor, act: Tensor, adv: Tensor, mask: Tensor) -> Tensor:
+            b = EpisodeBatch(obs, act, adv, mask, advantages=adv)
+            return pg_surrogate(policy, dict(zip(self.names, theta)), b)
+
+        self._task_losses = vmap(task_loss)
+
+    @property
+    def inner_steps(self) -> int:
+        return self.settings.inner_steps
+
+    def _params(self, mu: list[Tensor]) -> dict[str, Tensor]:
+        return dict(zip(self.names, mu))
+
+    def _nll(self, batches: list[EpisodeBatch]) -> Callable[[list[Tensor], Tensor | None], Tensor]:
+        """−log p(D|θ) summed over tasks, for the core's VI loop (index: a minibatch of episodes)."""
+        b = stack(batches)
+        k = b.observations.shape[2]
+
+        def nll(theta: list[Tensor], index: Tensor | None) -> Tensor:
+            sel = (lambda x: x) if index is None else (lambda x: x[:, :, index])
+            frac = 1.0 if index is None else len(index) / k  # VI rescales minibatches by k/len(index)
+            losses = self._task_losses(tuple(theta), sel(b.observations), sel(b.actions), sel(b.advantages),
+                                       sel(b.mask))
+            return self.scale * frac * losses.sum()
+        return nll
+
+    def _fit(self, batches: list[EpisodeBatch], prior, init, steps: int):
+        return self.core.fit_posterior(self._nll(batches), batches[0].num_episodes, prior, init, steps)
+
+    def meta_backward(self, tasks: list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
+        _no_shard(self.name, task_range, len(tasks))
+        T, prior = len(tasks), self.core.prior
+        mu0 = [m.detach() for m in prior.mu0]
+        support = [self.sampler.rollouts(self._params(mu0), t) for t in tasks]
+        expanded = prior.expand(T)
+        tr = self._fit(support, expanded, self.core.start(expanded), self.settings.inner_steps)
+        query = [self.sampler.rollouts(self._params(tr.posterior.task(i).mu), t) for i, t in enumerate(tasks)]
+        all_ = self._fit(query, tr.posterior, tr.posterior, self.settings.query_steps)
+        self.core.accumulate_meta_grad(tr.posterior, all_.posterior)
+        return {"return_pre": _mean_return(support).mean().item(), "return_post": _mean_return(query).mean().item(),
+                "sigma0_mean": float(torch.cat([r.detach().exp().flatten() for r in prior.rho0]).mean())}
+
+    def after_step(self) -> dict[str, float]:
+        return self.core.after_step()  # σ₀ within its range
+
+    # adaptation: each update a VI fit of inner_steps steps on fresh rollouts of the current
+    # posterior mean, with KL to the prior Θ
+    def _start(self, T: int) -> tuple:
+        prior = self.core.prior.expand(T)
+        return prior, self.core.start(prior)
+
+    def _policies(self, state: tuple) -> list[dict[str, Tensor]]:
+        post = state[1]
+        return [self._params(post.task(i).mu) for i in range(post.mu[0].shape[0])]
+
+    def _update(self, state: tuple, batches: list[EpisodeBatch]) -> tuple:
+        prior, post = state
+        return prior, self._fit(batches, prior, post, self.settings.inner_steps).posterior
+
+
+class TRPO(torch.optim.Optimizer):
+    """MAML-TRPO's meta-update as an optimizer: one trust-region step (KL ≤ max_kl, natural gradient
+    by conjugate gradient, backtracking line search) on the loss that the learner's meta_backward
+    set up; the gradient is taken from .grad."""
+
+    def __init__(self, learner: MAMLTRPO) -> None:
+        super().__init__(learner.parameters(), {})
+        self.learner = learner
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # type: ignore[override]
+        self.learner._trpo_step()
+
+
+class MAMLTRPO(RLLearner):
+    """MAML for RL (Finn et al. 2017, as pytorch-maml-rl): one inner policy-gradient step of size
+    inner_lr (differentiated through unless first_order), meta-update by one TRPO step (`TRPO`,
+    its meta_optimizer). `model` is the sampler's policy."""
+
+    def __init__(self, model: nn.Module, sampler: Sampler | None = None, settings: RLSettings | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if sampler is None or model is not sampler.policy:
+            raise ValueError("maml (RL): pass the Sampler whose policy is the model (sampler=...)")
+        self.name = self.variant = "maml"
+        self.sampler, self.settings = sampler, settings or RLSettings()
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.theta = nn.ParameterList([nn.Parameter(p.detach().clone()) for _, p in named])
+        self.generator = torch.Generator().manual_seed(seed)  # the contract's stream (TRPO draws no noise)
+        self._pending: dict[str, Any] | None = None
+        self._info: dict[str, float] = {}
+
+    @property
+    def inner_steps(self) -> int:
+        return 1
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in zip(self.names, self.theta)}
+
+    def meta_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return TRPO(self)  # its step size is the KL radius max_kl, not lr
+
+    def _adapt(self, params: dict[str, Tensor], batch: EpisodeBatch) -> dict[str, Tensor]:
+        lr, policy = self.settings.inner_lr, self.sampler.policy
+        if not self.settings.first_order:
+            return reinforce_step(policy, params, batch, lr, create_graph=True)
+        step = reinforce_step(policy, params, batch, lr)  # detached θ'; FOMAML: ∂θ'/∂θ = I
+        return {k: params[k] + (step[k] - params[k]).detach() for k in params}
+
+    def meta_backward(self, tasks: list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
+        """Rollouts, the TRPO surrogate of the adapted policies and its gradient (into .grad); the
+        trust-region step itself is the meta-optimizer's."""
+        _no_shard(self.name, task_range, len(tasks))
+        s, policy, params = self.settings, self.sampler.policy, self.params
+        support = [self.sampler.rollouts(params, t) for t in tasks]
+        old = [reinforce_step(policy, params, b, s.inner_lr) for b in support]
+        query = [self.sampler.rollouts(p, t) for p, t in zip(old, tasks)]
+        old_logp = [policy.log_prob(q.observations, q.actions, p).detach() for q, p in zip(query, old)]
+        cache: dict[str, Any] = {"key": None}
+
+        def adapted(p: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+            key = tuple(p.values())  # loss and KL of one candidate share the inner steps
+            if (cache["key"] is None or len(key) != len(cache["key"])
+                    or any(a is not b for a, b in zip(key, cache["key"]))):
+                cache.update(key=key, value=[self._adapt(p, b) for b in support])
+            return cache["value"]
+
+        def loss_fn(p):
+            return torch.stack([trpo_surrogate(policy, a, q, lp)
+                                for a, q, lp in zip(adapted(p), query, old_logp)]).mean()
+
+        def kl_fn(p):
+            return torch.stack([mean_kl(policy, a, q, o) for a, q, o in zip(adapted(p), query, old)]).mean()
+
+        with torch.enable_grad():
+            x0 = [t.detach().requires_grad_() for t in params.values()]
+            loss0 = loss_fn(dict(zip(self.names, x0)))
+            grads = torch.autograd.grad(loss0, x0)
+        for p, g in zip(self.theta, grads):
+            p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g)
+        self._pending = {"loss_fn": loss_fn, "kl_fn": kl_fn, "loss_before": loss0.item()}
+        return {"return_pre": _mean_return(support).mean().item(), "return_post": _mean_return(query).mean().item()}
+
+    def _trpo_step(self) -> None:
+        if self._pending is None:
+            raise RuntimeError("maml (RL): the TRPO step needs a meta_backward first")
+        s, pending = self.settings, self._pending
+        self._pending = None
+        grad = _flat([p.grad for p in self.theta])
+        with torch.enable_grad():
+            new, info = trpo_step(self.params, pending["loss_fn"], pending["kl_fn"], s.max_kl, s.cg_damping,
+                                  s.cg_iters, s.ls_max_steps, s.ls_backtrack_ratio, grad=grad,
+                                  loss_before=pending["loss_before"])
+        for p, n in zip(self.theta, self.names):
+            p.copy_(new[n])
+        self._info = {"kl": info["kl"], "accepted": info["accepted"]}
+
+    def after_step(self) -> dict[str, float]:
+        info, self._info = self._info, {}
+        return info
+
+    # adaptation: one policy-gradient step of inner_lr per update
+    def _start(self, T: int) -> list[dict[str, Tensor]]:
+        return [self.params] * T
+
+    def _policies(self, state: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        return state
+
+    def _update(self, state: list[dict[str, Tensor]], batches: list[EpisodeBatch]) -> list[dict[str, Tensor]]:
+        return [reinforce_step(self.sampler.policy, p, b, self.settings.inner_lr) for p, b in zip(state, batches)]
+
+
+register_variants(GEMRL, "gem-bml", "gem-bml+", "reptile", domain="rl")
+register_class(MAMLTRPO, "maml", domain="rl")

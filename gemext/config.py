@@ -1,0 +1,49 @@
+"""The settings of a run (config.json): the common fields every task family reads, and the few
+family flags (preset, ways, shots, data_root) that a family must declare to accept."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FAMILY_FLAGS = ("preset", "ways", "shots", "data_root")  # read only by the families that declare them
+
+
+@dataclass
+class RunConfig:
+    task: str
+    algo: str
+    preset: str | None = None
+    iterations: int = 1000
+    inner_steps: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/run"
+    meta_lr: float = 1e-3
+    meta_batch: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_tasks: int | None = None  # None: the family's default (600; RL 40)
+    eval_steps: int | None = None
+    ways: int | None = None
+    shots: int | None = None
+    data_root: str | None = None
+    algo_options: dict[str, Any] = field(default_factory=dict)
+    max_bad_steps: int = 10  # consecutive non-finite meta-steps before the run stops
+
+    def validate(self) -> None:
+        """The checks that do not depend on the task family (gemext.families checks the rest)."""
+        for name in ("iterations", "log_every", "checkpoint_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_tasks", "meta_batch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("inner_steps", "eval_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.algo_options, dict):
+            raise TypeError(f"algo_options must be a dict, got {type(self.algo_options).__name__}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch sees no CUDA device")

@@ -1,0 +1,194 @@
+"""Variational online Newton (`VariationalOnlineNewton`): its step, the flat/unflatten helpers of
+the GGN rows, and the per-task backtracking on the deterministic merit."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import ops, reference
+from ..gaussian import Posterior
+
+if TYPE_CHECKING:
+    from .terms import DataTerm
+
+
+class VariationalOnlineNewton:
+    """Curvature-aware natural-gradient VI ("von") for a diagonal Gaussian q = N(μ, σ²), the
+    variational online Newton family (VON/VOGN, Khan et al. 2018; IVON, Shen et al. 2024): per
+    weight a running estimate h of the data term's curvature (its GGN diagonal), and
+
+        h ← (1−τ)·h + τ·ĥ,       σ² = 1 / (β/σ₀² + h),
+        μ ← μ − lr·P⁻¹·(∇E_q[nll] + β(μ−μ₀)/σ₀²),
+
+    lr = 1 being a full Newton step. The posterior variance is derived, so it shrinks exactly where
+    the data are informative, and σ₀ is only the prior precision, never a step size.
+
+    ``coupling="full"`` (default) uses P = β/σ₀² + RᵀR with the GGN factor R of `DataTerm`
+    (M rows per task: points × outputs, or points for a classifier) and solves with Woodbury in
+    the M-dimensional data space (an M×M Cholesky per task). Few-shot tasks have few points, so
+    this is cheap, and it matters: weights that move the same output are coupled, and a diagonal
+    Newton step (``coupling="diag"``, P = β/σ₀² + h) adds their steps up and overshoots.
+    ``curvature="reparam"`` is IVON's single-sample estimate ĥ = g·ε/σ (for any `nll` callable;
+    noisy for few steps). ``control_variate`` subtracts Rᵀ R(θ−μ) from the sampled gradient: zero
+    mean for a linear model, it removes the reparameterisation noise of the mean step.
+    `damping` is added to the precision the mean step divides by (Levenberg-Marquardt).
+    `backtrack` (needs a `DataTerm`): the Gauss-Newton model is only local, and on a network a full
+    step can overshoot badly; each task's mean step is halved up to `backtrack` times until the
+    deterministic objective at the mean, nll(μ) + β‖μ − μ₀‖²/(2σ₀²), no longer increases, and is
+    dropped if it still does (the variance update stands). 0 disables it."""
+
+    def __init__(self, lr: float = 1.0, h_decay: float = 1.0, damping: float = 0.0, coupling: str = "full",
+                 curvature: str = "ggn", control_variate: bool = True, backtrack: int = 4) -> None:
+        if not lr > 0:
+            raise ValueError(f"von: lr must be > 0, got {lr}")
+        if not 0 < h_decay <= 1:
+            raise ValueError(f"von: h_decay must be in (0, 1], got {h_decay}")
+        if not damping >= 0:
+            raise ValueError(f"von: damping must be >= 0, got {damping}")
+        if coupling not in ("full", "diag"):
+            raise ValueError(f"von: coupling must be 'full' or 'diag', got {coupling!r}")
+        if curvature not in ("ggn", "reparam"):
+            raise ValueError(f"von: curvature must be 'ggn' or 'reparam', got {curvature!r}")
+        if not (isinstance(backtrack, int) and backtrack >= 0):
+            raise ValueError(f"von: backtrack must be an int >= 0, got {backtrack!r}")
+        if curvature == "reparam" and coupling == "full":
+            raise ValueError("von: coupling='full' needs curvature='ggn' (the GGN factor); use coupling='diag'")
+        self.lr, self.h_decay, self.damping = lr, h_decay, damping
+        self.coupling, self.curvature, self.control_variate = coupling, curvature, control_variate
+        self.backtrack = backtrack
+
+    def uses_ggn(self) -> bool:
+        return self.curvature == "ggn"
+
+    @torch.no_grad()
+    def step(self, mu: list[torch.Tensor], rho: list[torch.Tensor], h: list[torch.Tensor],
+             grad: list[torch.Tensor], rows: list[torch.Tensor] | None, extra_curv: dict[int, torch.Tensor],
+             prior: Posterior, beta: float, seed: int, starts: list[int] | None,
+             curv: list[torch.Tensor] | None = None, row_offset: torch.Tensor | None = None) -> None:
+        """One update in place of μ, ρ, h. `grad`: the sampled gradient of the data term (summed
+        over MC samples of the loss already divided by their number); `rows`: GGN factor rows
+        [T, M, *shape] of that loss (None for "reparam": the kernel then forms g·ε/σ from the ε of
+        (seed, 0) unless `curv` is given); `row_offset` [T, M]: each row applied to its own
+        sample's θ − μ, for the control variate (the rows of S samples are stacked)."""
+        grad, curv, correction = self.terms(mu, grad, rows, extra_curv, prior, beta, curv, row_offset)
+        grad = [g.contiguous() for g in grad]
+        ops.von_step_(mu, rho, h, grad, [c.contiguous() for c in curv] if curv is not None else None,
+                      prior.mu, prior.rho, seed, 0, self.lr, beta, self.h_decay, self.damping,
+                      [c.contiguous() for c in correction] if correction is not None else None, starts)
+
+    def step_differentiable(self, mu: list[torch.Tensor], rho: list[torch.Tensor], h: list[torch.Tensor],
+                            grad: list[torch.Tensor], rows: list[torch.Tensor] | None,
+                            extra_curv: dict[int, torch.Tensor], prior: Posterior, beta: float, seed: int,
+                            starts: list[int] | None, curv: list[torch.Tensor] | None = None,
+                            row_offset: torch.Tensor | None = None
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """`step` as a differentiable torch composite, returning (μ', ρ', h'): the unrolled inner
+        loops of the ELBO-gradient and KL-chaser learners back-propagate through it. μ, ρ, `grad`
+        (created with create_graph), the prior and `row_offset` may carry a graph; the curvature
+        rows are data (their dependence on θ is not differentiated: exact for a linear model,
+        the usual Gauss-Newton treatment of a preconditioner otherwise)."""
+        grad, curv, correction = self.terms(mu, grad, rows, extra_curv, prior, beta, curv, row_offset)
+        return reference.von_step(mu, rho, h, grad, curv, prior.mu, prior.rho, seed, 0, self.lr, beta,
+                                  self.h_decay, self.damping, correction, starts)
+
+    def terms(self, mu: list[torch.Tensor], grad: list[torch.Tensor], rows: list[torch.Tensor] | None,
+              extra_curv: dict[int, torch.Tensor], prior: Posterior, beta: float,
+              curv: list[torch.Tensor] | None, row_offset: torch.Tensor | None
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        """What the per-weight update needs from the GGN rows: (gradient, curvature ĥ, coupling
+        correction Rᵀz of the Woodbury solve or None); autograd-transparent."""
+        correction = None
+        if rows is not None:
+            R = _flat_rows(rows)  # [T, M, D]
+            curv = _unflatten((R * R).sum(1), mu)
+            for i, c in extra_curv.items():
+                curv[i] = c
+            if self.coupling == "full":
+                prec0 = [beta * torch.exp(-2 * r0) for r0 in prior.rho]
+                resid = [g + p0 * (m - m0) for g, p0, m, m0 in zip(grad, prec0, mu, prior.mu)]
+                # likelihood parameters have no GGN rows: their own (diagonal) Fisher joins Λ
+                lam = _flat([p0 + self.damping + extra_curv.get(i, 0.0) for i, p0 in enumerate(prec0)])
+                # Woodbury: (Λ + RᵀR)⁻¹r = (r − Rᵀz)/Λ with z = (I + RΛ⁻¹Rᵀ)⁻¹RΛ⁻¹r. With the control
+                # variate r = r₀ − Rᵀw (w = the rows applied to θ − μ), which folds into z:
+                # r − Rᵀz = r₀ − Rᵀ(I + RΛ⁻¹Rᵀ)⁻¹(RΛ⁻¹r₀ + w): one solve covers both.
+                # The small M×M system is factorised in float64: the eigenvalues of I + RΛ⁻¹Rᵀ span 1
+                # to ~‖R‖²/Λ (1e8 on small nets with a wide prior). Should float32 rounding of the
+                # product still break positive-definiteness, the product is redone in float64.
+                isq = lam.rsqrt()
+                Rs = R * isq.unsqueeze(1)
+                K = (Rs @ Rs.transpose(1, 2)).double()
+                K.diagonal(dim1=1, dim2=2).add_(1.0)
+                L, info = torch.linalg.cholesky_ex(K)
+                failed = (info > 0).nonzero().flatten()
+                if failed.numel():  # redo only those tasks, so a task's result never depends on its batch
+                    Rd = Rs[failed].double()
+                    Kd = Rd @ Rd.transpose(1, 2)
+                    Kd.diagonal(dim1=1, dim2=2).add_(1.0)
+                    Ld, info_d = torch.linalg.cholesky_ex(Kd)
+                    if bool((info_d > 0).any()):  # only non-finite rows get here: a diverged inner loop
+                        raise FloatingPointError("von step: the curvature of the data term is not finite "
+                                                 f"(task {int(failed[(info_d > 0).nonzero()[0, 0]])})")
+                    L = L.index_copy(0, failed, Ld)
+                rhs = (Rs @ (_flat(resid) * isq).unsqueeze(-1)).double()
+                if self.control_variate and row_offset is not None:
+                    rhs = rhs + row_offset.double().unsqueeze(-1)
+                z = torch.cholesky_solve(rhs, L).to(R.dtype)
+                # the kernel divides by β/σ₀² + damping: a likelihood parameter's Fisher F enters the
+                # correction as r·F/Λ
+                correction = _unflatten(torch.einsum("tmd,tm->td", R, z.squeeze(-1)), mu)
+                for i, f in extra_curv.items():
+                    correction[i] = resid[i] * f / (prec0[i] + self.damping + f)
+            elif self.control_variate and row_offset is not None:
+                cv = torch.einsum("tmd,tm->td", R, row_offset)
+                grad = [g - c for g, c in zip(grad, _unflatten(cv, mu))]
+        return grad, curv, correction
+
+
+def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(t.shape[0], -1) for t in ts], -1)
+
+
+def _flat_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-parameter rows [T, M, *shape] as one [T, M, D] matrix per task."""
+    return torch.cat([r.reshape(r.shape[0], r.shape[1], -1) for r in rows], -1)
+
+
+def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, pos = [], 0
+    for t in like:
+        n = t[0].numel()
+        out.append(flat[:, pos:pos + n].reshape(t.shape))
+        pos += n
+    return out
+
+
+def _merit(nll: DataTerm, mu: list[torch.Tensor], prior: Posterior, beta: float,
+           index: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Per-task deterministic objective at the mean: nll(μ) + β‖μ − μ₀‖²/(2σ₀²), [T]."""
+    prior_term = sum(((m - m0).pow(2) * torch.exp(-2 * r0)).reshape(m.shape[0], -1).sum(1)
+                     for m, m0, r0 in zip(mu, prior.mu, prior.rho))
+    return nll.task_nll(mu, index) * scale + 0.5 * beta * prior_term
+
+
+@torch.no_grad()
+def _backtrack_(nll: DataTerm, mu: list[torch.Tensor], mu_old: list[torch.Tensor], merit_old: torch.Tensor,
+                prior: Posterior, beta: float, index: torch.Tensor | None, scale: float,
+                halvings: int) -> torch.Tensor:
+    """Halve the mean step of every task whose objective rose (NaN counts as a rise); undo it after
+    `halvings` tries. Returns the objective at the accepted means and each task's accepted
+    fraction of the step, [T] each."""
+    frac = torch.ones_like(merit_old)
+    for k in range(halvings + 1):
+        merit = _merit(nll, mu, prior, beta, index, scale)
+        # a rise within rounding (a converged step) is no rise: an exact comparison would let float
+        # summation order (e.g. the task sharding of a distributed run) flip the decision
+        bad = ~(merit <= merit_old + 1e-5 * merit_old.abs())
+        if not bool(bad.any()):
+            return merit, frac
+        factor = 0.5 if k < halvings else 0.0
+        frac = torch.where(bad, frac * factor, frac)
+        for m, m_old in zip(mu, mu_old):
+            b = bad.reshape(-1, *([1] * (m.dim() - 1)))
+            m.copy_(torch.where(b, m_old + factor * (m - m_old), m))
+    return torch.where(bad, merit_old, merit), frac

@@ -1,0 +1,254 @@
+"""The learner contract (gemext/algorithms/base.py) over every registered learner, and the layering
+of the package (each layer imports only layers below it; no import cycle)."""
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gemext import algorithms
+from gemext.algorithms import MetaLearner, Prediction
+from gemext.tasks import Task
+from gemext.tasks.sinusoid import SinusoidTasks
+from gemext.vi import CategoricalLikelihood
+
+SUPERVISED = algorithms.names()
+# options that make each learner small and quick
+QUICK = {"kl-chaser": dict(query_steps=1), "bmaml": dict(particles=2)}
+
+
+def _regression(n: int = 3, seed: int = 0) -> Task:
+    return SinusoidTasks("finn").sample(n, torch.Generator().manual_seed(seed))
+
+
+def _classification(n: int = 2, seed: int = 0) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(3).repeat(2).expand(n, 6).contiguous()
+    return Task(torch.randn(n, 6, 4, generator=g), y, torch.randn(n, 6, 4, generator=g), y.clone())
+
+
+def _learner(name: str, classify: bool = False, seed: int = 0) -> MetaLearner:
+    torch.manual_seed(seed)
+    model = (nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)) if classify
+             else SinusoidTasks("finn").make_model())
+    extra = dict(likelihood=CategoricalLikelihood()) if classify else {}
+    return algorithms.create(name, model, inner_steps=2, seed=seed, **QUICK.get(name, {}), **extra)
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_meta_backward_accumulates_a_finite_meta_gradient(name):
+    learner = _learner(name)
+    assert isinstance(learner, MetaLearner) and isinstance(learner.generator, torch.Generator)
+    assert isinstance(learner.inner_steps, int) and learner.inner_steps == 2
+    stats = learner.meta_backward(_regression())
+    assert stats and all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
+    grads = [p.grad for p in learner.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    first = [g.clone() for g in grads]
+    learner.meta_backward(_regression(seed=1))  # accumulates, as the contract says
+    assert any(not torch.equal(g, f) for g, f in zip((p.grad for p in learner.parameters() if p.requires_grad), first))
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_the_loop_can_drive_it(name):
+    """meta_optimizer, the step and after_step: what gemext.train.meta_step does with any learner."""
+    from gemext.train import meta_step
+
+    learner = _learner(name)
+    opt = learner.meta_optimizer(1e-3)
+    assert isinstance(opt, torch.optim.Optimizer)
+    before = [p.detach().clone() for p in learner.parameters()]
+    out = meta_step(learner, opt, _regression())
+    assert out.stepped and not out.stop
+    assert any(not torch.equal(a, p) for a, p in zip(before, learner.parameters()))
+    assert isinstance(learner.after_step(), dict)
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+@pytest.mark.parametrize("classify", [False, True], ids=["regression", "classification"])
+def test_every_predictor_returns_one_prediction_type(name, classify):
+    learner = _learner(name, classify)
+    b = _classification() if classify else _regression()
+    learner.meta_backward(b)
+    single = learner.adapt((b.x_support[0], b.y_support[0])).predict(b.x_query[0])
+    path = learner.adapt_path(b, 2)
+    assert len(path) == 3
+    for out in [single] + [p.predict(b.x_query) for p in path]:
+        assert isinstance(out, Prediction)
+        if classify:
+            assert out.mean is None and out.std is None
+            torch.testing.assert_close(out.probs.sum(-1), torch.ones(out.probs.shape[:-1]))
+        else:
+            assert out.probs is None and out.mean.shape == out.std.shape and (out.std > 0).all()
+    assert (single.probs if classify else single.mean).shape[0] == b.x_query.shape[1]  # one task: no task dim
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_state_dict_reproduces_predictions(name):
+    a = _learner(name, seed=0)
+    b = _regression()
+    a.meta_backward(b)
+    torch.optim.SGD(a.parameters(), lr=1e-3).step()
+    fresh = _learner(name, seed=3)  # another initialisation
+    fresh.load_state_dict(a.state_dict())
+    outs = []
+    for learner in (a, fresh):
+        learner.generator.manual_seed(11)
+        outs.append(learner.adapt(b, 1).predict(b.x_query))
+    torch.testing.assert_close(vars(outs[0]), vars(outs[1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in SUPERVISED if hasattr(_learner(n), "prior")])
+def test_after_step_keeps_the_prior_std_in_range(name):
+    learner = _learner(name)
+    lo, hi = (math.exp(v) for v in learner.prior.rho0_range.tolist())
+    with torch.no_grad():
+        for r in learner.prior.rho0:
+            r.fill_(math.log(hi) + 3.0)
+    learner.after_step()
+    s0 = torch.cat([r.detach().exp().flatten() for r in learner.prior.rho0])
+    assert float(s0.max()) <= hi * (1 + 1e-6) and float(s0.min()) >= lo * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_options_are_checked_by_name_and_type(name):
+    valid = algorithms.option_names(name)
+    assert "seed" in valid and "inner_steps" in valid and "vectorize" in valid
+    with pytest.raises(ValueError, match=r"unknown option\(s\) no_such_option; valid: .*seed"):
+        algorithms.create(name, SinusoidTasks("finn").make_model(), no_such_option=1)
+    with pytest.raises(TypeError, match="option inner_steps must be int"):
+        algorithms.create(name, SinusoidTasks("finn").make_model(), inner_steps="five")
+    with pytest.raises(TypeError, match="option seed must be int"):
+        algorithms.create(name, SinusoidTasks("finn").make_model(), seed=1.5)
+
+
+def test_rl_learners_follow_the_contract():
+    pytest.importorskip("gymnasium")
+    from gemext.train import RunConfig, meta_step, open_family
+
+    tiny = dict(episodes=2, meta_batch=2, horizon=6, hidden=[4], num_envs=2)
+    for name in algorithms.names("rl"):
+        with open_family(RunConfig(task="nav2d", algo=name, out="unused", algo_options=tiny)) as family:
+            learner = family.build_learner()
+            assert isinstance(learner, MetaLearner) and learner.inner_steps >= 1
+            opt = learner.meta_optimizer(1e-2)
+            before = [p.detach().clone() for p in learner.parameters()]
+            out = meta_step(learner, opt, family.sample(2))
+            assert out.stepped and {"return_pre", "return_post"} <= set(out.stats), name
+            assert any(not torch.equal(a, p) for a, p in zip(before, learner.parameters())), name
+            path = learner.adapt_path(family.sample(2), 1, episodes=2)
+            assert len(path) == 2 and all(len(step) == 2 for step in path)
+            params = learner.adapt(family.sample(2), 1)
+            assert len(params) == 2 and isinstance(params[0], dict)
+            with pytest.raises(ValueError, match="single process"):
+                learner.meta_backward(family.sample(2), task_range=(0, 4))
+
+
+# ------------------------------------------------------------------ layering
+PACKAGE = Path(algorithms.__file__).resolve().parents[1]
+# lower number = lower layer; a module may import its own layer and the ones below
+LAYERS = {
+    "_C": 0, "_gym": 0, "ops": 0, "reference": 0, "gaussian": 0, "linalg": 0, "metrics": 0, "plots": 0,
+    "progress": 0, "config": 0, "runs": 0,
+    "vi": 1, "distributed": 1,
+    "tasks": 2,
+    "algorithms": 3,
+    "families": 4,
+    "train": 5, "bench_memory": 5,
+    "cli": 6, "__main__": 7,
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(["gemext", *parts])] = path
+    return mods
+
+
+def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """gemext modules imported by a module, anywhere in it (function-level imports included)."""
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in known else target)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m in known and m != name}
+
+
+def _layer(module: str) -> int:
+    return LAYERS[module.split(".")[1]] if module != "gemext" else -1
+
+
+def test_every_module_has_a_layer_and_imports_only_lower_layers():
+    known = _modules()
+    assert {m.split(".")[1] for m in known if m != "gemext"} <= set(LAYERS), "a new top-level module needs a layer"
+    wrong = []
+    for name, path in known.items():
+        if name == "gemext":  # the package root loads submodules on first use (its __getattr__)
+            continue
+        for target in _imports(name, path, known):
+            if target != "gemext" and _layer(target) > _layer(name):
+                wrong.append(f"{name} (layer {_layer(name)}) imports {target} (layer {_layer(target)})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycle():
+    known = _modules()
+    graph = {n: _imports(n, p, known) - {"gemext"} for n, p in known.items() if n != "gemext"}
+    # a package's __init__ importing its own submodules is how packages are built, not a cycle
+    edges = {n: {t for t in ts if not t.startswith(n + ".")} for n, ts in graph.items()}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(n: str, stack: list[str]) -> bool:
+        state[n] = 1
+        for t in sorted(edges.get(n, ())):
+            if state.get(t) == 1:
+                cycle.extend(stack[stack.index(t):] + [t] if t in stack else [n, t])
+                return True
+            if state.get(t) is None and visit(t, stack + [t]):
+                return True
+        state[n] = 2
+        return False
+
+    assert not any(visit(n, [n]) for n in sorted(edges) if state.get(n) is None), " -> ".join(cycle)
+
+
+def test_the_training_loop_never_tests_a_task_name():
+    from gemext.families import TASKS
+
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not literals & set(TASKS)
+
+
+def test_import_gemext_exposes_its_submodules():
+    """In a fresh interpreter: `import gemext` alone reaches every public submodule (loaded on first
+    use, so importing gemext stays cheap and gymnasium stays optional)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gemext; assert 'gemext.algorithms' not in sys.modules; "
+            "print(len(gemext.algorithms.names()), len(gemext.families.TASKS), callable(gemext.ops.gem_grad_), "
+            "callable(gemext.vi.fit), callable(gemext.train.train), 'gymnasium' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent.parent)
+    assert out.stdout.split()[-6:] == ["10", "9", "True", "True", "True", "False"], out.stderr[-2000:]

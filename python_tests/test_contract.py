@@ -241,7 +241,7 @@ def test_the_training_loop_never_tests_a_task_name():
     assert not literals & set(TASKS)
 
 
-def test_import_gemext_exposes_its_submodules():
+def test_import_gemext_exposes_its_submodules(tmp_path):
     """In a fresh interpreter: `import gemext` alone reaches every public submodule (loaded on first
     use, so importing gemext stays cheap and gymnasium stays optional)."""
     import subprocess
@@ -250,5 +250,19 @@ def test_import_gemext_exposes_its_submodules():
     code = ("import sys, gemext; assert 'gemext.algorithms' not in sys.modules; "
             "print(len(gemext.algorithms.names()), len(gemext.families.TASKS), callable(gemext.ops.gem_grad_), "
             "callable(gemext.vi.fit), callable(gemext.train.train), 'gymnasium' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.split()[-6:] == ["10", "9", "True", "True", "True", "False"], out.stderr[-2000:]
+
+
+def test_ruff_is_clean():
+    """The lint configuration of pyproject.toml holds over the package, the tests and the benchmarks."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the test extra: pip install '.[test]')")
+    root = Path(__file__).resolve().parents[1]  # the source tree (the package may be installed elsewhere)
+    out = subprocess.run([ruff, "check", "--no-cache", "gemext", "benchmarks", "python_tests"], cwd=root,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]

@@ -54,49 +54,83 @@ template <class Op> int64_t steps_per_element(const Op& op) {
 #define GEMEXT_IVDEP
 #endif
 
+#ifndef GEMEXT_PHILOX_STEPS
+#define GEMEXT_PHILOX_STEPS 2
+#endif
 constexpr int64_t kMaxGroups = kBlock / 4 + 8;  // groups touched by one block, rounded up
 
 #ifdef __AVX2__
-// 32x32 -> 64-bit products of 8 lanes, split into high and low words. gcc's auto-vectorised
-// version of the 64-bit product spends most of its time repacking lanes; this is 7 µops.
-inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
+// philox4x32_10 (gemext_math.h) on 8 groups per step, 2 x 4 in the 64-bit lanes of AVX2
+// vectors: a 32-bit word sits in the low half of its lane and the high half is don't-care,
+// since vpmuludq reads only the low halves. A round is then 2 products, 2 half swaps (hi to
+// the low half) and 4 xors per 4 groups, with no packing; the 64-bit product doubles as the
+// next round's lo word. Several independent steps are interleaved to hide the product latency.
+struct PhiloxAvx2 {
+  __m256i k0[10], k1[10];  // round keys, broadcast
+  __m256i r0_c0, r0_c2;    // round 0's terms that do not depend on the group: the product of
+                           // the constant lo(offset) word, and hi(offset) ^ k1
+  __m256i r0_c1;           // round 0's lo1 word (the same product)
+  explicit PhiloxAvx2(const Rng& rng) {
+    uint32_t a = static_cast<uint32_t>(rng.seed), b = static_cast<uint32_t>(rng.seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      k0[r] = _mm256_set1_epi32(static_cast<int>(a));
+      k1[r] = _mm256_set1_epi32(static_cast<int>(b));
+      a += 0x9E3779B9u;
+      b += 0xBB67AE85u;
+    }
+    const __m256i p1 = _mm256_mul_epu32(
+        _mm256_set1_epi64x(static_cast<int64_t>(static_cast<uint32_t>(rng.offset))),
+        _mm256_set1_epi64x(0xCD9E8D57ll));
+    r0_c0 = _mm256_xor_si256(swap(p1), k0[0]);
+    r0_c1 = p1;
+    r0_c2 = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32))),
+                             k1[0]);
+  }
+  static __m256i swap(__m256i x) { return _mm256_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1)); }
 
-// philox4x32_10 (gemext_math.h) for the 8 groups g .. g+7 at once.
-inline void philox_x8(const Rng& rng, uint64_t g, uint32_t* w0, uint32_t* w1, uint32_t* w2,
-                      uint32_t* w3) {
-  alignas(32) uint32_t lo[8], hi[8];
-  for (int l = 0; l < 8; ++l) {
-    lo[l] = static_cast<uint32_t>(g + l);
-    hi[l] = static_cast<uint32_t>((g + l) >> 32);
+  // Words of groups g .. g + 8S - 1 into w0..w3[0 .. 8S).
+  template <int S>
+  void run(uint64_t g, uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3) const {
+    constexpr int V = 2 * S;  // vectors of 4 groups: v even groups g+8s+{0,2,4,6}, odd +1
+    const __m256i m0 = _mm256_set1_epi64x(0xD2511F53ll);
+    const __m256i m1 = _mm256_set1_epi64x(0xCD9E8D57ll);
+    __m256i c0[V], c1[V], c2[V], c3[V];
+    const __m256i base = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)),
+                                          _mm256_setr_epi64x(0, 2, 4, 6));
+    GEMEXT_UNROLL
+    for (int v = 0; v < V; ++v) {
+      // the counter (lo(g), hi(g)) is the 64-bit g itself; round 0 uses the constants
+      const __m256i gv = _mm256_add_epi64(base, _mm256_set1_epi64x(8 * (v >> 1) + (v & 1)));
+      const __m256i p0 = _mm256_mul_epu32(gv, m0);
+      c0[v] = _mm256_xor_si256(r0_c0, _mm256_srli_epi64(gv, 32));
+      c1[v] = r0_c1;
+      c2[v] = _mm256_xor_si256(swap(p0), r0_c2);
+      c3[v] = p0;
+    }
+    GEMEXT_UNROLL
+    for (int r = 1; r < 10; ++r) {
+      GEMEXT_UNROLL
+      for (int v = 0; v < V; ++v) {
+        const __m256i p0 = _mm256_mul_epu32(c0[v], m0);
+        const __m256i p1 = _mm256_mul_epu32(c2[v], m1);
+        c0[v] = _mm256_xor_si256(swap(p1), _mm256_xor_si256(c1[v], k0[r]));
+        c2[v] = _mm256_xor_si256(swap(p0), _mm256_xor_si256(c3[v], k1[r]));
+        c1[v] = p1;
+        c3[v] = p0;
+      }
+    }
+    GEMEXT_UNROLL
+    for (int s = 0; s < S; ++s) {  // even/odd lanes -> 8 consecutive 32-bit words
+      const auto pack = [](__m256i e, __m256i o) {
+        return _mm256_blend_epi32(e, _mm256_slli_epi64(o, 32), 0xAA);
+      };
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0 + 8 * s), pack(c0[2 * s], c0[2 * s + 1]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1 + 8 * s), pack(c1[2 * s], c1[2 * s + 1]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w2 + 8 * s), pack(c2[2 * s], c2[2 * s + 1]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w3 + 8 * s), pack(c3[2 * s], c3[2 * s + 1]));
+    }
   }
-  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-  __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
-  __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(c0, m0, hi0, lo0);
-    mulhilo8(c2, m1, hi1, lo1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    c1 = lo1;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0), c0);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1), c1);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w2), c2);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w3), c3);
-}
+};
 #endif
 
 // ε for global elements [g, g+n) into buf; returns the pointer to element g's ε. Two passes:
@@ -106,8 +140,12 @@ template <typename T> const T* fill_normals(const Rng& rng, int64_t g, int64_t n
   alignas(32) uint32_t w[4][kMaxGroups];
   int64_t q = 0;
 #ifdef __AVX2__
+  const PhiloxAvx2 ph(rng);
+  constexpr int S = GEMEXT_PHILOX_STEPS;
+  for (; q + 8 * S <= ngroups; q += 8 * S)
+    ph.run<S>(static_cast<uint64_t>(g0 + q), w[0] + q, w[1] + q, w[2] + q, w[3] + q);
   for (; q + 8 <= ngroups; q += 8)
-    philox_x8(rng, static_cast<uint64_t>(g0 + q), w[0] + q, w[1] + q, w[2] + q, w[3] + q);
+    ph.run<1>(static_cast<uint64_t>(g0 + q), w[0] + q, w[1] + q, w[2] + q, w[3] + q);
 #endif
   for (; q < ngroups; ++q) {
     uint32_t c[4];

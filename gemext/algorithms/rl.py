@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..tasks.rl.envs import Task
-from ..tasks.rl.optim import _flat, mean_kl, pg_surrogate, reinforce_step, trpo_step, trpo_surrogate
-from ..tasks.rl.rollouts import EpisodeBatch, RolloutCollector, process, stack
+from ..tasks.rl.optim import mean_kl, pg_surrogate, reinforce_step, trpo_step, trpo_surrogate
+from ..tasks.rl.rollouts import EpisodeBatch, RolloutCollector, mean_returns, process, stack
 from ..vi import VIConfig
 from .base import MetaLearner, register_class, register_variants
 from .gem import GEMLearner
@@ -135,11 +135,6 @@ class Sampler:
         self.generator.set_state(state["actions"])
         self.collector._rng.bit_generator.state = state["resets"]
         self.collector.total_steps = state["env_steps"]
-
-
-def _mean_return(batches: list[EpisodeBatch]) -> Tensor:
-    """Mean undiscounted episode return of each task's batch: [T]."""
-    return torch.stack([b.episode_returns().mean() for b in batches])
 
 
 def _no_shard(name: str, task_range: tuple[int, int] | None, n: int) -> None:
@@ -256,7 +251,7 @@ class GEMRL(RLLearner):
         query = [self.sampler.rollouts(self._params(tr.posterior.task(i).mu), t) for i, t in enumerate(tasks)]
         all_ = self._fit(query, tr.posterior, tr.posterior, self.settings.query_steps)
         self.core.accumulate_meta_grad(tr.posterior, all_.posterior)
-        return {"return_pre": _mean_return(support).mean().item(), "return_post": _mean_return(query).mean().item(),
+        return {"return_pre": mean_returns(support).mean().item(), "return_post": mean_returns(query).mean().item(),
                 "sigma0_mean": float(torch.cat([r.detach().exp().flatten() for r in prior.rho0]).mean())}
 
     def after_step(self) -> dict[str, float]:
@@ -360,14 +355,14 @@ class MAMLTRPO(RLLearner):
         for p, g in zip(self.theta, grads):
             p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g)
         self._pending = {"loss_fn": loss_fn, "kl_fn": kl_fn, "loss_before": loss0.item()}
-        return {"return_pre": _mean_return(support).mean().item(), "return_post": _mean_return(query).mean().item()}
+        return {"return_pre": mean_returns(support).mean().item(), "return_post": mean_returns(query).mean().item()}
 
     def _trpo_step(self) -> None:
         if self._pending is None:
             raise RuntimeError("maml (RL): the TRPO step needs a meta_backward first")
         s, pending = self.settings, self._pending
         self._pending = None
-        grad = _flat([p.grad for p in self.theta])
+        grad = torch.cat([p.grad.reshape(-1) for p in self.theta])
         with torch.enable_grad():
             new, info = trpo_step(self.params, pending["loss_fn"], pending["kl_fn"], s.max_kl, s.cg_damping,
                                   s.cg_iters, s.ls_max_steps, s.ls_backtrack_ratio, grad=grad,

@@ -14,11 +14,11 @@ import torch
 
 from .. import algorithms
 from ..algorithms import MetaLearner
-from ..algorithms.rl import RLSettings, Sampler, _mean_return
+from ..algorithms.rl import RLSettings, Sampler
 from ..metrics import mean_ci95
 from ..runs import best_effort
 from ..tasks.rl.envs import Task, sample_tasks
-from ..tasks.rl.rollouts import EpisodeBatch
+from ..tasks.rl.rollouts import EpisodeBatch, mean_returns
 from .base import EVAL_SEED, TaskFamily
 
 
@@ -83,7 +83,7 @@ class RLFamily(TaskFamily):
         self.sampler.collector._rng = np.random.default_rng(EVAL_SEED)
         test_tasks = sample_tasks(config.task, n, EVAL_SEED)
         path = learner.adapt_path(test_tasks, k, settings.eval_episodes)
-        by_step = [mean_ci95(_mean_return(b)) for b in path]
+        by_step = [mean_ci95(mean_returns(b)) for b in path]
         result = {"return_by_step": [m for m, _ in by_step], "return_ci95_by_step": [c for _, c in by_step],
                   "eval_tasks": n, "eval_steps": k, "eval_episodes": settings.eval_episodes}
         if plots:

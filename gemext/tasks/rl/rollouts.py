@@ -246,3 +246,8 @@ class RolloutCollector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def mean_returns(batches: list[EpisodeBatch]) -> Tensor:
+    """Mean undiscounted episode return of each task's batch: [T]."""
+    return torch.stack([b.episode_returns().mean() for b in batches])

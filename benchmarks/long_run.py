@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--eval-tasks", type=int, default=600)
     ap.add_argument("--options", default="{}", help="algorithm options as JSON (default: the preset's)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--meta-lr", type=float, default=1e-3, help="meta-optimizer learning rate")
     ap.add_argument("--table", default=None, help="comma-separated CSVs of earlier runs: print one markdown "
                                                  "table of them and exit")
     args = ap.parse_args()
@@ -75,13 +76,15 @@ def main() -> None:
     milestones = sorted(int(m) for m in args.milestones.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = out / f"{args.preset}-{args.algo}-s{args.seed}"
+    tag = "" if args.meta_lr == 1e-3 else f"-mlr{args.meta_lr:g}"
+    run = out / f"{args.preset}-{args.algo}{tag}-s{args.seed}"
     rows: list[dict] = []
     t_train = 0.0
     for i, it in enumerate(milestones):
         cfg = RunConfig(task="sinusoid", algo=args.algo, preset=args.preset, iterations=it, seed=args.seed,
                         out=str(run), log_every=max(1, it // 50), checkpoint_every=min(1000, it),
-                        eval_tasks=args.eval_tasks, eval_steps=max(STEPS), algo_options=json.loads(args.options))
+                        eval_tasks=args.eval_tasks, eval_steps=max(STEPS), algo_options=json.loads(args.options),
+                        meta_lr=args.meta_lr)
         t0 = time.perf_counter()
         train(cfg, resume=i > 0, progress=False, overwrite=i == 0)
         t_train += time.perf_counter() - t0

@@ -115,22 +115,27 @@ GEMEXT_HD double expm_poly(double r) {  // Taylor to r^13: truncation < 2^-60 on
 
 // exp(x): x = n ln2 + r, e^r by polynomial, 2^n applied as two factors so that results in
 // the subnormal range round once and exp(x > max) overflows to inf. NaN propagates.
+// Out of [EXP_LO, EXP_HI] the result is that of the bound, +0 or +inf (what this formula
+// gives there; the maths on such x is garbage and replaced): selects on the result rather
+// than a clamp of x, which gcc vectorises into fewer instructions (and NaN takes the same
+// path as before either way).
 template <typename T> GEMEXT_HD T exp_(T x) {
   using F = FP<T>;
   using U = typename F::U;
   using I = typename F::I;
-  T xc = x > F::EXP_HI ? F::EXP_HI : x;  // comparisons are false for NaN: it passes through
-  xc = xc < F::EXP_LO ? F::EXP_LO : xc;
-  const T kf_m = fma_(xc, static_cast<T>(1.4426950408889634), F::MAGIC);  // rint(x/ln2) + MAGIC
+  const T kf_m = fma_(x, static_cast<T>(1.4426950408889634), F::MAGIC);  // rint(x/ln2) + MAGIC
   const I n = static_cast<I>(to_bits(kf_m) - to_bits(F::MAGIC));
   const T kf = kf_m - F::MAGIC;
-  T r = fma_(-kf, F::LN2_HI, xc);
+  T r = fma_(-kf, F::LN2_HI, x);
   r = fma_(-kf, F::LN2_LO, r);
   const T p = fma_(expm_poly(r), r * r, r) + T(1);
-  const I n1 = n >> 1, n2 = n - n1;
-  const T s1 = from_bits<T>(static_cast<U>(n1 + F::BIAS) << F::MANT);
-  const T s2 = from_bits<T>(static_cast<U>(n2 + F::BIAS) << F::MANT);
-  return (p * s1) * s2;
+  // n is only meaningful in range; the shifts wrap (unsigned) outside it, harmlessly
+  const U un = static_cast<U>(n), un1 = static_cast<U>(n >> 1), un2 = un - un1;
+  const T s1 = from_bits<T>((un1 + F::BIAS) << F::MANT);
+  const T s2 = from_bits<T>((un2 + F::BIAS) << F::MANT);
+  T y = (p * s1) * s2;
+  y = x > F::EXP_HI ? from_bits<T>(static_cast<U>(2 * F::BIAS + 1) << F::MANT) : y;  // +inf
+  return x < F::EXP_LO ? T(0) : y;  // comparisons are false for NaN: it passes through
 }
 
 // ---------------------------------------------------------------- log
@@ -141,34 +146,41 @@ GEMEXT_HD double atanh_tail(double z) {  // series to s^21: truncation < 2^-60
               2.0 / 19, 2.0 / 21);
 }
 
-// log(x): x = 2^k m with m in [sqrt(1/2), sqrt(2)) (musl's bit trick), log m = 2 atanh(s).
-// log(0) = -inf, log(x<0) = NaN, log(inf) = inf, NaN -> NaN; subnormals are rescaled.
-template <typename T> GEMEXT_HD T log_(T x) {
+// log(x) of a normal, finite x > 0 (the core of log_ below): x = 2^k m with m in
+// [sqrt(1/2), sqrt(2)) (musl's bit trick), log m = 2 atanh(s); `kbias` is subtracted from k.
+template <typename T> GEMEXT_HD T log_core(T x, typename FP<T>::I kbias) {
   using F = FP<T>;
   using U = typename F::U;
   using I = typename F::I;
   const U one = to_bits(T(1));
   const U sqrt_half = to_bits(static_cast<T>(0.70710678118654752440));
   const U mant_mask = (U(1) << F::MANT) - 1;
-  // Only selects of already computed values: a conditional multiply could trap, which stops
-  // gcc's if-conversion and with it vectorisation.
-  const bool sub = x < F::MIN_NORMAL;
-  const T xs = x * (sub ? from_bits<T>(static_cast<U>(F::MANT + F::BIAS) << F::MANT) : T(1));
-  U ix = to_bits(xs) + (one - sqrt_half);
-  const I k = static_cast<I>(ix >> F::MANT) - F::BIAS - (sub ? F::MANT : 0);
+  U ix = to_bits(x) + (one - sqrt_half);
+  const I k = static_cast<I>(ix >> F::MANT) - F::BIAS - kbias;
   ix = (ix & mant_mask) + sqrt_half;
   const T f = from_bits<T>(ix) - T(1);
   const T s = f / (T(2) + f);
   const T kf = small_int_to_fp<T>(k);
   const T z = s * s;
   const T lm_tail = (s * z) * atanh_tail(z);  // log m - 2s
-  T y = fma_(kf, F::LN2_HI, fma_(T(2), s, fma_(kf, F::LN2_LO, lm_tail)));
+  return fma_(kf, F::LN2_HI, fma_(T(2), s, fma_(kf, F::LN2_LO, lm_tail)));
+}
+
+// log(x): log(0) = -inf, log(x<0) = NaN, log(inf) = inf, NaN -> NaN; subnormals are rescaled
+// by 2^MANT first (x * 1 otherwise: exact, so normal x take log_core's path bit for bit).
+template <typename T> GEMEXT_HD T log_(T x) {
+  using F = FP<T>;
+  using U = typename F::U;
+  // Only selects of already computed values: a conditional multiply could trap, which stops
+  // gcc's if-conversion and with it vectorisation.
+  const bool sub = x < F::MIN_NORMAL;
+  const T xs = x * (sub ? from_bits<T>(static_cast<U>(F::MANT + F::BIAS) << F::MANT) : T(1));
+  T y = log_core(xs, sub ? F::MANT : 0);
   const U inf_bits = static_cast<U>(2 * F::BIAS + 1) << F::MANT;
   const T inf = from_bits<T>(inf_bits), qnan = from_bits<T>(inf_bits | (U(1) << (F::MANT - 1)));
-  y = x == inf ? inf : y;
+  y = !(x < inf) ? x : y;  // +inf and NaN: x itself
   y = x == T(0) ? -inf : y;
-  y = x < T(0) ? qnan : y;
-  return x != x ? x : y;
+  return x < T(0) ? qnan : y;
 }
 
 // ---------------------------------------------------------------- sincos in turns
@@ -201,9 +213,12 @@ template <typename T> GEMEXT_HD void sincos_turns(T u, T& s, T& c) {
   const T z = a * a;
   const T sa = fma_(a * z, sin_poly(z), a);
   const T ca = fma_(z, cos_poly(z), T(1));
-  const T ss = (q & 1) ? ca : sa, cc = (q & 1) ? sa : ca;
-  s = (q & 2) ? -ss : ss;
-  c = ((q + 1) & 2) ? -cc : cc;
+  // Swap on odd quadrants, then negate (flip the sign bit, as unary minus does) on quadrants
+  // 2, 3 (sin) and 1, 2 (cos): integer masks instead of selects, which cost gcc blends.
+  constexpr int SIGN = 8 * sizeof(T) - 1;
+  const U swap = (U(0) - (q & 1)) & (to_bits(sa) ^ to_bits(ca));
+  s = from_bits<T>(to_bits(sa) ^ swap ^ ((q & 2) << (SIGN - 1)));
+  c = from_bits<T>(to_bits(ca) ^ swap ^ (((q + 1) & 2) << (SIGN - 1)));
 }
 
 // ---------------------------------------------------------------- Philox-4x32-10
@@ -248,8 +263,9 @@ GEMEXT_HD double uniform_from_word(uint32_t w, double) {
 }
 
 // Box-Muller: two Philox words -> two normals (n0 = r cos 2πu1, n1 = r sin 2πu1).
+// u0 is normal, positive and finite, so log_core gives log_'s bits without its special cases.
 template <typename T> GEMEXT_HD void box_muller(uint32_t w0, uint32_t w1, T& n0, T& n1) {
-  const T r = sqrt_(T(-2) * log_(uniform_from_word(w0, T(0))));
+  const T r = sqrt_(T(-2) * log_core(uniform_from_word(w0, T(0)), 0));
   T s, c;
   sincos_turns(uniform_from_word(w1, T(0)), s, c);
   n0 = r * c;

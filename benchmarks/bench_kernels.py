@@ -279,8 +279,9 @@ def markdown(res: dict) -> str:
              f"| op | weights | tensors | impl | median ms | GB/s | vs eager | % of {kind} |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in res["rows"]:
+        vs = r.get("speedup_vs_eager")  # absent when the eager impl was not measured
         lines.append(f"| {r['op']} | {r['weights']:.0e} | {r['tensors']} | {r['impl']} | "
-                     f"{r['median_ms']:.3f} | {r['gb_s']:.1f} | {r['speedup_vs_eager']:.2f}× | "
+                     f"{r['median_ms']:.3f} | {r['gb_s']:.1f} | {'—' if vs is None else f'{vs:.2f}×'} | "
                      f"{r['pct_of_' + kind]:.0f}% |")
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,7 @@ one module whose parameters become buffers fed back through `functional_call`) a
 Gaussian-prior learners' common parts."""
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -83,15 +84,16 @@ class FunctionalLearner(SupervisedLearner):
             p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
     # -- meta-testing: one skeleton for every learner --------------------------------------------
+    @abc.abstractmethod
     def _inner_path(self, x: torch.Tensor, y: torch.Tensor, steps: int,
                     on_step: Callable[[Any], None] | None) -> Any:
         """Adapt a stacked batch of supports for `steps` inner steps without a graph; call
         `on_step(state)` after 0..steps steps with a state `_predictor` accepts (a snapshot, safe to
         keep); return the final state."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _predictor(self, state: Any, squeeze: bool) -> BayesianPredictor:
-        raise NotImplementedError
+        """The predictor of a state that `_inner_path` produced."""
 
     def adapt(self, support, steps: int | None = None) -> BayesianPredictor:
         x, y, squeeze = self._support_batch(support)

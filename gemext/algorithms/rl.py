@@ -20,6 +20,7 @@ vmapped over it. Rollouts use the posterior *mean* weights (action noise from th
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -147,17 +148,17 @@ class RLLearner(MetaLearner):
 
     sampler: Sampler
 
+    @abc.abstractmethod
     def _start(self, T: int) -> Any:
         """The adaptation state of T new tasks before any update."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _policies(self, state: Any) -> list[dict[str, Tensor]]:
         """The policy weights each task acts with in `state`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _update(self, state: Any, batches: list[EpisodeBatch]) -> Any:
         """One inner update of every task on its rollouts."""
-        raise NotImplementedError
 
     def _path(self, tasks: list[Task], steps: int, episodes: int | None, on_step) -> list[dict[str, Tensor]]:
         """Adapt each task for `steps` inner updates, each on fresh rollouts of its current

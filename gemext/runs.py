@@ -93,8 +93,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(env, dict) or env.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a gemext checkpoint")
     if env.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has format version {env.get('version')}, "
-                         f"this gemext reads version {CHECKPOINT_VERSION}")
+        v = env.get("version")
+        older = isinstance(v, int) and v < CHECKPOINT_VERSION
+        raise ValueError(f"checkpoint {path} has format version {v}, this gemext reads version {CHECKPOINT_VERSION}"
+                         + ("; it was written by an earlier gemext: evaluate it with that version or train the run "
+                            "again" if older else "; it was written by a newer gemext"))
     payload = env.get("payload")
     if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != env.get("sha256"):
         raise ValueError(f"checkpoint {path} is damaged: its content does not match its SHA-256")

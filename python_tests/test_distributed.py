@@ -338,7 +338,10 @@ def test_corrupt_wrong_version_or_foreign_checkpoint_is_refused(runs, tmp_path):
     assert ".prev" not in str(info.value)
 
     torch.save({**envelope, "version": 99}, run / "checkpoint.pt")
-    with pytest.raises(ValueError, match="format version 99"):
+    with pytest.raises(ValueError, match="format version 99.*newer gemext"):
+        train(cfg, resume=True, progress=False)
+    torch.save({**envelope, "version": 2}, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match="format version 2.*earlier gemext.*train the run again"):
         train(cfg, resume=True, progress=False)
 
     other = {k: (torch.zeros(7, 3) if k.endswith("mu0.0") else v) for k, v in ckpt["learner"].items()}

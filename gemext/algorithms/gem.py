@@ -1,8 +1,9 @@
 """Gradient-EM learners: GEM-BML (loss L[1]), GEM-BML+ (loss L[2]) and Reptile (the delta-posterior
 special case of GEM-BML with a fixed prior variance C₀, paper §4).
 
-Per task: λ_tr = VI(Θ, D_support); λ_all = VI(λ_tr, D_query) (the support posterior is both the
-prior and the start of the second fit, i.e. sequential Bayesian updating). The meta-gradient is the
+Per task: λ_tr = VI(prior Θ, D_support); λ_all = VI(prior Θ, D_support ∪ D_query) started from λ_tr
+(all_fit="joint"; "sequential" fits the query alone with λ_tr as its prior, which is exact only for
+a diagonal support posterior: docs/DESIGN.md §2). The meta-gradient is the
 closed form ĝ(λ_all) (GEM-BML) or ĝ(λ_all) − ĝ(λ_tr) (GEM-BML+) of the fused `gem_grad_` op:
 no back-propagation through either inner loop, so memory does not grow with the inner steps."""
 from __future__ import annotations
@@ -32,7 +33,9 @@ class GEMLearner(PriorLearner):
     predict_samples, seed, learn_sigma (False keeps σ₀ fixed and meta-learns μ₀ only), sigma0_range
     ((lo, hi) bounds of the learned σ₀, or "shrink" for (sigma0/10, sigma0); `learner.prior.clamp_()`
     after each meta-step enforces them), forward_kwargs (extra keyword arguments of every forward
-    call, e.g. a mask)."""
+    call, e.g. a mask), all_fit ("joint": the second posterior refits support ∪ query against the
+    prior Θ, started from the support posterior; "sequential": it fits the query alone with the
+    support posterior as prior; Reptile's default, SGD continued over the query points)."""
 
     def __init__(self, model: nn.Module, variant: str = "gem-bml+", likelihood: nn.Module | None = None,
                  sigma0: float = 0.05, inner: VIConfig | dict | None = None, inner_steps: int | None = None,
@@ -40,7 +43,7 @@ class GEMLearner(PriorLearner):
                  bayesian=None, vectorize: bool | str = "auto", predict_samples: int = 20,
                  seed: int = 0, learn_sigma: bool = True,
                  sigma0_range: tuple[float, float] | str | None = None,
-                 forward_kwargs: dict | None = None) -> None:
+                 forward_kwargs: dict | None = None, all_fit: str | None = None) -> None:
         super().__init__()
         if variant not in ("gem-bml", "gem-bml+", "reptile"):
             raise ValueError(f"GEMLearner: unknown variant {variant!r}")
@@ -54,6 +57,11 @@ class GEMLearner(PriorLearner):
             raise ValueError(f"reptile fits point posteriors (σ = 0): inner optimizer {self.inner.optimizer!r} "
                              "needs a Gaussian posterior; use sgd or adam")
         self.query_steps = self.inner.steps if query_steps is None else query_steps
+        if all_fit is None:  # Reptile is SGD continued over the query points, as its paper runs it
+            all_fit = "sequential" if self.delta else "joint"
+        if all_fit not in ("sequential", "joint"):
+            raise ValueError(f"GEMLearner: all_fit must be 'sequential' or 'joint', got {all_fit!r}")
+        self.all_fit = all_fit
         self._take_over(model, likelihood, seed)
         # Reptile: fixed prior variance C₀ = sigma0² (ĝ_μ₀ = (μ − μ₀)/C₀²), point posteriors.
         self._make_prior(sigma0, bayesian, learn_sigma and not self.delta, sigma0_range)
@@ -110,10 +118,17 @@ class GEMLearner(PriorLearner):
         T = len(b)
         prior = self.prior.expand(T)
         tr = self._fit(b.x_support, b.y_support, prior, self.start(prior), self.inner.steps, task_range=task_range)
-        all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps, task_range=task_range)
+        if self.all_fit == "joint":
+            x_all, y_all = torch.cat([b.x_support, b.x_query], 1), torch.cat([b.y_support, b.y_query], 1)
+            all_ = self._fit(x_all, y_all, prior, tr.posterior, self.query_steps, task_range=task_range)
+        else:
+            all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps, task_range=task_range)
         self.accumulate_meta_grad(tr.posterior, all_.posterior)
-        stats = {"nll_support": tr.nll / (T * b.x_support.shape[1]),
-                 "nll_query": all_.nll / (T * b.x_query.shape[1])}
+        stats = {"nll_support": tr.nll / (T * b.x_support.shape[1])}
+        if self.all_fit == "joint":
+            stats["nll_all"] = all_.nll / (T * (b.x_support.shape[1] + b.x_query.shape[1]))
+        else:
+            stats["nll_query"] = all_.nll / (T * b.x_query.shape[1])
         if not self.delta:
             stats["kl"] = float(ops.gaussian_kl(all_.posterior.mu, all_.posterior.rho, prior.mu, prior.rho)) / T
         return stats

@@ -7,8 +7,9 @@ Per meta-iteration and task (paper §2.1; Finn et al. 2017 for MAML):
    estimate (Reptile), or one differentiable policy-gradient step (MAML);
 3. K query rollouts with the adapted policy (posterior mean μ_tr / θ');
 4. meta-gradient: GEM-BML ĝ(λ_all) with λ_all = VI(prior λ_tr, start λ_tr, D_query) (support ∪
-   query by sequential updating, as the core's GEMLearner does), GEM-BML+ ĝ(λ_all) − ĝ(λ_tr),
-   Reptile (μ_all − μ₀)/C₀²; Θ.grad = −mean ĝ and a torch.optim Adam step. MAML: one TRPO step
+   query by sequential updating; not yet the joint refit of the supervised learners, which here
+   would sum the surrogates of two rollout sets), GEM-BML+ ĝ(λ_all) − ĝ(λ_tr), Reptile
+   (μ_all − μ₀)/C₀²; Θ.grad = −mean ĝ and a torch.optim Adam step. MAML: one TRPO step
    on the query surrogate through the inner step (KL ≤ max_kl, natural gradient by CG).
 
 The likelihood of the RL data (App. B.1) is −log p(D|θ) = s·L_PG(θ), with L_PG = −mean_t log π·Â

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -338,3 +339,21 @@ def test_run_log_appends_rows_and_truncates_on_resume(tmp_path):
     resumed = RunLog(path, resume_from=3)  # a checkpoint at 3: rows logged after it are dropped
     assert [r["iteration"] for r in resumed.rows] == ["1", "2", "3"]
     assert path.read_text().splitlines()[-1] == "3,0.3,"
+
+
+def test_sinusoid_learn_noise_puts_log_s_under_the_prior(tmp_path):
+    """`learn_noise`: log s becomes a weight of the model, under the GEM prior (so meta-learned),
+    and the meta-test's predictive std uses each sample's own s."""
+    from gemext.train import load_run, open_family
+
+    run = train(_config(tmp_path / "n", iterations=5, algo_options={**FAST, "learn_noise": True, "sigma": 0.2}),
+                progress=False)
+    _, family, learner, _ = load_run(run)
+    family.close()
+    assert "likelihood.log_sigma" in learner.prior.names
+    i = learner.prior.names.index("likelihood.log_sigma")
+    assert float(learner.prior.mu0[i].detach()) != pytest.approx(float(torch.log(torch.tensor(0.2))))  # learned
+    metrics = evaluate(run, tasks=40, plots=False)
+    assert all(math.isfinite(v) for v in metrics["mse_by_step"]) and math.isfinite(metrics["nll"])
+    with pytest.raises(ValueError, match="learn_noise must be true or false"):
+        open_family(_config(tmp_path / "b", algo_options={"learn_noise": "yes"})).learner_options()

@@ -64,14 +64,20 @@ class SinusoidFamily(SupervisedFamily):
         self.data = SinusoidTasks(config.preset or "finn")
 
     def learner_options(self) -> dict[str, Any]:
-        """SINUSOID_DEFAULTS of the algorithm, updated with the run's options and --inner-steps."""
+        """SINUSOID_DEFAULTS of the algorithm, updated with the run's options and --inner-steps.
+        Family options (not the learner's): `sigma`, the likelihood noise s (its start when learned),
+        and `learn_noise`, which makes log s a weight of the model (under the prior for the
+        Bayesian learners, meta-learned like any other)."""
         opts = dict(SINUSOID_DEFAULTS.get(self.config.algo, {}))
         opts.update(self.config.algo_options)
         if self.config.inner_steps is not None:
             opts["inner_steps"] = self.config.inner_steps
         sigma = opts.pop("sigma", None)
-        if sigma is not None:
-            opts.setdefault("likelihood", GaussianLikelihood(sigma))
+        learn = opts.pop("learn_noise", False)
+        if not isinstance(learn, bool):
+            raise ValueError(f"option learn_noise must be true or false, got {learn!r}")
+        if sigma is not None or learn:
+            opts.setdefault("likelihood", GaussianLikelihood(0.5 if sigma is None else sigma, learn=learn))
         return opts
 
     def build_learner(self) -> MetaLearner:

@@ -332,6 +332,45 @@ def test_von_backtracking_never_raises_the_objective_at_the_mean():
     assert bool((free[1:] > free[:-1]).any())  # without it some step does overshoot: the check can fail
 
 
+def test_backtracking_picks_what_a_halving_loop_picks():
+    """The batched search (full step, then every halving of the failed tasks in one forward) takes,
+    per task, the first fraction 1, 1/2, 1/4, ... whose objective does not rise, or undoes the step:
+    checked against a plain halving loop on tasks that accept, halve to different depths and undo."""
+    from gemext.algorithms.base import FunctionalNet
+    from gemext.vi import _backtrack_, _merit
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    names = [n for n, _ in model.named_parameters()]
+    T, N, H = 12, 6, 3
+    x = torch.rand(T, N, 1, dtype=torch.float64) * 4 - 2
+    y = torch.sin(3 * x)
+    term = DataTerm(FunctionalNet(model, names, True), GaussianLikelihood(0.1).double(), x, y, names)
+    old = [p.detach().unsqueeze(0).repeat(T, *[1] * p.dim()) for p in model.parameters()]
+    prior = Posterior(names, old, [torch.full_like(m, -1.0) for m in old])
+    # descent steps of growing length: short ones are accepted, long ones halved or undone
+    theta = [m.clone().requires_grad_(True) for m in old]
+    grads = torch.autograd.grad(term(theta, None), theta)
+    scale = torch.logspace(-3, 1.5, T, dtype=torch.float64)
+    step = [-g * scale.reshape(-1, *[1] * (g.dim() - 1)) for g in grads]
+    merit_old = _merit(term, old, prior, 1.0, None, 1.0)
+    mu = [m + d for m, d in zip(old, step)]
+    merit, frac = _backtrack_(term, mu, old, merit_old, prior, 1.0, None, 1.0, H)
+    want = torch.zeros(T, dtype=torch.float64)
+    for t in range(T):  # the reference: one task at a time, one fraction at a time
+        one = Posterior(names, [m[t:t + 1] for m in old], [r[t:t + 1] for r in prior.rho])
+        for f in [0.5 ** k for k in range(H + 1)]:
+            trial = [m[t:t + 1] + f * d[t:t + 1] for m, d in zip(old, step)]
+            value = float(_merit(term.tasks(torch.tensor([t])), trial, one, 1.0, None, 1.0))
+            if value <= float(merit_old[t]) + 1e-5 * abs(float(merit_old[t])):
+                want[t] = f
+                break
+    torch.testing.assert_close(frac, want)
+    assert {0.0, 1.0} < set(want.tolist()) and len(set(want.tolist())) >= 4  # every branch taken
+    for m, m0, d in zip(mu, old, step):
+        torch.testing.assert_close(m, m0 + want.reshape(-1, *[1] * (m.dim() - 1)) * d)
+    torch.testing.assert_close(merit, torch.where(want > 0, _merit(term, mu, prior, 1.0, None, 1.0), merit_old))
+
+
 def test_per_task_nll_splits_the_summed_nll_by_task():
     torch.manual_seed(0)
     out, y = torch.randn(3, 4, 2), torch.randn(3, 4, 2)

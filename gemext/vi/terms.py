@@ -22,6 +22,10 @@ class DataTerm:
         self.forward, self.likelihood, self.x, self.y, self.names = forward, likelihood, x, y, names
         self.lik_idx = [i for i, n in enumerate(names) if n.startswith("likelihood.")]
 
+    def tasks(self, index: torch.Tensor) -> DataTerm:
+        """The same data term over the tasks `index` (a LongTensor; repeats allowed)."""
+        return DataTerm(self.forward, self.likelihood, self.x[index], self.y[index], self.names)
+
     def _data(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.x, self.y) if index is None else (self.x[:, index], self.y[:, index])
 

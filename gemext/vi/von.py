@@ -177,18 +177,42 @@ def _backtrack_(nll: DataTerm, mu: list[torch.Tensor], mu_old: list[torch.Tensor
                 halvings: int) -> torch.Tensor:
     """Halve the mean step of every task whose objective rose (NaN counts as a rise); undo it after
     `halvings` tries. Returns the objective at the accepted means and each task's accepted
-    fraction of the step, [T] each."""
+    fraction of the step, [T] each.
+
+    The full step is tried for every task; the halvings of the tasks it failed for are then tried
+    all at once, in ONE forward over [halvings × failed tasks] candidates, and each task keeps the
+    largest fraction that does not rise — the decision a halving loop makes, at two forward passes
+    instead of up to `halvings` + 1."""
+    merit = _merit(nll, mu, prior, beta, index, scale)
+    bad = ~_no_rise(merit, merit_old)
     frac = torch.ones_like(merit_old)
-    for k in range(halvings + 1):
-        merit = _merit(nll, mu, prior, beta, index, scale)
-        # a rise within rounding (a converged step) is no rise: an exact comparison would let float
-        # summation order (e.g. the task sharding of a distributed run) flip the decision
-        bad = ~(merit <= merit_old + 1e-5 * merit_old.abs())
-        if not bool(bad.any()):
-            return merit, frac
-        factor = 0.5 if k < halvings else 0.0
-        frac = torch.where(bad, frac * factor, frac)
-        for m, m_old in zip(mu, mu_old):
-            b = bad.reshape(-1, *([1] * (m.dim() - 1)))
-            m.copy_(torch.where(b, m_old + factor * (m - m_old), m))
-    return torch.where(bad, merit_old, merit), frac
+    if not bool(bad.any()):
+        return merit, frac
+    failed = bad.nonzero().flatten()
+    B, H = failed.numel(), halvings
+    fracs = torch.zeros(B, dtype=merit.dtype, device=merit.device)
+    accepted = merit_old[failed].clone()
+    if H > 0:
+        f = 0.5 ** torch.arange(1, H + 1, dtype=mu[0].dtype, device=mu[0].device)  # [H]
+        rep = failed.repeat(H)  # candidate c = h·B + b is task failed[b] at fraction f[h]
+        fh = f.repeat_interleave(B)
+        cand = [m0[rep] + fh.reshape(-1, *([1] * (m.dim() - 1))) * (m[rep] - m0[rep]) for m, m0 in zip(mu, mu_old)]
+        sub_prior = Posterior(prior.names, [p[rep] for p in prior.mu], [r[rep] for r in prior.rho])
+        trial = _merit(nll.tasks(rep), cand, sub_prior, beta, index, scale).reshape(H, B)
+        ok = _no_rise(trial, merit_old[failed].unsqueeze(0))
+        any_ok = ok.any(0)
+        first = ok.to(torch.int8).argmax(0)  # the largest fraction that does not rise
+        fracs = torch.where(any_ok, f[first].to(fracs.dtype), fracs)
+        accepted = torch.where(any_ok, trial.gather(0, first.unsqueeze(0)).squeeze(0), accepted)
+    frac[failed] = fracs
+    merit[failed] = accepted
+    for m, m_old in zip(mu, mu_old):
+        b = fracs.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1)))
+        m[failed] = m_old[failed] + b * (m[failed] - m_old[failed])
+    return merit, frac
+
+
+def _no_rise(merit: torch.Tensor, merit_old: torch.Tensor) -> torch.Tensor:
+    # a rise within rounding (a converged step) is no rise: an exact comparison would let float
+    # summation order (e.g. the task sharding of a distributed run) flip the decision; NaN rises
+    return merit <= merit_old + 1e-5 * merit_old.abs()

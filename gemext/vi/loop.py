@@ -195,7 +195,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         index, scale = _minibatch(n_data, config, generator, mu[0].device)
         seed = ops.new_seed(generator)
         grad: list[torch.Tensor] | None = None  # summed over the MC samples
-        rows: list[list[torch.Tensor]] = []
+        rows: list[torch.Tensor] = []  # the flat GGN factor of each MC sample, [T, M, D]
         offsets: list[torch.Tensor] = []
         curv = None
         extra: dict[int, torch.Tensor] = {}
@@ -218,11 +218,13 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
                         g = list(torch.autograd.grad(nll(theta, index), theta, create_graph=True))
                     total += value * (scale / S)
                     g = [gi * (scale / S) for gi in g]
-                    r_s = [r * math.sqrt(scale / S) for r in r_s]
-                    rows.append(r_s)
+                    R_s = _flat_rows(r_s)
+                    if scale != S:
+                        R_s = R_s * math.sqrt(scale / S)
+                    rows.append(R_s)
                     if von.control_variate:  # R(θ − μ); differentiable in σ in graph mode (the noise it cancels)
                         delta = _flat([t - m for t, m in zip(theta, mu)])
-                        offsets.append(torch.einsum("tmd,td->tm", _flat_rows(r_s), delta))
+                        offsets.append(torch.einsum("tmd,td->tm", R_s, delta))
                     for i, c in nll.lik_curvature(theta, index).items():
                         extra[i] = extra.get(i, 0.0) + c * (scale / S)
                 else:
@@ -240,7 +242,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         last = total
         if not math.isfinite(last):
             raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")
-        stacked = [torch.cat(parts, 1) for parts in zip(*rows)] if rows else None
+        stacked = (rows[0] if len(rows) == 1 else torch.cat(rows, 1)) if rows else None
         row_offset = torch.cat(offsets, 1) if offsets else None
         search = von.backtrack > 0 and hasattr(nll, "task_nll")
         mu_old = [m.detach().clone() for m in mu] if search else None

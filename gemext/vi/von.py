@@ -63,13 +63,13 @@ class VariationalOnlineNewton:
 
     @torch.no_grad()
     def step(self, mu: list[torch.Tensor], rho: list[torch.Tensor], h: list[torch.Tensor],
-             grad: list[torch.Tensor], rows: list[torch.Tensor] | None, extra_curv: dict[int, torch.Tensor],
+             grad: list[torch.Tensor], rows: torch.Tensor | None, extra_curv: dict[int, torch.Tensor],
              prior: Posterior, beta: float, seed: int, starts: list[int] | None,
              curv: list[torch.Tensor] | None = None, row_offset: torch.Tensor | None = None) -> None:
         """One update in place of μ, ρ, h. `grad`: the sampled gradient of the data term (summed
-        over MC samples of the loss already divided by their number); `rows`: GGN factor rows
-        [T, M, *shape] of that loss (None for "reparam": the kernel then forms g·ε/σ from the ε of
-        (seed, 0) unless `curv` is given); `row_offset` [T, M]: each row applied to its own
+        over MC samples of the loss already divided by their number); `rows`: the GGN factor R of
+        that loss, [T, M, D] over the flattened weights (`_flat_rows`), or None for "reparam" (the
+        kernel then forms g·ε/σ from the ε of (seed, 0) unless `curv` is given); `row_offset` [T, M]: each row applied to its own
         sample's θ − μ, for the control variate (the rows of S samples are stacked)."""
         grad, curv, correction = self.terms(mu, grad, rows, extra_curv, prior, beta, curv, row_offset)
         grad = [g.contiguous() for g in grad]
@@ -78,7 +78,7 @@ class VariationalOnlineNewton:
                       [c.contiguous() for c in correction] if correction is not None else None, starts)
 
     def step_differentiable(self, mu: list[torch.Tensor], rho: list[torch.Tensor], h: list[torch.Tensor],
-                            grad: list[torch.Tensor], rows: list[torch.Tensor] | None,
+                            grad: list[torch.Tensor], rows: torch.Tensor | None,
                             extra_curv: dict[int, torch.Tensor], prior: Posterior, beta: float, seed: int,
                             starts: list[int] | None, curv: list[torch.Tensor] | None = None,
                             row_offset: torch.Tensor | None = None
@@ -92,7 +92,7 @@ class VariationalOnlineNewton:
         return reference.von_step(mu, rho, h, grad, curv, prior.mu, prior.rho, seed, 0, self.lr, beta,
                                   self.h_decay, self.damping, correction, starts)
 
-    def terms(self, mu: list[torch.Tensor], grad: list[torch.Tensor], rows: list[torch.Tensor] | None,
+    def terms(self, mu: list[torch.Tensor], grad: list[torch.Tensor], rows: torch.Tensor | None,
               extra_curv: dict[int, torch.Tensor], prior: Posterior, beta: float,
               curv: list[torch.Tensor] | None, row_offset: torch.Tensor | None
               ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
@@ -100,7 +100,7 @@ class VariationalOnlineNewton:
         correction Rᵀz of the Woodbury solve or None); autograd-transparent."""
         correction = None
         if rows is not None:
-            R = _flat_rows(rows)  # [T, M, D]
+            R = rows  # [T, M, D]
             curv = _unflatten((R * R).sum(1), mu)
             for i, c in extra_curv.items():
                 curv[i] = c
@@ -150,8 +150,10 @@ def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _flat_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Per-parameter rows [T, M, *shape] as one [T, M, D] matrix per task."""
-    return torch.cat([r.reshape(r.shape[0], r.shape[1], -1) for r in rows], -1)
+    """Per-parameter rows [T, M, *shape] as one [T, M, D] matrix per task (one copy: the rows of
+    `DataTerm.value_grad_rows` are [M, T, ...]-ordered views, flattened in that order)."""
+    T, M = rows[0].shape[:2]
+    return torch.cat([r.transpose(0, 1).reshape(M, T, -1) for r in rows], -1).transpose(0, 1)
 
 
 def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -69,8 +69,9 @@ class VariationalOnlineNewton:
         """One update in place of μ, ρ, h. `grad`: the sampled gradient of the data term (summed
         over MC samples of the loss already divided by their number); `rows`: the GGN factor R of
         that loss, [T, M, D] over the flattened weights (`_flat_rows`), or None for "reparam" (the
-        kernel then forms g·ε/σ from the ε of (seed, 0) unless `curv` is given); `row_offset` [T, M]: each row applied to its own
-        sample's θ − μ, for the control variate (the rows of S samples are stacked)."""
+        kernel then forms g·ε/σ from the ε of (seed, 0) unless `curv` is given); `row_offset`
+        [T, M]: each row applied to its own sample's θ − μ, for the control variate (the rows of S
+        samples are stacked)."""
         grad, curv, correction = self.terms(mu, grad, rows, extra_curv, prior, beta, curv, row_offset)
         grad = [g.contiguous() for g in grad]
         ops.von_step_(mu, rho, h, grad, [c.contiguous() for c in curv] if curv is not None else None,

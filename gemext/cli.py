@@ -129,6 +129,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_nonneg_int, default=None, help="adaptation steps (default: the run's)")
     e.add_argument("--data-root", type=_existing_dir, default=None,
                    help="data folder, if not where the run was trained from (vision tasks)")
+    e.add_argument("--predict-samples", type=_positive_int, default=None,
+                   help="posterior samples of the predictive (default: the learner's; sampling learners only)")
 
     b = sub.add_parser("bench", help="benchmarks", formatter_class=fmt)
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "eval":
             from .train import evaluate
-            metrics = evaluate(args.dir, tasks=args.tasks, steps=args.steps, data_root=args.data_root)
+            metrics = evaluate(args.dir, tasks=args.tasks, steps=args.steps, data_root=args.data_root,
+                               predict_samples=args.predict_samples)
             print(json.dumps(metrics, indent=2))
             return 0
         if args.command == "bench":

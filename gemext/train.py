@@ -357,17 +357,26 @@ def load_run(run_dir: str | Path, data_root: str | None = None) -> tuple[RunConf
 
 
 def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = None, plots: bool = True,
-             data_root: str | None = None, progress: bool | None = None) -> dict:
+             data_root: str | None = None, progress: bool | None = None,
+             predict_samples: int | None = None) -> dict:
     """Meta-test a trained run on fixed-seed fresh tasks; returns the metrics and adds them to
-    metrics.json, with plots (a folder that cannot be written costs a warning, not the results)."""
+    metrics.json, with plots (a folder that cannot be written costs a warning, not the results).
+    `predict_samples` replaces the learner's number of posterior samples of the predictive."""
     run = Path(run_dir)
     config, family, learner, ckpt = load_run(run, data_root)
+    if predict_samples is not None:
+        if not hasattr(learner, "predict_samples"):
+            family.close()
+            raise ValueError(f"--predict-samples: {config.algo} does not sample its predictions")
+        learner.predict_samples = predict_samples
     with family:
         result = family.evaluate(learner, tasks, steps, run, plots, progress)
     path = run / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,
                     "iterations": ckpt["iteration"], "wall_s": ckpt["wall_s"], **result})
+    if hasattr(learner, "predict_samples"):
+        metrics["predict_samples"] = learner.predict_samples
     with runs.best_effort(f"{path}"):
         path.write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -357,3 +357,19 @@ def test_sinusoid_learn_noise_puts_log_s_under_the_prior(tmp_path):
     assert all(math.isfinite(v) for v in metrics["mse_by_step"]) and math.isfinite(metrics["nll"])
     with pytest.raises(ValueError, match="learn_noise must be true or false"):
         open_family(_config(tmp_path / "b", algo_options={"learn_noise": "yes"})).learner_options()
+
+
+def test_cli_eval_predict_samples(tmp_path, capsys):
+    """`gemext eval --predict-samples N` changes the predictive of a sampling learner (and says so
+    in metrics.json); a learner that does not sample refuses it with one line."""
+    gem = train(_config(tmp_path / "g", iterations=3), progress=False)
+    runs = {}
+    for n in (2, 50):
+        code, stdout, _ = _cli(["eval", str(gem), "--tasks", "20", "--predict-samples", str(n)], capsys)
+        assert code == 0
+        runs[n] = json.loads(stdout)
+        assert runs[n]["predict_samples"] == n
+    assert runs[2]["nll"] != runs[50]["nll"]  # the predictive mixture changed
+    maml = train(_config(tmp_path / "m", algo="maml", iterations=2), progress=False)
+    code, _, err = _cli(["eval", str(maml), "--tasks", "20", "--predict-samples", "10"], capsys)
+    assert code == 2 and "maml does not sample its predictions" in err

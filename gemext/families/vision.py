@@ -66,9 +66,9 @@ MAML_TRAIN_STEPS = {("omniglot", 5): 1, ("omniglot", 20): 5}  # Finn et al.; 5 e
 # the steps and can feed on itself: σ₀ is learned within sigma0_range = "shrink", (σ₀/10, σ₀): it may
 # only shrink from its start (the sinusoid measurement behind this rule is in train.py; not yet
 # measured at full budget on vision).
-# all_fit "sequential" (the query fitted with the support posterior as prior): the setting every
-# vision figure in RESULTS.md was measured with; the joint refit that the GEM learners use by default
-# (it wins on sinusoid) has not been measured on vision yet.
+# all_fit "sequential" (the query fitted with the support posterior as prior), not the GEM learners'
+# joint refit (which wins on sinusoid with von): with ngvi on Omniglot 5w1s (250 meta-iterations, 300
+# test episodes, CPU) joint 67.9 ± 1.6% (ECE 0.178) vs sequential 69.7 ± 1.5% (ECE 0.154).
 VISION_DEFAULTS: dict[str, dict[str, Any]] = {
     "gem-bml": dict(sigma0=0.05, inner=dict(optimizer="ngvi", beta=0.01), inner_steps=5, sigma0_range="shrink",
                     all_fit="sequential"),

@@ -364,12 +364,11 @@ def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = 
     `predict_samples` replaces the learner's number of posterior samples of the predictive."""
     run = Path(run_dir)
     config, family, learner, ckpt = load_run(run, data_root)
-    if predict_samples is not None:
-        if not hasattr(learner, "predict_samples"):
-            family.close()
-            raise ValueError(f"--predict-samples: {config.algo} does not sample its predictions")
-        learner.predict_samples = predict_samples
     with family:
+        if predict_samples is not None:
+            if not hasattr(learner, "predict_samples"):
+                raise ValueError(f"predict_samples: {config.algo} does not sample its predictions")
+            learner.predict_samples = predict_samples
         result = family.evaluate(learner, tasks, steps, run, plots, progress)
     path = run / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}

@@ -118,17 +118,14 @@ class GEMLearner(PriorLearner):
         T = len(b)
         prior = self.prior.expand(T)
         tr = self._fit(b.x_support, b.y_support, prior, self.start(prior), self.inner.steps, task_range=task_range)
-        if self.all_fit == "joint":
-            x_all, y_all = torch.cat([b.x_support, b.x_query], 1), torch.cat([b.y_support, b.y_query], 1)
-            all_ = self._fit(x_all, y_all, prior, tr.posterior, self.query_steps, task_range=task_range)
-        else:
-            all_ = self._fit(b.x_query, b.y_query, tr.posterior, tr.posterior, self.query_steps, task_range=task_range)
+        if self.all_fit == "joint":  # support ∪ query against the prior Θ
+            x2, y2, prior2, key = (torch.cat([b.x_support, b.x_query], 1), torch.cat([b.y_support, b.y_query], 1),
+                                   prior, "nll_all")
+        else:  # the query against the support posterior
+            x2, y2, prior2, key = b.x_query, b.y_query, tr.posterior, "nll_query"
+        all_ = self._fit(x2, y2, prior2, tr.posterior, self.query_steps, task_range=task_range)
         self.accumulate_meta_grad(tr.posterior, all_.posterior)
-        stats = {"nll_support": tr.nll / (T * b.x_support.shape[1])}
-        if self.all_fit == "joint":
-            stats["nll_all"] = all_.nll / (T * (b.x_support.shape[1] + b.x_query.shape[1]))
-        else:
-            stats["nll_query"] = all_.nll / (T * b.x_query.shape[1])
+        stats = {"nll_support": tr.nll / (T * b.x_support.shape[1]), key: all_.nll / (T * x2.shape[1])}
         if not self.delta:
             stats["kl"] = float(ops.gaussian_kl(all_.posterior.mu, all_.posterior.rho, prior.mu, prior.rho)) / T
         return stats

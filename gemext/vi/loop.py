@@ -219,7 +219,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
                     total += value * (scale / S)
                     g = [gi * (scale / S) for gi in g]
                     R_s = _flat_rows(r_s)
-                    if scale != S:
+                    if scale / S != 1.0:  # the rows of a minibatch or of one of S samples, rescaled
                         R_s = R_s * math.sqrt(scale / S)
                     rows.append(R_s)
                     if von.control_variate:  # R(θ − μ); differentiable in σ in graph mode (the noise it cancels)

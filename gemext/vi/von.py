@@ -185,14 +185,13 @@ def _backtrack_(nll: DataTerm, mu: list[torch.Tensor], mu_old: list[torch.Tensor
     The full step is tried for every task; the halvings of the tasks it failed for are then tried
     all at once, in ONE forward over [halvings × failed tasks] candidates, and each task keeps the
     largest fraction that does not rise — the decision a halving loop makes, at two forward passes
-    instead of up to `halvings` + 1."""
+    and one host sync instead of up to `halvings` + 1 of each."""
     merit = _merit(nll, mu, prior, beta, index, scale)
-    bad = ~_no_rise(merit, merit_old)
     frac = torch.ones_like(merit_old)
-    if not bool(bad.any()):
-        return merit, frac
-    failed = bad.nonzero().flatten()
+    failed = (~_no_rise(merit, merit_old)).nonzero().flatten()  # the step's one host sync
     B, H = failed.numel(), halvings
+    if B == 0:
+        return merit, frac
     fracs = torch.zeros(B, dtype=merit.dtype, device=merit.device)
     accepted = merit_old[failed].clone()
     if H > 0:

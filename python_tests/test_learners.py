@@ -155,6 +155,8 @@ def test_bad_task_input_is_named():
         learner.meta_backward(Task(b.x_support[:, :0], b.y_support[:, :0], b.x_query, b.y_query))
     with pytest.raises(ValueError, match="x_query holds 1 tasks"):
         learner.meta_backward(Task(b.x_support, b.y_support, b.x_query[:1], b.y_query))
+    with pytest.raises(ValueError, match=r"x_support points have shape \(1,\) but x_query points \(2,\)"):
+        learner.meta_backward(Task(b.x_support, b.y_support, b.x_query.repeat(1, 1, 2), b.y_query))
     with pytest.raises(ValueError, match="support: x contains NaN"):
         learner.adapt((torch.full((3, 1), float("nan")), torch.zeros(3, 1)))
     with pytest.raises(TypeError, match="tasks must be"):

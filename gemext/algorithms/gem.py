@@ -119,8 +119,7 @@ class GEMLearner(PriorLearner):
         prior = self.prior.expand(T)
         tr = self._fit(b.x_support, b.y_support, prior, self.start(prior), self.inner.steps, task_range=task_range)
         if self.all_fit == "joint":  # support ∪ query against the prior Θ
-            x2, y2, prior2, key = (torch.cat([b.x_support, b.x_query], 1), torch.cat([b.y_support, b.y_query], 1),
-                                   prior, "nll_all")
+            (x2, y2), prior2, key = b.joint(), prior, "nll_all"
         else:  # the query against the support posterior
             x2, y2, prior2, key = b.x_query, b.y_query, tr.posterior, "nll_query"
         all_ = self._fit(x2, y2, prior2, tr.posterior, self.query_steps, task_range=task_range)

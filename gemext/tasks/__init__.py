@@ -61,6 +61,10 @@ def as_batch(tasks: Task | Sequence[Task]) -> Task:
             raise ValueError(f"tasks.{f.name} holds {t.shape[0]} tasks but x_support holds {batch.x_support.shape[0]}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"tasks.{f.name} contains NaN or Inf")
+    for s_, q_ in (("x_support", "x_query"), ("y_support", "y_query")):
+        if getattr(batch, s_).shape[2:] != getattr(batch, q_).shape[2:]:
+            raise ValueError(f"tasks: {s_} points have shape {tuple(getattr(batch, s_).shape[2:])} but {q_} points "
+                             f"{tuple(getattr(batch, q_).shape[2:])}")
     if batch.x_support.shape[1] == 0:
         raise ValueError("tasks: the support set is empty")
     if batch.x_support.shape[1] != batch.y_support.shape[1] or batch.x_query.shape[1] != batch.y_query.shape[1]:

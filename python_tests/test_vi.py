@@ -233,21 +233,90 @@ def test_von_full_coupling_matches_a_dense_newton_step_on_a_nonlinear_model():
         assert float((flat(qd.mu, 0) - flat(q.mu, 0)).abs().max()) > 1e-3
 
 
-def test_categorical_ggn_rows_are_an_unbiased_fisher():
+@pytest.mark.parametrize("arch", ["layernorm", "mlp"])
+@pytest.mark.parametrize("kind", ["gaussian", "categorical"])
+def test_pointwise_and_mlp_rows_equal_the_batched_rows(kind, arch):
+    # the per-point pullback (a pointwise model) and the hand-written MLP pullback against one
+    # backward per row over all points: value, gradient and rows, with a learned noise scale (its
+    # zero rows, its own gradient) and a minibatch of the points
+    from gemext.algorithms.base import FunctionalNet, is_pointwise, mlp_plan
+    from gemext.algorithms.functional import ModelAndLikelihood
+    torch.manual_seed(0)
+    nn = torch.nn
+    out = 2 if kind == "gaussian" else 3
+    if arch == "layernorm":
+        model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, out))
+    else:  # consecutive activations, a Linear without bias, an activation after the last Linear
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 5, bias=False), nn.ReLU(inplace=True),
+                              nn.Softplus(), nn.Linear(5, out), nn.Sigmoid())
+    model = model.double()
+    assert is_pointwise(model)
+    lik = (GaussianLikelihood(0.3, learn=True) if kind == "gaussian" else CategoricalLikelihood()).double()
+    net = ModelAndLikelihood(model, lik)
+    names = [n for n, _ in net.named_parameters()]
+    plan = mlp_plan(model, names, "model.")
+    assert (plan is not None) == (arch == "mlp")
+    T, N = 4, 6
+    x = torch.randn(T, N, 3, dtype=torch.float64)
+    y = torch.randn(T, N, out, dtype=torch.float64) if kind == "gaussian" else torch.randint(0, out, (T, N))
+    theta = [p.detach().unsqueeze(0) + 0.1 * torch.randn(T, *p.shape, dtype=torch.float64)
+             for p in net.parameters()]
+    index = torch.tensor([0, 2, 3, 5])
+    results = []
+    for pointwise, mlp in ((False, None), (True, None), (True, plan)):
+        fwd = FunctionalNet(net, names, True, pointwise=pointwise, mlp=mlp)
+        assert fwd.pointwise == pointwise
+        term = DataTerm(fwd, lik, x, y, names)
+        results.append(term.value_grad_rows(theta, index, torch.Generator().manual_seed(3)))
+    v0, g0, r0 = results[0]
+    assert r0.shape == (T, len(index) * (out if kind == "gaussian" else 1), sum(t[0].numel() for t in theta))
+    assert float(r0.abs().max()) > 0.1
+    for v1, g1, r1 in results[1:]:
+        assert v0 == pytest.approx(v1, rel=1e-12)
+        for a, b in zip(g0, g1):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r0, r1, rtol=1e-10, atol=1e-12)
+
+
+def test_pointwise_models_are_recognised():
+    from gemext.algorithms.base import is_pointwise
+    nn = torch.nn
+    assert is_pointwise(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2)))
+    for model in (nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4, track_running_stats=False)),
+                  nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.1)),
+                  nn.Sequential(nn.Linear(2, 4), nn.Softmax(0)),
+                  nn.Sequential(nn.Flatten(0), nn.Linear(2, 4))):
+        assert not is_pointwise(model), model
+
+    class Custom(nn.Linear):  # a subclass may mix the points in its forward
+        pass
+    assert not is_pointwise(nn.Sequential(Custom(2, 2)))
+    # the MLP plan: Linear and element-wise activations only, every Linear weight in θ
+    from gemext.algorithms.base import mlp_plan
+    mlp = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+    assert mlp_plan(mlp, ["0.weight", "0.bias", "2.weight", "2.bias"]) == \
+        [("linear", 0, 1), ("act", mlp[1]), ("linear", 2, 3)]
+    assert mlp_plan(mlp, ["0.weight", "0.bias", "2.weight"]) is None  # a fixed bias
+    assert mlp_plan(nn.Sequential(nn.Linear(1, 4), nn.LayerNorm(4)), ["0.weight", "0.bias", "1.weight",
+                                                                      "1.bias"]) is None
+    assert mlp_plan(Custom(2, 2), ["weight", "bias"]) is None
+
+
+@pytest.mark.parametrize("pointwise", [False, True])
+def test_categorical_ggn_rows_are_an_unbiased_fisher(pointwise):
     # E[RᵀR] over the sampled labels = Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n (dense reference)
     from gemext.algorithms.base import FunctionalNet
     torch.manual_seed(1)
     model = torch.nn.Linear(3, 4).double()
     names = [n for n, _ in model.named_parameters()]
     x = torch.randn(1, 5, 3, dtype=torch.float64)
-    term = DataTerm(FunctionalNet(model, names, True), CategoricalLikelihood(), x,
-                    torch.zeros(1, 5, dtype=torch.long), names)
-    theta = [p.detach().unsqueeze(0) for p in model.parameters()]
-    gen = torch.Generator().manual_seed(0)
-    acc, n_draws = 0, 4000
-    for _ in range(n_draws):
-        R = torch.cat([r.reshape(1, r.shape[1], -1) for r in term.ggn_rows(theta, None, gen)], -1)[0]
-        acc = acc + R.T @ R
+    n_draws = 4000  # as many copies of the task, each with its own sampled labels
+    term = DataTerm(FunctionalNet(model, names, True, pointwise=pointwise), CategoricalLikelihood(),
+                    x.expand(n_draws, 5, 3), torch.zeros(n_draws, 5, dtype=torch.long), names)
+    theta = [p.detach().unsqueeze(0).expand(n_draws, *p.shape) for p in model.parameters()]
+    R = term.ggn_rows(theta, None, torch.Generator().manual_seed(0))  # [draws, 5, 16]
+    acc = torch.einsum("tmi,tmj->ij", R, R)
     from torch.func import functional_call
 
     def f(flat):

@@ -31,6 +31,7 @@ from .. import ops
 from ..gaussian import Posterior
 from ..tasks import Task, as_batch
 from ..vi import CategoricalLikelihood, GaussianLikelihood
+from ..vi.terms import mlp_forward
 
 # domain ("supervised": a model fitted on (x, y) tasks; "rl": a policy meta-trained on rollouts)
 # -> name -> (learner class, variant or None)
@@ -140,6 +141,55 @@ def _task_loop_reason(model: nn.Module) -> str | None:
     return None
 
 
+# Modules whose forward treats each point of a batch on its own, deterministically (exact types: a
+# subclass may override forward). A model built only of these has per-point Jacobians that a
+# per-point vmap gives at the cost of one backward (`DataTerm`'s GGN rows); BatchNorm (batch
+# statistics), Dropout (random), Softmax (its dim may be the batch) and any custom module are not.
+_POINTWISE = (nn.Sequential, nn.ModuleList, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+              nn.ConvTranspose2d, nn.ConvTranspose3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+              nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Identity,
+              nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+
+
+def is_pointwise(model: nn.Module) -> bool:
+    """Whether `model` maps each point of a batch independently of the others (see _POINTWISE)."""
+    for m in model.modules():
+        if type(m) in (nn.Flatten, nn.Unflatten):  # pointwise when the batch dimension 0 stays out
+            if (m.start_dim if type(m) is nn.Flatten else m.dim) < 1:
+                return False
+        elif type(m) not in _POINTWISE:
+            return False
+    return True
+
+
+# Element-wise activations (exact types) of the MLP plan below.
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+                nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Identity)
+
+
+def mlp_plan(model: nn.Module, names: list[str], prefix: str = "") -> list[tuple] | None:
+    """For an nn.Sequential of nn.Linear and element-wise activations whose Linear weights and
+    biases are all in `names` (under `prefix`): its layers as ("linear", weight index, bias index or
+    None) and ("act", module) steps, which `DataTerm` differentiates by hand (per-point Jacobians
+    as outer products, no batched GEMM of rank one). None for any other model."""
+    if type(model) is not nn.Sequential:
+        return None
+    plan: list[tuple] = []
+    for key, m in model.named_children():
+        if type(m) is nn.Linear:
+            w, b = f"{prefix}{key}.weight", f"{prefix}{key}.bias"
+            if w not in names or (m.bias is not None and b not in names):
+                return None  # a fixed (non-Bayesian) weight: the generic path
+            plan.append(("linear", names.index(w), names.index(b) if m.bias is not None else None))
+        elif type(m) in _ELEMENTWISE:
+            plan.append(("act", m))
+        else:
+            return None
+    return plan if any(step[0] == "linear" for step in plan) else None
+
+
 def resolve_vectorize(name: str, model: nn.Module, vectorize: bool | str) -> bool:
     """The learners' one rule for `vectorize`: "auto" vmaps the tasks unless the model needs the
     loop over tasks; True on such a model is refused with the reason."""
@@ -157,12 +207,17 @@ class FunctionalNet:
     all tasks (`vectorize=True`), or a loop over tasks (needed when the forward mutates buffers,
     e.g. BatchNorm running statistics, and sometimes faster for large conv nets on CPU).
     Random ops (Dropout) draw independently per task under vmap, as in the loop.
-    `forward_kwargs`: extra keyword arguments of every forward call (e.g. a mask)."""
+    `forward_kwargs`: extra keyword arguments of every forward call (e.g. a mask).
+    `pointwise`: the module maps each point on its own (`is_pointwise`), so `one_point` gives the
+    output of one point and per-point Jacobians may be taken point by point; `mlp`: the module's
+    `mlp_plan` (or None)."""
 
     def __init__(self, module: nn.Module, names: list[str], vectorize: bool,
-                 forward_kwargs: dict | None = None) -> None:
+                 forward_kwargs: dict | None = None, pointwise: bool = False, mlp: list[tuple] | None = None) -> None:
         self.module, self.names, self.vectorize = module, names, vectorize
         self.forward_kwargs = dict(forward_kwargs or {})
+        self.pointwise = pointwise and vectorize and not self.forward_kwargs
+        self.mlp = mlp if not self.forward_kwargs else None
         self._build()
 
     def _build(self) -> None:
@@ -178,7 +233,13 @@ class FunctionalNet:
     def _one(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, dict(zip(self.names, theta)), (x,), self.forward_kwargs)
 
+    def one_point(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        """The output of one point `x` (no batch dimension) for one task's θ."""
+        return self._one(theta, x.unsqueeze(0)).squeeze(0)
+
     def __call__(self, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None:  # one batched GEMM per layer, no functional_call/vmap dispatch
+            return mlp_forward(self.mlp, theta, x)[0]
         if self.vectorize:
             return self._vmapped(tuple(theta), x)
         return torch.stack([self._one(tuple(t[i] for t in theta), x[i]) for i in range(x.shape[0])])

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..gaussian import GaussianPrior, Posterior, detach_parameters
 from ..vi import GaussianLikelihood, VIConfig
-from .base import BayesianPredictor, FunctionalNet, SupervisedLearner, resolve_vectorize
+from .base import BayesianPredictor, FunctionalNet, SupervisedLearner, is_pointwise, mlp_plan, resolve_vectorize
 
 Params = list[torch.Tensor]
 
@@ -54,7 +54,8 @@ class FunctionalLearner(SupervisedLearner):
         self.names = list(names)
         detach_parameters(self.net, self.names)
         vectorize = resolve_vectorize(self.name, self.net.model, vectorize)
-        self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs)
+        self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs, is_pointwise(self.net.model),
+                                         mlp_plan(self.net.model, self.names, "model."))
         self._lik_idx = [i for i, n in enumerate(self.names) if n.startswith("likelihood.")]
 
     @property

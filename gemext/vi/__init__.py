@@ -16,7 +16,7 @@ from .loop import _OPTIMIZERS, NLL, FitResult, VIConfig, _fit_von, _minibatch, f
 from .ngvi import _SQRT_HALF, NaturalGradientVI, ngvi_update  # noqa: F401
 from .noise import task_starts
 from .terms import DataTerm
-from .von import VariationalOnlineNewton, _backtrack_, _flat, _flat_rows, _merit, _unflatten  # noqa: F401
+from .von import VariationalOnlineNewton, _backtrack_, _flat, _merit, _unflatten  # noqa: F401
 
 __all__ = ["CategoricalLikelihood", "DataTerm", "FitResult", "GaussianLikelihood", "NLL", "NaturalGradientVI",
            "RHO_MAX", "RHO_MIN", "VIConfig", "VariationalOnlineNewton", "clamp_rho_", "fit",

@@ -45,13 +45,14 @@ class GaussianLikelihood(nn.Module):
 
     def ggn_cotangents(self, out: torch.Tensor, params: dict[str, torch.Tensor] | None,
                        generator: torch.Generator | None) -> torch.Tensor:
-        """Output-space cotangents [M, *out.shape] whose pullbacks are the exact GGN rows: one per
-        point and output, 1/s at its position (the Hessian of ½(y−f)²/s² in f is 1/s²)."""
+        """Per-point output cotangents [K, *out.shape] whose pullbacks through each point's own
+        output are the exact GGN rows: K = outputs per point, row k of a point is 1/s at its
+        output k (the Hessian of ½(y−f)²/s² in f is 1/s²)."""
         inv_s = torch.exp(-self._log_sigma(params)).to(out.dtype)
-        T, rest = out.shape[0], out.shape[1:]
-        eye = torch.eye(rest.numel(), dtype=out.dtype, device=out.device).reshape(-1, 1, *rest)
-        cot = eye.expand(-1, T, *rest)
-        return cot * (inv_s if inv_s.dim() == 0 else inv_s.reshape(1, T, *([1] * len(rest))))
+        T, N, rest = out.shape[0], out.shape[1], out.shape[2:]
+        K = rest.numel()
+        cot = torch.eye(K, dtype=out.dtype, device=out.device).reshape(K, 1, 1, *rest).expand(K, T, N, *rest)
+        return cot * (inv_s if inv_s.dim() == 0 else inv_s.reshape(1, T, *([1] * (out.dim() - 1))))
 
     def predictive(self, outs: torch.Tensor, params: list[dict[str, torch.Tensor]] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,16 +82,14 @@ class CategoricalLikelihood(nn.Module):
 
     def ggn_cotangents(self, out: torch.Tensor, params: dict | None,
                        generator: torch.Generator | None) -> torch.Tensor:
-        """Cotangents [N, *out.shape]: for point n, p_n − onehot(ỹ_n) with ỹ_n ~ softmax(f_n) at
-        its position. E[(p − e_ỹ)(p − e_ỹ)ᵀ] = diag(p) − ppᵀ, the softmax cross-entropy's Hessian,
-        so the rows' outer products are an unbiased (Monte-Carlo Fisher) estimate of the GGN."""
+        """Per-point output cotangents [1, *out.shape]: for point n, p_n − onehot(ỹ_n) with
+        ỹ_n ~ softmax(f_n). E[(p − e_ỹ)(p − e_ỹ)ᵀ] = diag(p) − ppᵀ, the softmax cross-entropy's
+        Hessian, so the rows' outer products are an unbiased (Monte-Carlo Fisher) estimate of the GGN."""
         T, N, C = out.shape[0], out.shape[1], out.shape[-1]
         p = out.reshape(T, N, -1, C).double().softmax(-1)
         u = torch.rand(p.shape[:-1] + (1,), generator=generator, dtype=p.dtype).to(p.device)
         label = (p.cumsum(-1) < u).sum(-1, keepdim=True).clamp_max(C - 1)
-        resid = (p - torch.zeros_like(p).scatter_(-1, label, 1.0)).to(out.dtype).reshape(out.shape)
-        eye = torch.eye(N, dtype=out.dtype, device=out.device).reshape(N, 1, N, *([1] * (out.dim() - 2)))
-        return eye * resid.unsqueeze(0)
+        return (p - torch.zeros_like(p).scatter_(-1, label, 1.0)).to(out.dtype).reshape(1, *out.shape)
 
     def predictive(self, outs: torch.Tensor, params: list | None = None) -> torch.Tensor:
         """Class probabilities averaged over the S sampled outputs (dim 0)."""

@@ -20,7 +20,7 @@ from .. import ops
 from ..gaussian import Posterior
 from .ngvi import NaturalGradientVI
 from .noise import task_starts
-from .von import VariationalOnlineNewton, _backtrack_, _flat, _flat_rows, _merit
+from .von import VariationalOnlineNewton, _backtrack_, _flat, _merit
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
                "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
@@ -213,18 +213,17 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
                     with torch.no_grad():
                         theta = ops.sample(mu, rho, seed, s, starts)
                 if von.uses_ggn():
-                    value, g, r_s = nll.value_grad_rows([t.detach() for t in theta], index, generator)
+                    value, g, R_s = nll.value_grad_rows([t.detach() for t in theta], index, generator)
                     if create_graph:
                         g = list(torch.autograd.grad(nll(theta, index), theta, create_graph=True))
                     total += value * (scale / S)
                     g = [gi * (scale / S) for gi in g]
-                    R_s = _flat_rows(r_s)
                     if scale / S != 1.0:  # the rows of a minibatch or of one of S samples, rescaled
                         R_s = R_s * math.sqrt(scale / S)
                     rows.append(R_s)
                     if von.control_variate:  # R(θ − μ); differentiable in σ in graph mode (the noise it cancels)
                         delta = _flat([t - m for t, m in zip(theta, mu)])
-                        offsets.append(torch.einsum("tmd,td->tm", R_s, delta))
+                        offsets.append(torch.bmm(R_s, delta.unsqueeze(-1)).squeeze(-1))
                     for i, c in nll.lik_curvature(theta, index).items():
                         extra[i] = extra.get(i, 0.0) + c * (scale / S)
                 else:

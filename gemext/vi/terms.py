@@ -44,53 +44,90 @@ class DataTerm:
         return self.likelihood.nll(self.forward(theta, xs), ys, self._lik_params(theta, ys), per_task=True)
 
     def ggn_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None,
-                 generator: torch.Generator | None) -> list[torch.Tensor]:
-        """Rows of R per task: a list over θ of [T, M, *shape] tensors (zero for ``likelihood.*``
-        entries, whose curvature `lik_curvature` gives). Gaussian likelihoods give the exact GGN
-        (M = points × outputs); the categorical one a Monte-Carlo Fisher with one label sampled
-        from the model per point (M = points; unbiased for the GGN)."""
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """The rows of R per task over the flattened θ, [T, M, D] (zero columns for
+        ``likelihood.*`` entries, whose curvature `lik_curvature` gives). Gaussian likelihoods give
+        the exact GGN (M = points × outputs, point-major); the categorical one a Monte-Carlo Fisher
+        with one label sampled from the model per point (M = points; unbiased for the GGN)."""
         return self.value_grad_rows(theta, index, generator)[2]
 
     def value_grad_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None,
-                        generator: torch.Generator | None) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
-        """(nll, ∂nll/∂θ, GGN rows) from ONE forward pass: the data gradient is the pullback of
-        ∂nll/∂outputs, batched with the rows' cotangents into a single vmapped backward."""
+                        generator: torch.Generator | None) -> tuple[float, list[torch.Tensor], torch.Tensor]:
+        """(nll, ∂nll/∂θ, GGN rows [T, M, D] as in `ggn_rows`). The data gradient is the pullback
+        of ∂nll/∂outputs, batched with the rows' cotangents into one vmapped backward. A pointwise
+        forward (`FunctionalNet.pointwise`) pulls each point's cotangents back through that point
+        alone: one backward's work for every row, instead of one backward over all points per row."""
         xs, ys = self._data(index)
         model_idx = [i for i in range(len(theta)) if i not in self.lik_idx]
+        full = [t.detach() for t in theta]
+        plan = getattr(self.forward, "mlp", None) if xs.dim() == 3 else None  # points as vectors
+        pointwise = plan is None and getattr(self.forward, "pointwise", False)
         with torch.enable_grad():
-            if getattr(self.forward, "vectorize", True):
-                out, vjp = torch.func.vjp(lambda *th: self.forward(self._fill(theta, model_idx, th), xs),
-                                          *[theta[i].detach() for i in model_idx])
+            if plan is not None:
+                out, layers = mlp_forward(plan, full, xs, record=True)
+            elif pointwise:
+                with torch.no_grad():
+                    out = self.forward(full, xs)
+            elif getattr(self.forward, "vectorize", True):
+                out, vjp = torch.func.vjp(lambda *th: self.forward(self._fill(full, model_idx, th), xs),
+                                          *[full[i] for i in model_idx])
                 pullback = torch.func.vmap(vjp)
             else:
                 # a forward that updates buffers (BatchNorm's running statistics, looped tasks) cannot
                 # run under torch.func.vjp: plain autograd, the backward batched over the cotangents
                 # (several times slower on small nets)
-                model_theta = [theta[i].detach().requires_grad_(True) for i in model_idx]
-                out = self.forward(self._fill(theta, model_idx, model_theta), xs)
+                model_theta = [full[i].detach().requires_grad_(True) for i in model_idx]
+                out = self.forward(self._fill(full, model_idx, model_theta), xs)
 
                 def pullback(cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
                     return torch.autograd.grad(out, model_theta, cot, is_grads_batched=True)
             o = out.detach().requires_grad_(True)
-            full = [t.detach() for t in theta]
-            lik_theta = [full[i].requires_grad_(True) for i in self.lik_idx]
-            loss = self.likelihood.nll(o, ys, self._lik_params(full, ys))
+            lik_theta = [full[i].clone().requires_grad_(True) for i in self.lik_idx]
+            lik_full = list(full)
+            for i, t in zip(self.lik_idx, lik_theta):
+                lik_full[i] = t
+            loss = self.likelihood.nll(o, ys, self._lik_params(lik_full, ys))
             d_out, *d_lik = torch.autograd.grad(loss, [o] + lik_theta)
-            cot = self.likelihood.ggn_cotangents(out.detach(), self._lik_params([t.detach() for t in full], ys),
-                                                 generator)
-            pulled = pullback(torch.cat([d_out.unsqueeze(0), cot]))  # [1 + M, T, ...]
+            cot = self.likelihood.ggn_cotangents(out.detach(), self._lik_params(full, ys), generator)  # [K, T, N, ...]
+            T, N, K = out.shape[0], out.shape[1], cot.shape[0]
+            if plan is not None:
+                return float(loss.detach()), *_mlp_pullback(plan, full, layers, d_out, cot, self.lik_idx, d_lik)
+            if pointwise:
+                pulled = self._pointwise_pullback(full, model_idx, xs, torch.cat([d_out.unsqueeze(0), cot]))
+                model_grads = [p[:, :, 0].sum(1) for p in pulled]  # [T, N, 1 + K, ...] each
+                model_rows = [p[:, :, 1:].reshape(T, N * K, -1) for p in pulled]
+            else:
+                # row m = n·K + k is point n's cotangent k, zero at every other point
+                eye = torch.eye(N, dtype=cot.dtype, device=cot.device).reshape(N, 1, 1, N, *([1] * (cot.dim() - 3)))
+                rows_cot = (eye * cot.unsqueeze(0)).reshape(N * K, *out.shape)
+                pulled = pullback(torch.cat([d_out.unsqueeze(0), rows_cot]))  # [1 + M, T, ...]
+                model_grads = [p[0] for p in pulled]
+                model_rows = [p[1:].reshape(N * K, T, -1).transpose(0, 1) for p in pulled]
         grads: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
-        it, it_lik = iter(pulled), iter(d_lik)
-        for i, t in enumerate(theta):
+        it, it_rows, it_lik = iter(model_grads), iter(model_rows), iter(d_lik)
+        for i, t in enumerate(full):
             if i in self.lik_idx:
                 grads.append(next(it_lik))
-                rows.append(t.new_zeros(t.shape[0], cot.shape[0], *t.shape[1:]))
+                rows.append(t.new_zeros(T, N * K, t[0].numel()))
             else:
-                p = next(it).detach()
-                grads.append(p[0])
-                rows.append(p[1:].transpose(0, 1))
-        return float(loss.detach()), grads, rows
+                grads.append(next(it).detach())
+                rows.append(next(it_rows).detach())
+        return float(loss.detach()), grads, torch.cat(rows, -1)
+
+    def _pointwise_pullback(self, full: list[torch.Tensor], model_idx: list[int], xs: torch.Tensor,
+                            cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each point's cotangents [C, T, N, ...] pulled back through that point's output alone:
+        per model weight tensor [T, N, C, ...] (a vmap over tasks, then points, of a vmapped vjp)."""
+        one_point = self.forward.one_point
+
+        def point(th: tuple[torch.Tensor, ...], xn: torch.Tensor, cn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            _, vjp = torch.func.vjp(lambda *p: one_point(tuple(self._fill(list(th), model_idx, p)), xn),
+                                    *[th[i] for i in model_idx])
+            return torch.func.vmap(vjp)(cn)
+
+        vm = torch.func.vmap
+        return vm(vm(point, in_dims=(None, 0, 1)), in_dims=(0, 0, 1))(tuple(full), xs, cot)
 
     @staticmethod
     def _fill(theta: list[torch.Tensor], model_idx: list[int], model_theta) -> list[torch.Tensor]:
@@ -106,3 +143,68 @@ class DataTerm:
         _, ys = self._data(index)
         n = ys[0].numel()  # points × outputs per task
         return {i: torch.full_like(theta[i], self.likelihood.fisher_per_output * n) for i in self.lik_idx}
+
+
+# ----------------------------------------------------------------------------- MLP by hand
+def mlp_forward(plan: list[tuple], theta: list[torch.Tensor], x: torch.Tensor, record: bool = False
+                ) -> tuple[torch.Tensor, list[tuple]]:
+    """The outputs of an `mlp_plan` network for θ with a leading task dimension T and inputs
+    x [T, ..., in] (one batched GEMM per layer; differentiable). record=True (no graph) also
+    returns what its pullback needs: per linear layer (step, its input [T, P, in], the derivative
+    of the activations between the previous linear layer and it, or None), then (None, None, that
+    derivative after the last linear layer)."""
+    T, lead = x.shape[0], x.shape[1:-1]
+    h, d, layers = x.reshape(T, -1, x.shape[-1]), None, []
+    for step in plan:
+        if step[0] == "linear":
+            if record:
+                layers.append((step, h, d))
+            w = theta[step[1]]
+            h = torch.bmm(h, w.transpose(1, 2)) if step[2] is None else \
+                torch.baddbmm(theta[step[2]].unsqueeze(1), h, w.transpose(1, 2))
+            d = None
+        elif record:  # an element-wise activation: its derivative by autograd (any activation, no table)
+            with torch.enable_grad():
+                z = h.detach().requires_grad_(True)
+                a = step[1](z.clone())  # clone: an in-place activation must not write into z
+                (g,) = torch.autograd.grad(a, z, torch.ones_like(a))
+            h, d = a.detach(), g if d is None else d * g
+        else:
+            h = step[1](h)
+    layers.append((None, None, d))
+    return h.reshape(T, *lead, h.shape[-1]), layers
+
+
+def _mlp_pullback(plan: list[tuple], theta: list[torch.Tensor], layers: list[tuple], d_out: torch.Tensor,
+                  cot: torch.Tensor, lik_idx: list[int], d_lik: list[torch.Tensor]
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The data gradient and the GGN rows [T, N·K, D] of an `mlp_plan` network: the cotangents of
+    every point ([T, N, 1 + K, O]: ∂nll/∂outputs, then the K rows' cotangents) go back through the
+    layers together; a point's weight rows are outer products of its cotangent and its input."""
+    T, N, K = d_out.shape[0], d_out.shape[1], cot.shape[0]
+    sizes = [t[0].numel() for t in theta]
+    offsets = [sum(sizes[:i]) for i in range(len(theta))]
+    R = d_out.new_empty(T, N, K, sum(sizes))
+    grads: list[torch.Tensor | None] = [None] * len(theta)
+    for i, g in zip(lik_idx, d_lik):
+        grads[i] = g
+        R[..., offsets[i]:offsets[i] + sizes[i]] = 0
+    delta = torch.cat([d_out.unsqueeze(2), cot.permute(1, 2, 0, 3)], 2)  # [T, N, 1 + K, O]
+    d_last = layers[-1][2]
+    if d_last is not None:
+        delta = delta * d_last.unsqueeze(2)
+    for j in range(len(layers) - 2, -1, -1):
+        (_, wi, bi), h, d = layers[j]
+        w = theta[wi]
+        O, I = w.shape[1], w.shape[2]
+        grads[wi] = torch.bmm(delta[:, :, 0].transpose(1, 2), h)
+        torch.mul(delta[:, :, 1:].unsqueeze(-1), h[:, :, None, None, :],
+                  out=R[..., offsets[wi]:offsets[wi] + sizes[wi]].view(T, N, K, O, I))
+        if bi is not None:
+            grads[bi] = delta[:, :, 0].sum(1)
+            R[..., offsets[bi]:offsets[bi] + sizes[bi]] = delta[:, :, 1:]
+        if j > 0:
+            delta = torch.bmm(delta.reshape(T, -1, O), w).reshape(T, N, K + 1, I)
+            if d is not None:
+                delta = delta * d.unsqueeze(2)
+    return [g.reshape(t.shape) for g, t in zip(grads, theta)], R.reshape(T, N * K, -1)

@@ -68,7 +68,7 @@ class VariationalOnlineNewton:
              curv: list[torch.Tensor] | None = None, row_offset: torch.Tensor | None = None) -> None:
         """One update in place of μ, ρ, h. `grad`: the sampled gradient of the data term (summed
         over MC samples of the loss already divided by their number); `rows`: the GGN factor R of
-        that loss, [T, M, D] over the flattened weights (`_flat_rows`), or None for "reparam" (the
+        that loss, [T, M, D] over the flattened weights (`DataTerm.ggn_rows`), or None for "reparam" (the
         kernel then forms g·ε/σ from the ε of (seed, 0) unless `curv` is given); `row_offset`
         [T, M]: each row applied to its own sample's θ − μ, for the control variate (the rows of S
         samples are stacked)."""
@@ -116,45 +116,38 @@ class VariationalOnlineNewton:
                 # The small M×M system is factorised in float64: the eigenvalues of I + RΛ⁻¹Rᵀ span 1
                 # to ~‖R‖²/Λ (1e8 on small nets with a wide prior). Should float32 rounding of the
                 # product still break positive-definiteness, the product is redone in float64.
-                isq = lam.rsqrt()
-                Rs = R * isq.unsqueeze(1)
-                K = (Rs @ Rs.transpose(1, 2)).double()
+                lam_inv = lam.reciprocal()
+                Y = R * lam_inv.unsqueeze(1)  # RΛ⁻¹
+                K = torch.bmm(Y, R.transpose(1, 2)).double()
                 K.diagonal(dim1=1, dim2=2).add_(1.0)
                 L, info = torch.linalg.cholesky_ex(K)
                 failed = (info > 0).nonzero().flatten()
                 if failed.numel():  # redo only those tasks, so a task's result never depends on its batch
-                    Rd = Rs[failed].double()
-                    Kd = Rd @ Rd.transpose(1, 2)
+                    Rd = R[failed].double()
+                    Kd = torch.bmm(Rd * lam_inv[failed].double().unsqueeze(1), Rd.transpose(1, 2))
                     Kd.diagonal(dim1=1, dim2=2).add_(1.0)
                     Ld, info_d = torch.linalg.cholesky_ex(Kd)
                     if bool((info_d > 0).any()):  # only non-finite rows get here: a diverged inner loop
                         raise FloatingPointError("von step: the curvature of the data term is not finite "
                                                  f"(task {int(failed[(info_d > 0).nonzero()[0, 0]])})")
                     L = L.index_copy(0, failed, Ld)
-                rhs = (Rs @ (_flat(resid) * isq).unsqueeze(-1)).double()
+                rhs = torch.bmm(Y, _flat(resid).unsqueeze(-1)).double()
                 if self.control_variate and row_offset is not None:
                     rhs = rhs + row_offset.double().unsqueeze(-1)
                 z = torch.cholesky_solve(rhs, L).to(R.dtype)
                 # the kernel divides by β/σ₀² + damping: a likelihood parameter's Fisher F enters the
                 # correction as r·F/Λ
-                correction = _unflatten(torch.einsum("tmd,tm->td", R, z.squeeze(-1)), mu)
+                correction = _unflatten(torch.bmm(z.transpose(1, 2), R).squeeze(1), mu)  # Rᵀz
                 for i, f in extra_curv.items():
                     correction[i] = resid[i] * f / (prec0[i] + self.damping + f)
             elif self.control_variate and row_offset is not None:
-                cv = torch.einsum("tmd,tm->td", R, row_offset)
+                cv = torch.bmm(row_offset.unsqueeze(1), R).squeeze(1)
                 grad = [g - c for g, c in zip(grad, _unflatten(cv, mu))]
         return grad, curv, correction
 
 
 def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(t.shape[0], -1) for t in ts], -1)
-
-
-def _flat_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Per-parameter rows [T, M, *shape] as one [T, M, D] matrix per task (one copy: the rows of
-    `DataTerm.value_grad_rows` are [M, T, ...]-ordered views, flattened in that order)."""
-    T, M = rows[0].shape[:2]
-    return torch.cat([r.transpose(0, 1).reshape(M, T, -1) for r in rows], -1).transpose(0, 1)
 
 
 def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -177,40 +170,34 @@ def _merit(nll: DataTerm, mu: list[torch.Tensor], prior: Posterior, beta: float,
 @torch.no_grad()
 def _backtrack_(nll: DataTerm, mu: list[torch.Tensor], mu_old: list[torch.Tensor], merit_old: torch.Tensor,
                 prior: Posterior, beta: float, index: torch.Tensor | None, scale: float,
-                halvings: int) -> torch.Tensor:
-    """Halve the mean step of every task whose objective rose (NaN counts as a rise); undo it after
-    `halvings` tries. Returns the objective at the accepted means and each task's accepted
-    fraction of the step, [T] each.
+                halvings: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep, per task, the largest fraction 1, 1/2, …, 2^-halvings of its mean step (μ_old → μ,
+    applied in place to `mu`) whose objective does not rise (NaN counts as a rise), or undo the
+    step. Returns the objective at the accepted means and each task's accepted fraction, [T] each.
 
-    The full step is tried for every task; the halvings of the tasks it failed for are then tried
-    all at once, in ONE forward over [halvings × failed tasks] candidates, and each task keeps the
-    largest fraction that does not rise — the decision a halving loop makes, at two forward passes
-    and one host sync instead of up to `halvings` + 1 of each."""
-    merit = _merit(nll, mu, prior, beta, index, scale)
-    frac = torch.ones_like(merit_old)
-    failed = (~_no_rise(merit, merit_old)).nonzero().flatten()  # the step's one host sync
-    B, H = failed.numel(), halvings
-    if B == 0:
-        return merit, frac
-    fracs = torch.zeros(B, dtype=merit.dtype, device=merit.device)
-    accepted = merit_old[failed].clone()
-    if H > 0:
-        f = 0.5 ** torch.arange(1, H + 1, dtype=mu[0].dtype, device=mu[0].device)  # [H]
-        rep = failed.repeat(H)  # candidate c = h·B + b is task failed[b] at fraction f[h]
-        fh = f.repeat_interleave(B)
-        cand = [m0[rep] + fh.reshape(-1, *([1] * (m.dim() - 1))) * (m[rep] - m0[rep]) for m, m0 in zip(mu, mu_old)]
-        sub_prior = Posterior(prior.names, [p[rep] for p in prior.mu], [r[rep] for r in prior.rho])
-        trial = _merit(nll.tasks(rep), cand, sub_prior, beta, index, scale).reshape(H, B)
-        ok = _no_rise(trial, merit_old[failed].unsqueeze(0))
-        any_ok = ok.any(0)
-        first = ok.to(torch.int8).argmax(0)  # the largest fraction that does not rise
-        fracs = torch.where(any_ok, f[first].to(fracs.dtype), fracs)
-        accepted = torch.where(any_ok, trial.gather(0, first.unsqueeze(0)).squeeze(0), accepted)
-    frac[failed] = fracs
-    merit[failed] = accepted
+    Every fraction of every task is tried in ONE forward over [(halvings + 1) × T] candidates: on
+    a network most full Gauss-Newton steps overshoot (about 3 tasks in 4 on sinusoid), so trying
+    the halvings only after the full step failed costs a second forward, index copies and a host
+    sync for nearly every step. The decision is the one a halving loop makes; nothing syncs."""
+    T = merit_old.shape[0]
+    f = 0.5 ** torch.arange(halvings + 1, dtype=mu[0].dtype, device=mu[0].device)  # [F]
+    F = f.numel()
+    cand, prior_term = [], 0.0
+    for m, m_old, m0, r0 in zip(mu, mu_old, prior.mu, prior.rho):
+        c = m_old.unsqueeze(0) + f.reshape(F, *([1] * m.dim())) * (m - m_old).unsqueeze(0)  # [F, T, ...]
+        cand.append(c)
+        sq = (c - m0.expand_as(m)).pow(2) * torch.exp(-2 * r0).expand_as(m)
+        prior_term = prior_term + sq.reshape(F, T, -1).sum(2)
+    rep = torch.arange(T, device=merit_old.device).repeat(F)  # candidate i·T + t: task t at fraction f[i]
+    data = nll.tasks(rep).task_nll([c.reshape(F * T, *c.shape[2:]) for c in cand], index).reshape(F, T)
+    trial = data * scale + 0.5 * beta * prior_term
+    ok = _no_rise(trial, merit_old.unsqueeze(0))
+    any_ok = ok.any(0)
+    first = ok.to(torch.int8).argmax(0)  # the largest fraction that does not rise
+    frac = torch.where(any_ok, f[first], torch.zeros_like(f[first]))
+    merit = torch.where(any_ok, trial.gather(0, first.unsqueeze(0)).squeeze(0), merit_old)
     for m, m_old in zip(mu, mu_old):
-        b = fracs.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1)))
-        m[failed] = m_old[failed] + b * (m[failed] - m_old[failed])
+        m.copy_(torch.lerp(m_old, m, frac.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1)))))
     return merit, frac
 
 

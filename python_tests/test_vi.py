@@ -268,10 +268,12 @@ def test_pointwise_and_mlp_rows_equal_the_batched_rows(kind, arch):
         assert fwd.pointwise == pointwise
         term = DataTerm(fwd, lik, x, y, names)
         results.append(term.value_grad_rows(theta, index, torch.Generator().manual_seed(3)))
-    v0, g0, r0 = results[0]
+    for _v, _g, r, d in results:  # the diagonal each path gives is that of its rows
+        torch.testing.assert_close(d, (r * r).sum(1), rtol=1e-10, atol=1e-12)
+    v0, g0, r0, _ = results[0]
     assert r0.shape == (T, len(index) * (out if kind == "gaussian" else 1), sum(t[0].numel() for t in theta))
     assert float(r0.abs().max()) > 0.1
-    for v1, g1, r1 in results[1:]:
+    for v1, g1, r1, _ in results[1:]:
         assert v0 == pytest.approx(v1, rel=1e-12)
         for a, b in zip(g0, g1):
             assert a.shape == b.shape

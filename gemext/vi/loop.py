@@ -20,7 +20,7 @@ from .. import ops
 from ..gaussian import Posterior
 from .ngvi import NaturalGradientVI
 from .noise import task_starts
-from .von import VariationalOnlineNewton, _backtrack_, _flat, _merit
+from .von import VariationalOnlineNewton, _backtrack_, _flat, _merit, _unflatten
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
                "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
@@ -198,6 +198,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         rows: list[torch.Tensor] = []  # the flat GGN factor of each MC sample, [T, M, D]
         offsets: list[torch.Tensor] = []
         curv = None
+        ggn_diag: torch.Tensor | None = None  # Σ over samples of the rows' squares, [T, D]
         extra: dict[int, torch.Tensor] = {}
         total = 0.0
         need_eps = create_graph or (not von.uses_ggn() and S > 1)  # else the kernels regenerate ε themselves
@@ -213,7 +214,9 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
                     with torch.no_grad():
                         theta = ops.sample(mu, rho, seed, s, starts)
                 if von.uses_ggn():
-                    value, g, R_s = nll.value_grad_rows([t.detach() for t in theta], index, generator)
+                    value, g, R_s, diag_s = nll.value_grad_rows([t.detach() for t in theta], index, generator)
+                    diag_s = diag_s * (scale / S)
+                    ggn_diag = diag_s if ggn_diag is None else ggn_diag + diag_s
                     if create_graph:
                         g = list(torch.autograd.grad(nll(theta, index), theta, create_graph=True))
                     total += value * (scale / S)
@@ -242,6 +245,8 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         if not math.isfinite(last):
             raise FloatingPointError(f"VI step {step}: the negative log-likelihood is {last}")
         stacked = (rows[0] if len(rows) == 1 else torch.cat(rows, 1)) if rows else None
+        if ggn_diag is not None:
+            curv = _unflatten(ggn_diag, mu)
         row_offset = torch.cat(offsets, 1) if offsets else None
         search = von.backtrack > 0 and hasattr(nll, "task_nll")
         mu_old = [m.detach().clone() for m in mu] if search else None

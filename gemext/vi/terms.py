@@ -51,9 +51,10 @@ class DataTerm:
         with one label sampled from the model per point (M = points; unbiased for the GGN)."""
         return self.value_grad_rows(theta, index, generator)[2]
 
-    def value_grad_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None,
-                        generator: torch.Generator | None) -> tuple[float, list[torch.Tensor], torch.Tensor]:
-        """(nll, ∂nll/∂θ, GGN rows [T, M, D] as in `ggn_rows`). The data gradient is the pullback
+    def value_grad_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None, generator: torch.Generator | None
+                        ) -> tuple[float, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(nll, ∂nll/∂θ, GGN rows R [T, M, D] as in `ggn_rows`, the GGN diagonal Σ_m R² [T, D]). The
+        data gradient is the pullback
         of ∂nll/∂outputs, batched with the rows' cotangents into one vmapped backward. A pointwise
         forward (`FunctionalNet.pointwise`) pulls each point's cotangents back through that point
         alone: one backward's work for every row, instead of one backward over all points per row."""
@@ -113,7 +114,8 @@ class DataTerm:
             else:
                 grads.append(next(it).detach())
                 rows.append(next(it_rows).detach())
-        return float(loss.detach()), grads, torch.cat(rows, -1)
+        R = torch.cat(rows, -1)
+        return float(loss.detach()), grads, R, (R * R).sum(1)
 
     def _pointwise_pullback(self, full: list[torch.Tensor], model_idx: list[int], xs: torch.Tensor,
                             cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -177,14 +179,16 @@ def mlp_forward(plan: list[tuple], theta: list[torch.Tensor], x: torch.Tensor, r
 
 def _mlp_pullback(plan: list[tuple], theta: list[torch.Tensor], layers: list[tuple], d_out: torch.Tensor,
                   cot: torch.Tensor, lik_idx: list[int], d_lik: list[torch.Tensor]
-                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The data gradient and the GGN rows [T, N·K, D] of an `mlp_plan` network: the cotangents of
-    every point ([T, N, 1 + K, O]: ∂nll/∂outputs, then the K rows' cotangents) go back through the
-    layers together; a point's weight rows are outer products of its cotangent and its input."""
+                  ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The data gradient, the GGN rows [T, N·K, D] and their diagonal Σ_m R² [T, D] of an
+    `mlp_plan` network: the cotangents of every point ([T, N, 1 + K, O]: ∂nll/∂outputs, then the K
+    rows' cotangents) go back through the layers together; a point's weight rows are outer products
+    of its cotangent and its input, so their squares sum as (Σ_k δ²)ᵀ h² — no pass over R."""
     T, N, K = d_out.shape[0], d_out.shape[1], cot.shape[0]
     sizes = [t[0].numel() for t in theta]
     offsets = [sum(sizes[:i]) for i in range(len(theta))]
     R = d_out.new_empty(T, N, K, sum(sizes))
+    diag = d_out.new_zeros(T, sum(sizes))
     grads: list[torch.Tensor | None] = [None] * len(theta)
     for i, g in zip(lik_idx, d_lik):
         grads[i] = g
@@ -200,11 +204,14 @@ def _mlp_pullback(plan: list[tuple], theta: list[torch.Tensor], layers: list[tup
         grads[wi] = torch.bmm(delta[:, :, 0].transpose(1, 2), h)
         torch.mul(delta[:, :, 1:].unsqueeze(-1), h[:, :, None, None, :],
                   out=R[..., offsets[wi]:offsets[wi] + sizes[wi]].view(T, N, K, O, I))
+        d2 = delta[:, :, 1:].square().sum(2)  # [T, N, O]
+        diag[:, offsets[wi]:offsets[wi] + sizes[wi]] = torch.bmm(d2.transpose(1, 2), h.square()).reshape(T, -1)
         if bi is not None:
             grads[bi] = delta[:, :, 0].sum(1)
             R[..., offsets[bi]:offsets[bi] + sizes[bi]] = delta[:, :, 1:]
+            diag[:, offsets[bi]:offsets[bi] + sizes[bi]] = d2.sum(1)
         if j > 0:
             delta = torch.bmm(delta.reshape(T, -1, O), w).reshape(T, N, K + 1, I)
             if d is not None:
                 delta = delta * d.unsqueeze(2)
-    return [g.reshape(t.shape) for g, t in zip(grads, theta)], R.reshape(T, N * K, -1)
+    return [g.reshape(t.shape) for g, t in zip(grads, theta)], R.reshape(T, N * K, -1), diag

@@ -69,7 +69,8 @@ class VariationalOnlineNewton:
         """One update in place of μ, ρ, h. `grad`: the sampled gradient of the data term (summed
         over MC samples of the loss already divided by their number); `rows`: the GGN factor R of
         that loss, [T, M, D] over the flattened weights (`DataTerm.ggn_rows`), or None for "reparam" (the
-        kernel then forms g·ε/σ from the ε of (seed, 0) unless `curv` is given); `row_offset`
+        kernel then forms g·ε/σ from the ε of (seed, 0) unless `curv` is given); `curv` with rows:
+        their diagonal Σ_m R² when already known (else computed here); `row_offset`
         [T, M]: each row applied to its own sample's θ − μ, for the control variate (the rows of S
         samples are stacked)."""
         grad, curv, correction = self.terms(mu, grad, rows, extra_curv, prior, beta, curv, row_offset)
@@ -102,7 +103,10 @@ class VariationalOnlineNewton:
         correction = None
         if rows is not None:
             R = rows  # [T, M, D]
-            curv = _unflatten((R * R).sum(1), mu)
+            if curv is None:  # the GGN diagonal, unless the data term gave it (`DataTerm.value_grad_rows`)
+                curv = _unflatten((R * R).sum(1), mu)
+            else:
+                curv = list(curv)
             for i, c in extra_curv.items():
                 curv[i] = c
             if self.coupling == "full":

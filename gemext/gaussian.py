@@ -84,7 +84,8 @@ def detach_parameters(module: nn.Module, prior_names: Iterable[str]) -> None:
     meta-parameters) and `torch.func.functional_call` supplies them. The others (frozen or not
     covered by the prior) stay fixed and persistent, so a state_dict holds everything that
     determines predictions. A tensor shared by several modules (tied weights) becomes ONE buffer
-    registered under each of its names, so functional_call keeps the tie."""
+    registered under each of its names, so functional_call keeps the tie; a module used at several
+    places of the model (its names alias one owner) is converted once."""
     prior = set(prior_names)
     aliases: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -94,9 +95,13 @@ def detach_parameters(module: nn.Module, prior_names: Iterable[str]) -> None:
     for key, names in aliases.items():
         value = tensors[key].detach().clone()
         persistent = not any(n in prior for n in names)
+        done: set[tuple[int, str]] = set()
         for i, name in enumerate(names):
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
+            if (id(owner), leaf) in done:  # the same module reached under another name
+                continue
+            done.add((id(owner), leaf))
             del owner._parameters[leaf]
             owner.register_buffer(leaf, value, persistent=persistent and i == 0)
 

@@ -303,6 +303,26 @@ def test_pointwise_models_are_recognised():
     assert mlp_plan(nn.Sequential(nn.Linear(1, 4), nn.LayerNorm(4)), ["0.weight", "0.bias", "1.weight",
                                                                       "1.bias"]) is None
     assert mlp_plan(Custom(2, 2), ["weight", "bias"]) is None
+    tied = nn.Linear(4, 4)  # one module at two places: its weight is named once, so no plan
+    twice = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), tied, nn.Tanh(), tied, nn.Linear(4, 1))
+    assert mlp_plan(twice, [n for n, _ in twice.named_parameters()]) is None
+
+
+def test_a_module_used_twice_keeps_its_tie_and_its_forward():
+    # every learner's forward equals the model's own, and the tied weight stays one meta-parameter
+    from gemext import algorithms
+    nn = torch.nn
+    torch.manual_seed(0)
+    tied = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), tied, nn.Tanh(), tied, nn.Linear(4, 1))
+    x = torch.randn(3, 5, 1)
+    want = torch.stack([model(xi) for xi in x]).detach()
+    learner = algorithms.create("gem-bml+", model, inner_steps=1)
+    assert learner.prior.names == ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias",
+                                   "model.5.weight", "model.5.bias"]
+    assert learner.forward_net.mlp is None and learner.forward_net.pointwise
+    theta = [m.detach().unsqueeze(0).expand(3, *m.shape) for m in learner.prior.mu0]
+    torch.testing.assert_close(learner.forward_net(theta, x), want)
 
 
 @pytest.mark.parametrize("pointwise", [False, True])

@@ -177,11 +177,11 @@ def mlp_plan(model: nn.Module, names: list[str], prefix: str = "") -> list[tuple
     if type(model) is not nn.Sequential:
         return None
     plan: list[tuple] = []
-    for key, m in model.named_children():
+    for key, m in model._modules.items():  # as Sequential.forward runs them: a module used twice, twice
         if type(m) is nn.Linear:
             w, b = f"{prefix}{key}.weight", f"{prefix}{key}.bias"
             if w not in names or (m.bias is not None and b not in names):
-                return None  # a fixed (non-Bayesian) weight: the generic path
+                return None  # a fixed (non-Bayesian) or tied weight (named once): the generic path
             plan.append(("linear", names.index(w), names.index(b) if m.bias is not None else None))
         elif type(m) in _ELEMENTWISE:
             plan.append(("act", m))

@@ -281,6 +281,31 @@ def test_pointwise_and_mlp_rows_equal_the_batched_rows(kind, arch):
         torch.testing.assert_close(r0, r1, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_rows_by_chunks_equal_rows_at_once(vectorize, monkeypatch):
+    # the general path (BatchNorm couples the points) pulls its cotangents back CHUNK at a time
+    import gemext.vi.terms as terms
+    from gemext.algorithms.base import FunctionalNet
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Tanh(),
+                          nn.Linear(6, 2)).double()
+    names = [n for n, _ in model.named_parameters()]
+    T, N = 3, 7
+    x, y = torch.randn(T, N, 3, dtype=torch.float64), torch.randn(T, N, 2, dtype=torch.float64)
+    theta = [p.detach().unsqueeze(0) + 0.1 * torch.randn(T, *p.shape, dtype=torch.float64) for p in model.parameters()]
+    term = DataTerm(FunctionalNet(model, names, vectorize), GaussianLikelihood(0.3).double(), x, y, names)
+    results = []
+    for chunk in (1000, 3):
+        monkeypatch.setattr(terms, "CHUNK", chunk)
+        results.append(term.value_grad_rows(theta, None, None))
+    (v0, g0, r0, d0), (v1, g1, r1, d1) = results
+    assert r0.shape == (T, N * 2, sum(t[0].numel() for t in theta))
+    assert v0 == v1
+    for a, b in zip(g0 + [r0, d0], g1 + [r1, d1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_pointwise_models_are_recognised():
     from gemext.algorithms.base import is_pointwise
     nn = torch.nn

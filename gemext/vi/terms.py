@@ -6,8 +6,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-
 # ----------------------------------------------------------------------------- data terms
+CHUNK = 8  # cotangents per batched backward on the general path of `DataTerm.value_grad_rows`
+
+
 class DataTerm:
     """The summed negative log-likelihood of a batch of tasks, −Σ log p(y | f(x; θ)), as the
     callable ``nll(theta, index)`` that `fit` takes, plus what curvature-aware VI needs: the rows
@@ -81,7 +83,7 @@ class DataTerm:
                 out = self.forward(self._fill(full, model_idx, model_theta), xs)
 
                 def pullback(cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                    return torch.autograd.grad(out, model_theta, cot, is_grads_batched=True)
+                    return torch.autograd.grad(out, model_theta, cot, is_grads_batched=True, retain_graph=True)
             o = out.detach().requires_grad_(True)
             lik_theta = [full[i].clone().requires_grad_(True) for i in self.lik_idx]
             lik_full = list(full)
@@ -101,7 +103,10 @@ class DataTerm:
                 # row m = n·K + k is point n's cotangent k, zero at every other point
                 eye = torch.eye(N, dtype=cot.dtype, device=cot.device).reshape(N, 1, 1, N, *([1] * (cot.dim() - 3)))
                 rows_cot = (eye * cot.unsqueeze(0)).reshape(N * K, *out.shape)
-                pulled = pullback(torch.cat([d_out.unsqueeze(0), rows_cot]))  # [1 + M, T, ...]
+                # [1 + M, T, ...], CHUNK cotangents per batched backward: each holds a copy of the
+                # backward's activations (a Conv4 with BatchNorm on 75 query images took 24 GB at once)
+                chunks = [pullback(c) for c in torch.cat([d_out.unsqueeze(0), rows_cot]).split(CHUNK)]
+                pulled = [torch.cat(ps) for ps in zip(*chunks)] if len(chunks) > 1 else chunks[0]
                 model_grads = [p[0] for p in pulled]
                 model_rows = [p[1:].reshape(N * K, T, -1).transpose(0, 1) for p in pulled]
         grads: list[torch.Tensor] = []

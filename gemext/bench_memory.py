@@ -259,13 +259,16 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
 
 def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: str | Path,
         device: str = "cpu", repeats: int = 3, meta_batch: int | None = None, ways: int = 5, shots: int = 1,
-        query: int = 15, options: dict[str, Any] | None = None, timeout_s: float = 1800.0) -> Path:
+        query: int = 15, options: dict[str, Any] | None = None, timeout_s: float = 1800.0,
+        presets: bool = False) -> Path:
     """Measure every (algorithm, inner steps) point in a fresh process; write DIR/memory.csv
     (columns algo,inner_steps,peak_mem_mb,time_per_iter_s) and DIR/memory.png; return the csv path.
 
     Shapes: sinusoid = the finn MLP with meta-batch 25; omniglot = 28×28×1, Conv4(hidden=64);
     miniimagenet / tinyimagenet = 84×84×3, Conv4(hidden=32), meta-batch 4 (synthetic images).
-    `options` go to every `gemext.algorithms.create` call (not to peers)."""
+    `options` go to every `gemext.algorithms.create` call (not to peers); `presets=True` starts each
+    learner from the options `gemext train` would give it (e.g. NGVI for GEM on vision, where the
+    class default `von` takes a minute per Conv4 meta-iteration on a CPU)."""
     from . import algorithms
 
     if task not in TASKS:
@@ -288,7 +291,8 @@ def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = {"task": task, "device": device, "repeats": repeats, "ways": ways, "shots": shots, "query": query,
-            "meta_batch": meta_batch or (25 if task == "sinusoid" else 4), "options": options or {}}
+            "meta_batch": meta_batch or (25 if task == "sinusoid" else 4), "options": options or {},
+            "presets": presets}
     rows: list[dict] = []
     for algo in algos:
         reason = _peer_unavailable(algo) if algo in PEERS or algo.startswith("higher-") else None

@@ -142,6 +142,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output folder (CSV and plot)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
     m.add_argument("--repeats", type=_positive_int, default=3, help="timed meta-iterations per point")
+    m.add_argument("--presets", action="store_true", help="the learners with `gemext train`'s options for the task "
+                   "(default: the algorithms' class defaults)")
     return p
 
 
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 p.error(f"--algos: unknown algorithm(s) {', '.join(unknown)}; "
                         f"available: {', '.join(algorithms.names())}")
-            csv_path = bench_run(args.task, algos, args.inner_steps, args.out, args.device, repeats=args.repeats)
+            csv_path = bench_run(args.task, algos, args.inner_steps, args.out, args.device, repeats=args.repeats,
+                                 presets=args.presets)
             print(f"wrote {csv_path}")
             return 0
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:

@@ -22,6 +22,20 @@ def test_run_writes_csv_and_png(tmp_path, capsys):
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_presets_give_the_learners_the_training_options(monkeypatch, tmp_path):
+    # `gemext bench memory --presets`: GEM-BML+ on vision shapes with the vision presets (NGVI), not
+    # its class default (von)
+    seen = []
+    monkeypatch.setattr(bench_memory, "_run_point", lambda spec, timeout_s: seen.append(spec) or
+                        {"peak_mem_mb": 1.0, "time_per_iter_s": 1.0})
+    from gemext.cli import main
+    assert main(["bench", "memory", "--task", "omniglot", "--algos", "gem-bml+", "--inner-steps", "1",
+                 "--out", str(tmp_path), "--presets"]) == 0
+    assert seen[0]["presets"] is True
+    opts = bench_memory.preset_options("omniglot", "gem-bml+", 1)
+    assert opts["inner"]["optimizer"] == "ngvi" and opts["inner_steps"] == 1
+
+
 def test_measure_vision_shapes_with_the_higher_peer():
     pytest.importorskip("higher")
     spec = {"task": "omniglot", "algo": "higher-maml", "inner_steps": 1, "device": "cpu", "repeats": 1,

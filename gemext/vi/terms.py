@@ -55,11 +55,13 @@ class DataTerm:
 
     def value_grad_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None, generator: torch.Generator | None
                         ) -> tuple[float, list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(nll, ∂nll/∂θ, GGN rows R [T, M, D] as in `ggn_rows`, the GGN diagonal Σ_m R² [T, D]). The
-        data gradient is the pullback
-        of ∂nll/∂outputs, batched with the rows' cotangents into one vmapped backward. A pointwise
-        forward (`FunctionalNet.pointwise`) pulls each point's cotangents back through that point
-        alone: one backward's work for every row, instead of one backward over all points per row."""
+        """(nll, ∂nll/∂θ, GGN rows R [T, M, D] as in `ggn_rows`, the GGN diagonal Σ_m R² [T, D]).
+
+        The data gradient is the pullback of ∂nll/∂outputs, batched with the rows' cotangents. Three
+        ways, the first that applies: an MLP plan (`FunctionalNet.mlp`, points as vectors) by hand,
+        `_mlp_pullback`; a pointwise forward (`FunctionalNet.pointwise`) pulls each point's cotangents
+        back through that point alone, one backward's work for every row; otherwise one backward over
+        all points per row, CHUNK rows at a time."""
         xs, ys = self._data(index)
         model_idx = [i for i in range(len(theta)) if i not in self.lik_idx]
         full = [t.detach() for t in theta]

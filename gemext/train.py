@@ -205,10 +205,6 @@ def _check_memory(learner, meta_batch: int) -> None:
                          f"{total / 2**30:.3g} GiB; use a smaller meta-batch (or shard it with torchrun)")
 
 
-def _finite_grads(params) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-
-
 def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
           on_iteration: Callable[[int], None] | None = None, overwrite: bool = False) -> Path:
     """Meta-train according to `config`; returns the run folder. The folder must not hold another

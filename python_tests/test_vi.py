@@ -333,6 +333,17 @@ def test_pointwise_models_are_recognised():
     assert mlp_plan(twice, [n for n, _ in twice.named_parameters()]) is None
 
 
+def test_an_mlp_fed_the_wrong_number_of_features_says_so():
+    from gemext import algorithms
+    from gemext.tasks.sinusoid import SinusoidTasks
+    nn = torch.nn
+    learner = algorithms.create("gem-bml+", nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1)), inner_steps=1)
+    assert learner.forward_net.mlp is not None
+    batch = SinusoidTasks("finn").sample(2, torch.Generator().manual_seed(0))  # one feature per point
+    with pytest.raises(ValueError, match="takes 2 features per point, its input has 1"):
+        learner.meta_backward(batch)
+
+
 def test_a_module_used_twice_keeps_its_tie_and_its_forward():
     # every learner's forward equals the model's own, and the tied weight stays one meta-parameter
     from gemext import algorithms

@@ -169,6 +169,9 @@ def mlp_forward(plan: list[tuple], theta: list[torch.Tensor], x: torch.Tensor, r
             if record:
                 layers.append((step, h, d))
             w = theta[step[1]]
+            if h.shape[-1] != w.shape[-1]:  # what nn.Linear would say, not bmm's batch-shape message
+                raise ValueError(f"model: a Linear layer takes {w.shape[-1]} features per point, its input "
+                                 f"has {h.shape[-1]} (input points of shape {tuple(x.shape[1:])} per task)")
             h = torch.bmm(h, w.transpose(1, 2)) if step[2] is None else \
                 torch.baddbmm(theta[step[2]].unsqueeze(1), h, w.transpose(1, 2))
             d = None

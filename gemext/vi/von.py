@@ -166,9 +166,13 @@ def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tenso
 def _merit(nll: DataTerm, mu: list[torch.Tensor], prior: Posterior, beta: float,
            index: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Per-task deterministic objective at the mean: nll(μ) + β‖μ − μ₀‖²/(2σ₀²), [T]."""
-    prior_term = sum(((m - m0).pow(2) * torch.exp(-2 * r0)).reshape(m.shape[0], -1).sum(1)
-                     for m, m0, r0 in zip(mu, prior.mu, prior.rho))
-    return nll.task_nll(mu, index) * scale + 0.5 * beta * prior_term
+    return nll.task_nll(mu, index) * scale + 0.5 * beta * _prior_term(mu, prior, 1)
+
+
+def _prior_term(mu: list[torch.Tensor], prior: Posterior, lead: int) -> torch.Tensor:
+    """‖μ − μ₀‖²/σ₀² summed over all but the `lead` leading dims of μ (the prior broadcasts)."""
+    return sum(((m - m0).pow(2) * torch.exp(-2 * r0)).reshape(*m.shape[:lead], -1).sum(-1)
+               for m, m0, r0 in zip(mu, prior.mu, prior.rho))
 
 
 @torch.no_grad()
@@ -186,15 +190,11 @@ def _backtrack_(nll: DataTerm, mu: list[torch.Tensor], mu_old: list[torch.Tensor
     T = merit_old.shape[0]
     f = 0.5 ** torch.arange(halvings + 1, dtype=mu[0].dtype, device=mu[0].device)  # [F]
     F = f.numel()
-    cand, prior_term = [], 0.0
-    for m, m_old, m0, r0 in zip(mu, mu_old, prior.mu, prior.rho):
-        c = m_old.unsqueeze(0) + f.reshape(F, *([1] * m.dim())) * (m - m_old).unsqueeze(0)  # [F, T, ...]
-        cand.append(c)
-        sq = (c - m0.expand_as(m)).pow(2) * torch.exp(-2 * r0).expand_as(m)
-        prior_term = prior_term + sq.reshape(F, T, -1).sum(2)
+    cand = [m_old.unsqueeze(0) + f.reshape(F, *([1] * m.dim())) * (m - m_old).unsqueeze(0)  # [F, T, ...]
+            for m, m_old in zip(mu, mu_old)]
     rep = torch.arange(T, device=merit_old.device).repeat(F)  # candidate i·T + t: task t at fraction f[i]
     data = nll.tasks(rep).task_nll([c.reshape(F * T, *c.shape[2:]) for c in cand], index).reshape(F, T)
-    trial = data * scale + 0.5 * beta * prior_term
+    trial = data * scale + 0.5 * beta * _prior_term(cand, prior, 2)
     ok = _no_rise(trial, merit_old.unsqueeze(0))
     any_ok = ok.any(0)
     first = ok.to(torch.int8).argmax(0)  # the largest fraction that does not rise

@@ -18,7 +18,7 @@ For each op, N weights split over T float32 tensors, rows:
 Effective GB/s use the minimum bytes per weight (DESIGN §2): sample 12, elbo_backward 28,
 gaussian_kl 16, gem_grad+ in place 40, von_step in place (curvature estimated from ε, no
 correction) 36. The reference bandwidth is STREAM triad a = b + s·c on
-64M float32 (CPU) or tensor.copy_ (CUDA), measured in the same run.
+64M float32 (CPU) or tensor.copy_ (CUDA), alternated call by call with each timed op.
 """
 from __future__ import annotations
 
@@ -69,16 +69,34 @@ def median_time(fn: Callable[[], object], device: str, budget_s: float = 1.0,
     return statistics.median(times)
 
 
-def stream_bandwidth(device: str) -> tuple[str, float]:
-    """GB/s of triad a = b + s·c (CPU, 64M float32) or of a device-to-device copy (CUDA)."""
+def bandwidth_probe(device: str) -> tuple[str, int, Callable[[], object]]:
+    """(name, bytes moved, call) of triad a = b + s·c (CPU, 64M float32) or of a
+    device-to-device copy (CUDA)."""
     n = 64 * 2**20
     b, c = torch.randn(n, device=device), torch.randn(n, device=device)
     a = torch.empty_like(b)
     if device == "cuda":
-        t = median_time(lambda: a.copy_(b), device)
-        return "copy", 8 * n / t / 1e9
-    t = median_time(lambda: torch.add(b, c, alpha=3.0, out=a), device)
-    return "triad", 12 * n / t / 1e9
+        return "copy", 8 * n, lambda: a.copy_(b)
+    return "triad", 12 * n, lambda: torch.add(b, c, alpha=3.0, out=a)
+
+
+def paired_times(fn: Callable[[], object], ref: Callable[[], object], device: str,
+                 budget_s: float = 1.0, min_reps: int = 5,
+                 max_reps: int = 50) -> tuple[list[float], list[float]]:
+    """Times of fn and of the bandwidth reference, alternated call by call. A shared host's
+    memory bandwidth drifts by up to 2× within a minute here, so each op is compared with the
+    reference measured beside it, not with one taken at the start of the run."""
+    once = median_time(fn, device, budget_s=0.0, min_reps=1, max_reps=1)
+    reps = int(min(max_reps, max(min_reps, budget_s / once)))
+    t_fn, t_ref = [], []
+    for _ in range(reps):
+        for f, acc in ((fn, t_fn), (ref, t_ref)):
+            _sync(device)
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            acc.append(time.perf_counter() - t0)
+    return t_fn, t_ref
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -238,27 +256,35 @@ IMPLS = {"eager": _eager, "foreach": _foreach, "compile": _compiled, "fused": _f
 # ----------------------------------------------------------------------------- script mode
 def run(sizes: list[int], tensors: list[int], device: str, op_names: list[str],
         impls: list[str]) -> dict:
-    bw_name, bw = stream_bandwidth(device)
-    rows = []
+    bw_name, bw_bytes, probe = bandwidth_probe(device)
+    rows, all_ref = [], []
     for n in sizes:
         for t in tensors:
             w = Workload(n, t, device)
             for op in op_names:
                 eager_t = None
                 for impl in impls:
-                    sec = median_time(IMPLS[impl](op, w), device)
+                    t_fn, t_ref = paired_times(IMPLS[impl](op, w), probe, device)
+                    all_ref += t_ref
+                    sec = statistics.median(t_fn)
                     eager_t = sec if impl == "eager" else eager_t
                     gbs = BYTES[op] * n / sec / 1e9
+                    # per pair: this call's GB/s over the reference's right after it
+                    pct = statistics.median(100 * BYTES[op] * n * tr / (bw_bytes * tf)
+                                            for tf, tr in zip(t_fn, t_ref))
                     rows.append({"op": op, "weights": n, "tensors": t, "impl": impl,
                                  "median_ms": sec * 1e3, "gb_s": gbs,
                                  "speedup_vs_eager": (eager_t / sec) if eager_t else None,
-                                 "pct_of_" + bw_name: 100 * gbs / bw})
+                                 "pct_of_" + bw_name: pct,
+                                 bw_name + "_gb_s": bw_bytes / statistics.median(t_ref) / 1e9})
                     print(f"{op:14s} N={n:.0e} T={t:<4d} {impl:8s} {sec * 1e3:9.3f} ms "
-                          f"{gbs:7.1f} GB/s", file=sys.stderr, flush=True)
+                          f"{gbs:7.1f} GB/s {pct:5.0f}% of {bw_name}", file=sys.stderr, flush=True)
             del w
+    ref_gbs = sorted(bw_bytes / x / 1e9 for x in all_ref)
     return {"device": device, "machine": machine(device), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, bw_name + "_gb_s": bw, "bandwidth_kind": bw_name,
-            "rows": rows}
+            "torch": torch.__version__, bw_name + "_gb_s": statistics.median(ref_gbs),
+            bw_name + "_range_gb_s": [ref_gbs[len(ref_gbs) // 20], ref_gbs[-1 - len(ref_gbs) // 20]],
+            "bandwidth_kind": bw_name, "rows": rows}
 
 
 def machine(device: str) -> str:
@@ -274,8 +300,10 @@ def machine(device: str) -> str:
 def markdown(res: dict) -> str:
     kind = res["bandwidth_kind"]
     bw = res[kind + "_gb_s"]
+    lo, hi = res[kind + "_range_gb_s"]
     lines = [f"{res['machine']}, {res['device']}, {res['threads']} threads, torch {res['torch']}; "
-             f"{kind} bandwidth {bw:.1f} GB/s (median)", "",
+             f"{kind} bandwidth {bw:.1f} GB/s (median; 5–95%: {lo:.1f}–{hi:.1f}), measured "
+             f"call by call beside each row; '% of {kind}' is the median of per-pair ratios", "",
              f"| op | weights | tensors | impl | median ms | GB/s | vs eager | % of {kind} |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in res["rows"]:

@@ -220,7 +220,7 @@ def test_every_learner_two_ranks_match_one(tmp_path):
         for a, b in zip(grads, g2):
             assert (a is None) == (b is None), algo
             if a is not None:
-                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=algo)
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, algo=algo: f"{algo}: {m}")
         assert s2.keys() == stats.keys(), algo
         for k in stats:
             assert abs(s2[k] - stats[k]) <= 1e-5 * max(1.0, abs(stats[k])), (algo, k)

@@ -20,7 +20,7 @@ from .. import ops
 from ..gaussian import Posterior
 from .ngvi import NaturalGradientVI
 from .noise import task_starts
-from .von import VariationalOnlineNewton, _backtrack_, _flat, _merit, _unflatten
+from .von import VariationalOnlineNewton, _backtrack_, _flat, _merit, _unflatten, rows_times
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
                "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
@@ -226,7 +226,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
                     rows.append(R_s)
                     if von.control_variate:  # R(θ − μ); differentiable in σ in graph mode (the noise it cancels)
                         delta = _flat([t - m for t, m in zip(theta, mu)])
-                        offsets.append(torch.bmm(R_s, delta.unsqueeze(-1)).squeeze(-1))
+                        offsets.append(rows_times(R_s, delta, von.workspace("offsets", R_s)))
                     for i, c in nll.lik_curvature(theta, index).items():
                         extra[i] = extra.get(i, 0.0) + c * (scale / S)
                 else:

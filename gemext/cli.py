@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             print(json.dumps(build_info(), indent=2))
             return 0
+        if args.command in ("train", "eval"):
+            # the inner loops' per-step temporaries: reuse freed memory instead of faulting it in again
+            from .allocator import keep_freed_memory
+            keep_freed_memory()
         if args.command == "train":
             return _train(args)
         if args.command == "eval":

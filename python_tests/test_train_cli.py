@@ -373,3 +373,27 @@ def test_cli_eval_predict_samples(tmp_path, capsys):
     maml = train(_config(tmp_path / "m", algo="maml", iterations=2), progress=False)
     code, _, err = _cli(["eval", str(maml), "--tasks", "20", "--predict-samples", "10"], capsys)
     assert code == 2 and "maml does not sample its predictions" in err
+
+
+def test_train_and_eval_keep_freed_memory_unless_told_otherwise(monkeypatch, tmp_path):
+    """`gemext train`/`eval` ask glibc to keep freed memory (1.3× on the sinusoid von step); the
+    user's own MALLOC_*_ settings or GEMEXT_KEEP_FREED_MEMORY=0 win; other commands leave malloc alone."""
+    import platform
+
+    from gemext import allocator
+    for var in (*allocator._ENV, "GEMEXT_KEEP_FREED_MEMORY"):
+        monkeypatch.delenv(var, raising=False)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert allocator.keep_freed_memory() is True  # every mallopt accepted
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GEMEXT_KEEP_FREED_MEMORY", "0")
+    assert allocator.keep_freed_memory() is False
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert cli.main(["info"]) == 0 and calls == []
+    out = tmp_path / "run"
+    assert cli.main(["train", "sinusoid", "--algo", "maml", "--iterations", "2", "--no-eval", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert calls == [1]

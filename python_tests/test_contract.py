@@ -153,7 +153,7 @@ PACKAGE = Path(algorithms.__file__).resolve().parents[1]
 # lower number = lower layer; a module may import its own layer and the ones below
 LAYERS = {
     "_C": 0, "_gym": 0, "ops": 0, "reference": 0, "gaussian": 0, "linalg": 0, "metrics": 0, "plots": 0,
-    "progress": 0, "config": 0, "runs": 0,
+    "progress": 0, "config": 0, "runs": 0, "allocator": 0,
     "vi": 1, "distributed": 1,
     "tasks": 2,
     "algorithms": 3,

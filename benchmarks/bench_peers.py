@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--algos", default=",".join(ALGOS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="every measuring process (peers too) keeps freed memory, as `gemext train` does")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every measuring process
     out = Path(args.out)
@@ -43,7 +45,8 @@ def main() -> None:
     rows: list[dict] = []
     for task in args.tasks.split(","):
         base = {"task": task, "device": "cpu", "repeats": args.repeats, "ways": 5, "shots": 1, "query": 15,
-                "meta_batch": 25 if task == "sinusoid" else 4, "presets": True, "options": {}}
+                "meta_batch": 25 if task == "sinusoid" else 4, "presets": True, "options": {},
+                "keep_freed_memory": args.keep_freed_memory}
         for algo in args.algos.split(","):
             reason = bench_memory._peer_unavailable(algo) if algo in bench_memory.PEERS else None
             if reason:
@@ -61,7 +64,8 @@ def main() -> None:
     ref = {(r["task"], r["inner_steps"]): r["time_per_iter_s"] for r in rows if r["algo"] == "higher-maml"}
     lines = [f"Date {datetime.date.today()}; machine {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores; {args.threads} thread(s); median of {args.repeats} meta-iterations "
-             "after a warm-up, each point in a fresh process.", "",
+             "after a warm-up, each point in a fresh process"
+             f"{', freed memory kept (glibc)' if args.keep_freed_memory else ''}.", "",
              "| task | algorithm | k | ms / meta-iteration | peak MB | speed-up vs higher MAML |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:

@@ -170,7 +170,11 @@ def _make_learner(spec: dict, model, likelihood):
 
 def measure(spec: dict) -> dict[str, float]:
     """Run one point in this process (call it in a fresh one): spec holds task, algo, inner_steps,
-    device, repeats, meta_batch, ways, shots, query and optional learner options."""
+    device, repeats, meta_batch, ways, shots, query, optional learner options and
+    keep_freed_memory (glibc keeps freed memory, as `gemext train` does; default False)."""
+    if spec.get("keep_freed_memory"):
+        from .allocator import keep_freed_memory
+        keep_freed_memory()
     import torch
 
     device = torch.device(spec["device"])

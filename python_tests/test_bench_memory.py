@@ -88,3 +88,15 @@ def test_plain_and_higher_peers_compute_the_same_maml_meta_gradient():
     scale = b.x_query.shape[1] / (2 * s**2)
     for g_h, p in zip(grads[0], learner.parameters()):
         torch.testing.assert_close(p.grad, g_h * scale, rtol=1e-6, atol=1e-9)
+
+
+def test_a_point_keeps_freed_memory_only_when_asked(monkeypatch):
+    from gemext import allocator
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    spec = {"task": "sinusoid", "algo": "reptile", "inner_steps": 1, "device": "cpu", "repeats": 1,
+            "meta_batch": 2, "ways": 5, "shots": 1, "query": 1}
+    bench_memory.measure(spec)
+    assert calls == []
+    bench_memory.measure({**spec, "keep_freed_memory": True})
+    assert calls == [1]

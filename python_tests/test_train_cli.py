@@ -397,3 +397,22 @@ def test_train_and_eval_keep_freed_memory_unless_told_otherwise(monkeypatch, tmp
     assert cli.main(["train", "sinusoid", "--algo", "maml", "--iterations", "2", "--no-eval", "--out", str(out),
                      "--no-progress"]) == 0
     assert calls == [1]
+
+
+def test_sinusoid_preset_defaults_sit_between_the_family_defaults_and_the_users_options(tmp_path):
+    from gemext.families.sinusoid import PRESET_DEFAULTS, SINUSOID_DEFAULTS
+    from gemext.train import open_family
+
+    def noise(**kw) -> float:
+        family = open_family(_config(tmp_path / "p", **{"algo_options": {}, **kw}))
+        try:
+            return float(family.learner_options()["likelihood"].log_sigma.exp())
+        finally:
+            family.close()
+
+    bmaml = PRESET_DEFAULTS["bmaml"]["gem-bml+"]["sigma"]
+    assert bmaml != SINUSOID_DEFAULTS["gem-bml+"]["sigma"]
+    assert noise(preset="finn") == pytest.approx(SINUSOID_DEFAULTS["gem-bml+"]["sigma"])
+    assert noise(preset="bmaml") == pytest.approx(bmaml)
+    assert noise(preset="bmaml", algo="gem-bml") == pytest.approx(SINUSOID_DEFAULTS["gem-bml"]["sigma"])
+    assert noise(preset="bmaml", algo_options={"sigma": 0.3}) == pytest.approx(0.3)  # the user's wins

@@ -65,8 +65,8 @@ SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
 # Per preset, on top of SINUSOID_DEFAULTS, measured on that preset. `bmaml` (frequencies 0.5–2, 1%
 # noise): the sharp likelihood noise chosen on the noise-free `finn` (s = 0.05) over-fits the support.
 # GEM-BML+ MSE after 10 steps at 3000 meta-iterations, s = 0.05 / 0.1 / 0.15 / 0.2 / 0.3: 1.51 / 1.39 /
-# 1.26 / 1.35 / 1.63; at 10000, s = 0.1 / 0.15 / 0.2: 1.19 / 1.09 / 1.29 (MAML 1.20, Reptile 1.18; one
-# seed, RESULTS.md "`bmaml`: the likelihood noise").
+# 1.26 / 1.35 / 1.63; at 10000, s = 0.1 / 0.15 / 0.2: 1.19 / 1.09 / 1.29 (seed 0); with 0.15 over three
+# seeds 1.15 at 10000 against MAML 1.12 and Reptile 1.16 (RESULTS.md, "`bmaml`: the likelihood noise").
 PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "bmaml": {"gem-bml+": dict(sigma=0.15)},
 }

@@ -81,8 +81,9 @@ def atomic_save(obj: dict[str, Any], path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The payload of a checkpoint file, verified; ValueError names what is wrong with it."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:

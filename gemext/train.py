@@ -43,11 +43,12 @@ def build(config: RunConfig) -> tuple[TaskFamily, MetaLearner, int]:
 
 
 # ------------------------------------------------------------------ checkpoints
-def load_checkpoint(path: Path, config: RunConfig | None = None) -> dict:
+def load_checkpoint(path: str | Path, config: RunConfig | None = None) -> dict:
     """Load and check a checkpoint (SHA-256 verified, weights_only; see gemext.runs); refuse a
     corrupt or incompatible one with a clear message. When <name>.prev (the checkpoint before it)
     is good, the message says so and how to resume from it: a deliberate choice over a silent
     fallback, which would hide a failing disk and quietly redo up to two checkpoint intervals."""
+    path = Path(path)
     try:
         return _load_checkpoint(path, config)
     except ValueError as exc:

@@ -416,3 +416,8 @@ def test_sinusoid_preset_defaults_sit_between_the_family_defaults_and_the_users_
     assert noise(preset="bmaml") == pytest.approx(bmaml)
     assert noise(preset="bmaml", algo="gem-bml") == pytest.approx(SINUSOID_DEFAULTS["gem-bml"]["sigma"])
     assert noise(preset="bmaml", algo_options={"sigma": 0.3}) == pytest.approx(0.3)  # the user's wins
+
+
+def test_checkpoints_load_from_a_str_path(tmp_path):
+    run = train(_config(tmp_path / "s", iterations=2), progress=False)
+    assert load_checkpoint(str(run / "checkpoint.pt"))["iteration"] == 2

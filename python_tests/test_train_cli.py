@@ -383,8 +383,10 @@ def test_train_and_eval_keep_freed_memory_unless_told_otherwise(monkeypatch, tmp
     from gemext import allocator
     for var in (*allocator._ENV, "GEMEXT_KEEP_FREED_MEMORY"):
         monkeypatch.delenv(var, raising=False)
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert allocator.keep_freed_memory() is True  # every mallopt accepted
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # every mallopt accepted,
+        out = subprocess.run([sys.executable, "-c", "from gemext.allocator import keep_freed_memory; "  # in a
+                              "print(keep_freed_memory())"], capture_output=True, text=True, check=True)  # child:
+        assert out.stdout.strip() == "True"  # the suite's own process keeps glibc's defaults
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert allocator.keep_freed_memory() is False
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")

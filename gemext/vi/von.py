@@ -170,17 +170,19 @@ def rows_times(R: torch.Tensor, v: torch.Tensor, buf: torch.Tensor | None = None
     a task's result moved by 3e-5 with its place in the batch, enough to break the agreement of a
     sharded run with one process (test_every_learner_two_ranks_match_one) — and as a [T, D, 1]
     column it depends on the batch size (a task alone against four) and is 5× slower."""
-    if buf is not None and not _builds_graph(R, v):
-        return torch.mul(R, v.unsqueeze(1), out=buf).sum(-1)
-    return (R * v.unsqueeze(1)).sum(-1)
+    return _summed_products(R, v.unsqueeze(1), -1, buf)
 
 
 def rows_t_times(R: torch.Tensor, z: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
     """Rᵀz per task: R [T, M, D], z [T, M] -> [T, D], summed over the rows in order (as in
     `rows_times`)."""
-    if buf is not None and not _builds_graph(R, z):
-        return torch.mul(R, z.unsqueeze(-1), out=buf).sum(1)
-    return (R * z.unsqueeze(-1)).sum(1)
+    return _summed_products(R, z.unsqueeze(-1), 1, buf)
+
+
+def _summed_products(R: torch.Tensor, x: torch.Tensor, dim: int, buf: torch.Tensor | None) -> torch.Tensor:
+    if buf is not None and not _builds_graph(R, x):
+        return torch.mul(R, x, out=buf).sum(dim)
+    return (R * x).sum(dim)
 
 
 def _builds_graph(*ts: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ defaults for the task). Every point is a fresh process (gemext.bench_memory), on
 ratios are against higher's MAML at the same task and k, measured in the same run.
 
     python benchmarks/bench_peers.py --out benchmarks/out/peers [--tasks sinusoid,omniglot] [--steps 1,5,20]
+        [--device cuda]
 
 Writes peers.csv, peers.md (table) and peers.png (time per meta-iteration vs k).
 """
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--algos", default=",".join(ALGOS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where every point runs (peak memory: RSS on cpu, allocated device memory on cuda)")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="every measuring process (peers too) keeps freed memory, as `gemext train` does")
     args = ap.parse_args()
@@ -44,7 +47,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for task in args.tasks.split(","):
-        base = {"task": task, "device": "cpu", "repeats": args.repeats, "ways": 5, "shots": 1, "query": 15,
+        base = {"task": task, "device": args.device, "repeats": args.repeats, "ways": 5, "shots": 1, "query": 15,
                 "meta_batch": 25 if task == "sinusoid" else 4, "presets": True, "options": {},
                 "keep_freed_memory": args.keep_freed_memory}
         for algo in args.algos.split(","):
@@ -63,8 +66,8 @@ def main() -> None:
         w.writerows({k: r[k] for k in w.fieldnames} for r in rows)
     ref = {(r["task"], r["inner_steps"]): r["time_per_iter_s"] for r in rows if r["algo"] == "higher-maml"}
     lines = [f"Date {datetime.date.today()}; machine {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores; {args.threads} thread(s); median of {args.repeats} meta-iterations "
-             "after a warm-up, each point in a fresh process"
+             f"{os.cpu_count()} cores; device {args.device}; {args.threads} thread(s); median of {args.repeats} "
+             "meta-iterations after a warm-up, each point in a fresh process"
              f"{', freed memory kept (glibc)' if args.keep_freed_memory else ''}.", "",
              "| task | algorithm | k | ms / meta-iteration | peak MB | speed-up vs higher MAML |",
              "|---|---|---:|---:|---:|---:|"]

@@ -268,6 +268,10 @@ def test_pointwise_and_mlp_rows_equal_the_batched_rows(kind, arch):
         assert fwd.pointwise == pointwise
         term = DataTerm(fwd, lik, x, y, names)
         results.append(term.value_grad_rows(theta, index, torch.Generator().manual_seed(3)))
+    if plan is not None:  # the MLP rows written into a caller's block (`out`): every entry of it
+        block = torch.full_like(results[-1][2], float("nan"))
+        again = term.value_grad_rows(theta, index, torch.Generator().manual_seed(3), block)[2]
+        assert again.data_ptr() == block.data_ptr() and torch.equal(again, results[-1][2])
     for _v, _g, r, d in results:  # the diagonal each path gives is that of its rows
         torch.testing.assert_close(d, (r * r).sum(1), rtol=1e-10, atol=1e-12)
     v0, g0, r0, _ = results[0]
@@ -464,7 +468,7 @@ def test_backtracking_picks_what_a_halving_loop_picks():
     per task, the first fraction 1, 1/2, 1/4, ... whose objective does not rise, or undoes the step:
     checked against a plain halving loop on tasks that accept, halve to different depths and undo."""
     from gemext.algorithms.base import FunctionalNet
-    from gemext.vi import _backtrack_, _merit
+    from gemext.vi import _backtrack_, _flat, _merit
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
     names = [n for n, _ in model.named_parameters()]
@@ -481,7 +485,7 @@ def test_backtracking_picks_what_a_halving_loop_picks():
     step = [-g * scale.reshape(-1, *[1] * (g.dim() - 1)) for g in grads]
     merit_old = _merit(term, old, prior, 1.0, None, 1.0)
     mu = [m + d for m, d in zip(old, step)]
-    merit, frac = _backtrack_(term, mu, old, merit_old, prior, 1.0, None, 1.0, H)
+    merit, frac = _backtrack_(term, mu, _flat(old), merit_old, prior, 1.0, None, 1.0, H)
     want = torch.zeros(T, dtype=torch.float64)
     for t in range(T):  # the reference: one task at a time, one fraction at a time
         one = Posterior(names, [m[t:t + 1] for m in old], [r[t:t + 1] for r in prior.rho])

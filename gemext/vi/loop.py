@@ -20,7 +20,7 @@ from .. import ops
 from ..gaussian import Posterior
 from .ngvi import NaturalGradientVI
 from .noise import task_starts
-from .von import VariationalOnlineNewton, _backtrack_, _flat, _merit, _unflatten, rows_times
+from .von import FlatPrior, VariationalOnlineNewton, _backtrack_, _flat, _merit, _unflatten, rows_times
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
                "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
@@ -189,6 +189,8 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
     starts = task_starts(mu, task_range)
     last = float("nan")
     merit: torch.Tensor | None = None
+    spare_rows: list[torch.Tensor | None] = [None] * S  # each sample's rows of the last step
+    flat_prior: FlatPrior | None = None  # for the backtracking, computed once (the prior is fixed in a fit)
     if callback is not None:
         callback(0, Posterior(init.names, mu, rho))
     for step in range(config.steps):
@@ -214,19 +216,25 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
                     with torch.no_grad():
                         theta = ops.sample(mu, rho, seed, s, starts)
                 if von.uses_ggn():
-                    value, g, R_s, diag_s = nll.value_grad_rows([t.detach() for t in theta], index, generator)
-                    diag_s = diag_s * (scale / S)
-                    ggn_diag = diag_s if ggn_diag is None else ggn_diag + diag_s
+                    # the rows of this sample at the last step are dead by now: their block takes this
+                    # step's (a fresh one each step costs page faults); not in graph mode, whose last
+                    # step's graph holds them
+                    value, g, R_s, diag_s = nll.value_grad_rows([t.detach() for t in theta], index, generator,
+                                                                None if create_graph else spare_rows[s])
+                    spare_rows[s] = R_s
                     if create_graph:
                         g = list(torch.autograd.grad(nll(theta, index), theta, create_graph=True))
                     total += value * (scale / S)
-                    g = [gi * (scale / S) for gi in g]
-                    if scale / S != 1.0:  # the rows of a minibatch or of one of S samples, rescaled
-                        R_s = R_s * math.sqrt(scale / S)
+                    if scale / S != 1.0:  # a minibatch or one of S samples: its terms rescaled
+                        diag_s = diag_s * (scale / S)
+                        g = [gi * (scale / S) for gi in g]
+                        R_s.mul_(math.sqrt(scale / S))  # in place: a block of its own (see above)
+                    ggn_diag = diag_s if ggn_diag is None else ggn_diag + diag_s
                     rows.append(R_s)
                     if von.control_variate:  # R(θ − μ); differentiable in σ in graph mode (the noise it cancels)
-                        delta = _flat([t - m for t, m in zip(theta, mu)])
-                        offsets.append(rows_times(R_s, delta, von.workspace("offsets", R_s)))
+                        delta = _flat(theta) - _flat(mu)
+                        # the step's own products of the rows come later: one buffer serves both
+                        offsets.append(rows_times(R_s, delta, von.workspace("products", R_s)))
                     for i, c in nll.lik_curvature(theta, index).items():
                         extra[i] = extra.get(i, 0.0) + c * (scale / S)
                 else:
@@ -249,16 +257,18 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
             curv = _unflatten(ggn_diag, mu)
         row_offset = torch.cat(offsets, 1) if offsets else None
         search = von.backtrack > 0 and hasattr(nll, "task_nll")
-        mu_old = [m.detach().clone() for m in mu] if search else None
+        mu_old = _flat(mu).detach() if search else None  # a copy: the step updates μ in place
+        if search and flat_prior is None:
+            flat_prior = FlatPrior.of(data_prior)
         if search and (merit is None or index is not None):  # full-data steps reuse the last accepted value
-            merit = _merit(nll, mu_old, data_prior, beta, index, scale)
+            merit = _merit(nll, _unflatten(mu_old, mu), flat_prior, beta, index, scale)
         if create_graph:
             with torch.enable_grad():
                 mu_new, rho, h = von.step_differentiable(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts,
                                                          curv, row_offset)
             if search:
                 trial = [m.detach().clone() for m in mu_new]
-                merit, frac = _backtrack_(nll, trial, mu_old, merit, data_prior, beta, index, scale, von.backtrack)
+                merit, frac = _backtrack_(nll, trial, mu_old, merit, flat_prior, beta, index, scale, von.backtrack)
                 if bool((frac != 1).any()):
                     mu_new = [m0 + frac.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1))) * (m - m0)
                               for m, m0 in zip(mu_new, mu)]
@@ -266,7 +276,7 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         else:
             von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv, row_offset)
             if search:
-                merit, _ = _backtrack_(nll, mu, mu_old, merit, prior, beta, index, scale, von.backtrack)
+                merit, _ = _backtrack_(nll, mu, mu_old, merit, flat_prior, beta, index, scale, von.backtrack)
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, mu, rho), last)

@@ -53,9 +53,13 @@ class DataTerm:
         with one label sampled from the model per point (M = points; unbiased for the GGN)."""
         return self.value_grad_rows(theta, index, generator)[2]
 
-    def value_grad_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None, generator: torch.Generator | None
+    def value_grad_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None, generator: torch.Generator | None,
+                        rows_out: torch.Tensor | None = None
                         ) -> tuple[float, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(nll, ∂nll/∂θ, GGN rows R [T, M, D] as in `ggn_rows`, the GGN diagonal Σ_m R² [T, D]).
+        `rows_out`: a tensor the rows may be written into (and returned) when its shape and dtype fit,
+        e.g. the rows of the previous step, no longer needed: a fresh block each step costs page
+        faults.
 
         The data gradient is the pullback of ∂nll/∂outputs, batched with the rows' cotangents. Three
         ways, the first that applies: an MLP plan (`FunctionalNet.mlp`, points as vectors) by hand,
@@ -96,7 +100,8 @@ class DataTerm:
             cot = self.likelihood.ggn_cotangents(out.detach(), self._lik_params(full, ys), generator)  # [K, T, N, ...]
             T, N, K = out.shape[0], out.shape[1], cot.shape[0]
             if plan is not None:
-                return float(loss.detach()), *_mlp_pullback(plan, full, layers, d_out, cot, self.lik_idx, d_lik)
+                return float(loss.detach()), *_mlp_pullback(plan, full, layers, d_out, cot, self.lik_idx, d_lik,
+                                                            rows_out)
             if pointwise:
                 pulled = self._pointwise_pullback(full, model_idx, xs, torch.cat([d_out.unsqueeze(0), cot]))
                 model_grads = [p[:, :, 0].sum(1) for p in pulled]  # [T, N, 1 + K, ...] each
@@ -188,7 +193,7 @@ def mlp_forward(plan: list[tuple], theta: list[torch.Tensor], x: torch.Tensor, r
 
 
 def _mlp_pullback(plan: list[tuple], theta: list[torch.Tensor], layers: list[tuple], d_out: torch.Tensor,
-                  cot: torch.Tensor, lik_idx: list[int], d_lik: list[torch.Tensor]
+                  cot: torch.Tensor, lik_idx: list[int], d_lik: list[torch.Tensor], rows_out: torch.Tensor | None = None
                   ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """The data gradient, the GGN rows [T, N·K, D] and their diagonal Σ_m R² [T, D] of an
     `mlp_plan` network: the cotangents of every point ([T, N, 1 + K, O]: ∂nll/∂outputs, then the K
@@ -197,7 +202,10 @@ def _mlp_pullback(plan: list[tuple], theta: list[torch.Tensor], layers: list[tup
     T, N, K = d_out.shape[0], d_out.shape[1], cot.shape[0]
     sizes = [t[0].numel() for t in theta]
     offsets = [sum(sizes[:i]) for i in range(len(theta))]
-    R = d_out.new_empty(T, N, K, sum(sizes))
+    shape = (T, N * K, sum(sizes))
+    fits = rows_out is not None and rows_out.shape == shape and rows_out.dtype == d_out.dtype \
+        and rows_out.device == d_out.device and rows_out.is_contiguous()
+    R = (rows_out if fits else d_out.new_empty(shape)).view(T, N, K, -1)
     diag = d_out.new_zeros(T, sum(sizes))
     grads: list[torch.Tensor | None] = [None] * len(theta)
     for i, g in zip(lik_idx, d_lik):

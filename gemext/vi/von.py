@@ -2,7 +2,8 @@
 the GGN rows, and the per-task backtracking on the deterministic merit."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -61,15 +62,31 @@ class VariationalOnlineNewton:
     def workspace(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped like `like`, kept across the steps of a fit (one instance serves one
         fit): a fresh [T, M, D] block per step costs page faults that took up to 10× the
-        arithmetic written into it ([25, 20, 1761]: 1.3 ms against 0.13 ms)."""
+        arithmetic written into it ([25, 20, 1761]: 1.3 ms against 0.13 ms). The storage only
+        grows, so the uses of one name may differ in shape (the products of one sample's rows,
+        then of all samples' rows)."""
         work = self.__dict__.setdefault("_work", {})
-        buf = work.get(name)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = work[name] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        return buf
+        buf, n = work.get(name), like.numel()
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = work[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(like.shape)
 
     def uses_ggn(self) -> bool:
         return self.curvature == "ggn"
+
+    def _prior_terms(self, prior: Posterior, beta: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(μ₀, β/σ₀², Λ = β/σ₀² + damping, 1/Λ), flat [T, D], computed once per fit: the prior
+        does not change within one (the same `prior` object every step; a graph it carries is kept
+        where the step builds one)."""
+        key = (beta, torch.is_grad_enabled())
+        cached = self.__dict__.get("_prior")
+        if cached is None or cached[0] is not prior or cached[1] != key:
+            mu0, prec = FlatPrior.of(prior)
+            prec0 = beta * prec
+            lam = prec0 + self.damping
+            cached = self._prior = (prior, key, mu0, prec0, lam, lam.reciprocal())
+        return cached[2:]
 
     @torch.no_grad()
     def step(self, mu: list[torch.Tensor], rho: list[torch.Tensor], h: list[torch.Tensor],
@@ -120,21 +137,22 @@ class VariationalOnlineNewton:
             for i, c in extra_curv.items():
                 curv[i] = c
             if self.coupling == "full":
-                prec0 = [beta * torch.exp(-2 * r0) for r0 in prior.rho]
-                resid = [g + p0 * (m - m0) for g, p0, m, m0 in zip(grad, prec0, mu, prior.mu)]
-                # likelihood parameters have no GGN rows: their own (diagonal) Fisher joins Λ
-                lam = _flat([p0 + self.damping + extra_curv.get(i, 0.0) for i, p0 in enumerate(prec0)])
+                mu0, prec0, lam, lam_inv = self._prior_terms(prior, beta)
+                resid = _flat(grad) + prec0 * (_flat(mu) - mu0)  # [T, D]
+                if extra_curv:  # likelihood parameters have no GGN rows: their own (diagonal) Fisher joins Λ
+                    lam = lam + _flat([extra_curv.get(i, torch.zeros_like(m)) for i, m in enumerate(mu)])
+                    lam_inv = lam.reciprocal()
                 # Woodbury: (Λ + RᵀR)⁻¹r = (r − Rᵀz)/Λ with z = (I + RΛ⁻¹Rᵀ)⁻¹RΛ⁻¹r. With the control
                 # variate r = r₀ − Rᵀw (w = the rows applied to θ − μ), which folds into z:
                 # r − Rᵀz = r₀ − Rᵀ(I + RΛ⁻¹Rᵀ)⁻¹(RΛ⁻¹r₀ + w): one solve covers both.
                 # The small M×M system is factorised in float64: the eigenvalues of I + RΛ⁻¹Rᵀ span 1
                 # to ~‖R‖²/Λ (1e8 on small nets with a wide prior). Should float32 rounding of the
                 # product still break positive-definiteness, the product is redone in float64.
-                lam_inv = lam.reciprocal()
                 graph = _builds_graph(R, lam_inv)
-                Y = R * lam_inv.unsqueeze(1) if graph else \
-                    torch.mul(R, lam_inv.unsqueeze(1), out=self.workspace("scaled", R))  # RΛ⁻¹
                 prod = None if graph else self.workspace("products", R)
+                # RΛ⁻¹ is only needed for K (the right-hand side takes R(Λ⁻¹r)): it goes into the products'
+                # buffer, one [T, M, D] block per fit fewer to fault in
+                Y = R * lam_inv.unsqueeze(1) if graph else torch.mul(R, lam_inv.unsqueeze(1), out=prod)
                 K = torch.bmm(Y, R.transpose(1, 2)).double()
                 K.diagonal(dim1=1, dim2=2).add_(1.0)
                 L, info = torch.linalg.cholesky_ex(K)
@@ -148,15 +166,17 @@ class VariationalOnlineNewton:
                         raise FloatingPointError("von step: the curvature of the data term is not finite "
                                                  f"(task {int(failed[(info_d > 0).nonzero()[0, 0]])})")
                     L = L.index_copy(0, failed, Ld)
-                rhs = rows_times(Y, _flat(resid), prod).unsqueeze(-1).double()
+                rhs = rows_times(R, lam_inv * resid, prod).unsqueeze(-1).double()
                 if self.control_variate and row_offset is not None:
                     rhs = rhs + row_offset.double().unsqueeze(-1)
                 z = torch.cholesky_solve(rhs, L).to(R.dtype)
                 # the kernel divides by β/σ₀² + damping: a likelihood parameter's Fisher F enters the
                 # correction as r·F/Λ
                 correction = _unflatten(rows_t_times(R, z.squeeze(-1), prod), mu)  # Rᵀz
-                for i, f in extra_curv.items():
-                    correction[i] = resid[i] * f / (prec0[i] + self.damping + f)
+                if extra_curv:
+                    resid_i, prec0_i = _unflatten(resid, mu), _unflatten(prec0, mu)
+                    for i, f in extra_curv.items():
+                        correction[i] = resid_i[i] * f / (prec0_i[i] + self.damping + f)
             elif self.control_variate and row_offset is not None:
                 cv = rows_t_times(R, row_offset)
                 grad = [g - c for g, c in zip(grad, _unflatten(cv, mu))]
@@ -194,60 +214,70 @@ def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` [B, D] shaped like the tensors of `like` past their leading dimension."""
     out, pos = [], 0
     for t in like:
-        n = t[0].numel()
-        out.append(flat[:, pos:pos + n].reshape(t.shape))
+        n = math.prod(t.shape[1:])
+        out.append(flat[:, pos:pos + n].reshape(flat.shape[0], *t.shape[1:]))
         pos += n
     return out
 
 
-def _merit(nll: DataTerm, mu: list[torch.Tensor], prior: Posterior, beta: float,
+class FlatPrior(NamedTuple):
+    """The prior's μ₀ and 1/σ₀² = exp(−2ρ₀), flat [T, D]: a fit computes them once (its prior is
+    fixed) for the step and the per-task objective of the backtracking."""
+
+    mu: torch.Tensor
+    prec: torch.Tensor
+
+    @classmethod
+    def of(cls, prior: Posterior) -> FlatPrior:
+        return cls(_flat(prior.mu), torch.exp(-2 * _flat(prior.rho)))
+
+
+def _merit(nll: DataTerm, mu: list[torch.Tensor], prior: Posterior | FlatPrior, beta: float,
            index: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Per-task deterministic objective at the mean: nll(μ) + β‖μ − μ₀‖²/(2σ₀²), [T]."""
-    T = mu[0].shape[0]
-    prior_term = sum(((m - m0).pow(2) * torch.exp(-2 * r0)).reshape(T, -1).sum(-1)
-                     for m, m0, r0 in zip(mu, prior.mu, prior.rho))
-    return nll.task_nll(mu, index) * scale + 0.5 * beta * prior_term
+    mu0, prec0 = prior if isinstance(prior, FlatPrior) else FlatPrior.of(prior)
+    d = _flat(mu) - mu0
+    return nll.task_nll(mu, index) * scale + 0.5 * beta * (d * d * prec0).sum(-1)
 
 
 @torch.no_grad()
-def _backtrack_(nll: DataTerm, mu: list[torch.Tensor], mu_old: list[torch.Tensor], merit_old: torch.Tensor,
-                prior: Posterior, beta: float, index: torch.Tensor | None, scale: float,
+def _backtrack_(nll: DataTerm, mu: list[torch.Tensor], mu_old: torch.Tensor, merit_old: torch.Tensor,
+                prior: Posterior | FlatPrior, beta: float, index: torch.Tensor | None, scale: float,
                 halvings: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep, per task, the largest fraction 1, 1/2, …, 2^-halvings of its mean step (μ_old → μ,
-    applied in place to `mu`) whose objective does not rise (NaN counts as a rise), or undo the
-    step. Returns the objective at the accepted means and each task's accepted fraction, [T] each.
+    applied in place to `mu`; μ_old flat, [T, D]) whose objective does not rise (NaN counts as a
+    rise), or undo the step. Returns the objective at the accepted means and each task's accepted
+    fraction, [T] each.
 
     Every fraction of every task is tried in ONE forward over [(halvings + 1) × T] candidates: on
     a network most full Gauss-Newton steps overshoot (about 3 tasks in 4 on sinusoid), so trying
     the halvings only after the full step failed costs a second forward, index copies and a host
-    sync for nearly every step. The decision is the one a halving loop makes; nothing syncs."""
+    sync for nearly every step. The decision is the one a halving loop makes; nothing syncs. The
+    arithmetic runs on the flattened weights (a few ops over [T, D], not a few per weight tensor)."""
     T = merit_old.shape[0]
-    f = 0.5 ** torch.arange(halvings + 1, dtype=mu[0].dtype, device=mu[0].device)  # [F]
+    mu0, prec0 = prior if isinstance(prior, FlatPrior) else FlatPrior.of(prior)
+    new = _flat(mu)
+    step = new - mu_old
+    f = 0.5 ** torch.arange(halvings + 1, dtype=new.dtype, device=new.device)  # [F]
     F = f.numel()
-    cand = [m_old.unsqueeze(0) + f.reshape(F, *([1] * m.dim())) * (m - m_old).unsqueeze(0)  # [F, T, ...]
-            for m, m_old in zip(mu, mu_old)]
+    cand = (f.reshape(F, 1, 1) * step.unsqueeze(0)).add_(mu_old)  # [F, T, D]: μ_old + fΔ
     rep = torch.arange(T, device=merit_old.device).repeat(F)  # candidate i·T + t: task t at fraction f[i]
-    data = nll.tasks(rep).task_nll([c.reshape(F * T, *c.shape[2:]) for c in cand], index).reshape(F, T)
+    data = nll.tasks(rep).task_nll(_unflatten(cand.view(F * T, -1), mu), index).reshape(F, T)
     # the prior term along the step is a quadratic in f: ‖d + fΔ‖²/σ₀² = a + 2fb + f²c per task,
-    # three reductions over [T, ...] instead of one over all F candidates
-    a = b = c = 0.0
-    for m, m_old, m0, r0 in zip(mu, mu_old, prior.mu, prior.rho):
-        p0 = torch.exp(-2 * r0)
-        d, step = m_old - m0, m - m_old
-        pd = p0 * d
-        a = a + (pd * d).reshape(T, -1).sum(-1)
-        b = b + (pd * step).reshape(T, -1).sum(-1)
-        c = c + (p0 * step * step).reshape(T, -1).sum(-1)
+    # three reductions over [T, D] instead of one over all F candidates
+    d = mu_old - mu0
+    pd = prec0 * d
+    a, b, c = (pd * d).sum(-1), (pd * step).sum(-1), (prec0 * step * step).sum(-1)
     trial = data * scale + 0.5 * beta * (a + f.unsqueeze(1) * (2 * b + f.unsqueeze(1) * c))
     ok = _no_rise(trial, merit_old.unsqueeze(0))
     any_ok = ok.any(0)
     first = ok.to(torch.int8).argmax(0)  # the largest fraction that does not rise
     frac = torch.where(any_ok, f[first], torch.zeros_like(f[first]))
     merit = torch.where(any_ok, trial.gather(0, first.unsqueeze(0)).squeeze(0), merit_old)
-    for m, m_old in zip(mu, mu_old):
-        m.copy_(torch.lerp(m_old, m, frac.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1)))))
+    torch._foreach_copy_(mu, _unflatten(torch.lerp(mu_old, new, frac.unsqueeze(1)), mu))
     return merit, frac
 
 

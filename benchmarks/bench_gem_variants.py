@@ -3,7 +3,7 @@ inner VI (von / ngvi), the second fit (joint / sequential), the inner steps. The
 turns iteration by iteration (same task batches, one intra-op thread), so a busy machine slows
 them alike and the ratios stay meaningful.
 
-    python benchmarks/bench_gem_variants.py --out benchmarks/out/variants [--iterations 30]
+    python benchmarks/bench_gem_variants.py --out benchmarks/out/variants [--iterations 30] [--keep-freed-memory]
 
 Each setting is the algorithm's SINUSOID_DEFAULTS updated with its options. Writes variants.md and
 variants.json (median ms per meta-iteration, ratio to the first setting)."""
@@ -40,8 +40,13 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=30)
     ap.add_argument("--meta-batch", type=int, default=25)
     ap.add_argument("--settings", default=None, help='JSON {"label": {options}} (default: von/ngvi × joint/sequential)')
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc keeps freed memory for reuse, as `gemext train` does (gemext.allocator)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.keep_freed_memory:
+        from gemext.allocator import keep_freed_memory
+        keep_freed_memory()
     settings = json.loads(args.settings) if args.settings else SETTINGS
     data = SinusoidTasks("finn")
     learners = {}
@@ -72,7 +77,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     head = (f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-            f"1 thread, {args.algo}, meta-batch {args.meta_batch}, {args.iterations} iterations (median after {warm})")
+            f"1 thread, {args.algo}, meta-batch {args.meta_batch}, {args.iterations} iterations (median after {warm})"
+            f"{', freed memory kept' if args.keep_freed_memory else ''}")
     lines = [head, "", f"| setting | ms / meta-iteration | × {first} |", "|---|---:|---:|"]
     lines += [f"| {r['setting']} | {r['ms']:.1f} | {r['ratio']:.2f} |" for r in rows]
     (out / "variants.md").write_text("\n".join(lines) + "\n")

@@ -22,6 +22,7 @@ import datetime
 import math
 import os
 import platform
+import statistics
 from pathlib import Path
 
 ALGOS = ("gem-bml+", "gem-bml", "maml", "fomaml", "reptile", "imaml", "higher-maml", "plain-maml")
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--algos", default=",".join(ALGOS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every point this many times, interleaved, and report the median (shared machines)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where every point runs (peak memory: RSS on cpu, allocated device memory on cuda)")
     ap.add_argument("--keep-freed-memory", action="store_true",
@@ -50,16 +53,25 @@ def main() -> None:
         base = {"task": task, "device": args.device, "repeats": args.repeats, "ways": 5, "shots": 1, "query": 15,
                 "meta_batch": 25 if task == "sinusoid" else 4, "presets": True, "options": {},
                 "keep_freed_memory": args.keep_freed_memory}
+        algos = []
         for algo in args.algos.split(","):
             reason = bench_memory._peer_unavailable(algo) if algo in bench_memory.PEERS else None
             if reason:
                 print(f"skipping {algo}: {reason}", flush=True)
-                continue
+            else:
+                algos.append(algo)
+        points: dict[tuple[str, int], list[dict]] = {}
+        for rnd in range(args.rounds):  # every point once per round: slow drifts of a shared machine hit all alike
             for k in (int(s) for s in args.steps.split(",")):
-                res = bench_memory._run_point({**base, "algo": algo, "inner_steps": k}, timeout_s=1800)
-                rows.append({"task": task, "algo": algo, "inner_steps": k, **res})
-                print(f"{task:>9} {algo:>12} k={k:<3} {1e3 * res['time_per_iter_s']:10.1f} ms "
-                      f"{res['peak_mem_mb']:8.1f} MB", flush=True)
+                for algo in algos:
+                    res = bench_memory._run_point({**base, "algo": algo, "inner_steps": k}, timeout_s=1800)
+                    points.setdefault((algo, k), []).append(res)
+                    print(f"{task:>9} {algo:>12} k={k:<3} round {rnd + 1}: {1e3 * res['time_per_iter_s']:10.1f} ms "
+                          f"{res['peak_mem_mb']:8.1f} MB", flush=True)
+        for (algo, k), results in sorted(points.items(), key=lambda kv: (algos.index(kv[0][0]), kv[0][1])):
+            rows.append({"task": task, "algo": algo, "inner_steps": k,
+                         "time_per_iter_s": statistics.median(r["time_per_iter_s"] for r in results),
+                         "peak_mem_mb": max(r["peak_mem_mb"] for r in results)})
     with open(out / "peers.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["task", "algo", "inner_steps", "time_per_iter_s", "peak_mem_mb"])
         w.writeheader()
@@ -68,6 +80,7 @@ def main() -> None:
     lines = [f"Date {datetime.date.today()}; machine {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores; device {args.device}; {args.threads} thread(s); median of {args.repeats} "
              "meta-iterations after a warm-up, each point in a fresh process"
+             f"{f', median over {args.rounds} interleaved rounds' if args.rounds > 1 else ''}"
              f"{', freed memory kept (glibc)' if args.keep_freed_memory else ''}.", "",
              "| task | algorithm | k | ms / meta-iteration | peak MB | speed-up vs higher MAML |",
              "|---|---|---:|---:|---:|---:|"]

@@ -8,6 +8,14 @@ from typing import Any
 import torch
 
 FAMILY_FLAGS = ("preset", "ways", "shots", "data_root")  # read only by the families that declare them
+# algo_options keys a run refuses, with what to do instead: settings that have their own flag (the
+# family passes them to the learner itself), and the likelihood, an object the family builds
+REFUSED_OPTIONS = {
+    **{k: f"use --{k.replace('_', '-')}" for k in ("seed", "device", "iterations", "meta_lr", "preset", "ways",
+                                                    "shots", "data_root")},
+    "likelihood": "the task family sets it (sinusoid: use \"sigma\" for the Gaussian noise, \"learn_noise\" "
+                  "to learn it; vision tasks are categorical)",
+}
 
 
 @dataclass
@@ -45,5 +53,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not isinstance(self.algo_options, dict):
             raise TypeError(f"algo_options must be a dict, got {type(self.algo_options).__name__}")
+        for key in self.algo_options:
+            if key in REFUSED_OPTIONS:
+                raise ValueError(f"option {key} cannot be given in --options: {REFUSED_OPTIONS[key]}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")

@@ -189,6 +189,27 @@ def open_folder(folder: Path, resume: bool, overwrite: bool) -> RunLock:
     return lock
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders that creating `folder` makes, deepest first (none when it exists)."""
+    missing, f = [], Path(folder).absolute()
+    while not f.exists():
+        missing.append(f)
+        f = f.parent
+    return missing
+
+
+def remove_unused(folders: list[Path]) -> None:
+    """Remove `folders` (this run created them, deepest first) while they hold nothing but its lock
+    file: a run refused before it wrote anything leaves no folder behind."""
+    for f in folders:
+        try:
+            if {p.name for p in f.iterdir()} <= {".lock"}:
+                (f / ".lock").unlink(missing_ok=True)
+            f.rmdir()  # fails, and stops here, on a folder that holds anything else
+        except OSError:
+            return
+
+
 class RunLog:
     """OUT/log.csv, one row per logged iteration, readable while the run goes on: each row is
     appended as it comes (the whole file is rewritten only when the columns change). Resuming from a

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, distributed, families, runs
+from . import __version__, algorithms, distributed, families, runs
 from .algorithms import MetaLearner
 from .config import RunConfig
 from .families import TASKS, TaskFamily
@@ -67,18 +67,27 @@ def _load_checkpoint(path: Path, config: RunConfig | None) -> dict:
     ckpt = runs.read_checkpoint(path)
     if config is not None:
         saved = ckpt["config"]
+        if saved.get("task") == config.task:  # defaults spelled out or left out are the same run
+            saved, current = _with_defaults(saved), _with_defaults(asdict(config))
+        else:
+            current = asdict(config)
         for key in ("task", "algo", "preset", "seed", "ways", "shots"):
-            if saved.get(key) != getattr(config, key):
+            if saved.get(key) != current[key]:
                 raise ValueError(f"checkpoint {path} was written for {key}={saved.get(key)!r}, "
-                                 f"but this run has {key}={getattr(config, key)!r}")
+                                 f"but this run has {key}={current[key]!r}")
     return ckpt
 
 
+def _with_defaults(cfg: dict) -> dict:
+    return families.get(cfg["task"]).with_defaults(cfg)
+
+
 def _effective(cfg: dict) -> dict:
-    """A run's settings with the flags that are shorthands for options (the family's `folded`:
-    --inner-steps always, --meta-batch for RL) folded into algo_options, as the families fold
-    them: two spellings of one run compare equal."""
-    cfg = dict(cfg)
+    """A run's settings with the family's defaults filled in (`TaskFamily.with_defaults`) and the
+    flags that are shorthands for options (the family's `folded`: --inner-steps always,
+    --meta-batch for RL) folded into algo_options, as the families fold them: two spellings of one
+    run compare equal."""
+    cfg = _with_defaults(cfg)
     opts = {k: v for k, v in (cfg.get("algo_options") or {}).items() if k != "resolved"}
     for key in families.get(cfg["task"]).folded:
         if cfg.get(key) is not None:
@@ -223,6 +232,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
     dctx = distributed.setup(config.device)
     clean = False  # whether every rank is expected at the closing barrier
     locks: list[runs.RunLock] = []
+    created = runs.missing_folders(Path(config.out)) if dctx.is_main else []
     try:
         # rank 0 owns the folder; its refusal reaches every rank
         dctx.from_main(lambda: locks.append(runs.open_folder(Path(config.out), resume, overwrite)), "run folder")
@@ -235,6 +245,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
     finally:
         for lock in locks:
             lock.release()
+        if not clean:  # refused before writing anything: no empty run folder left behind
+            runs.remove_unused(created)
         dctx.close(clean)
 
 
@@ -363,7 +375,7 @@ def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = 
     config, family, learner, ckpt = load_run(run, data_root)
     with family:
         if predict_samples is not None:
-            if not hasattr(learner, "predict_samples"):
+            if "predict_samples" not in algorithms.option_names(config.algo, family.domain):
                 raise ValueError(f"predict_samples: {config.algo} does not sample its predictions")
             learner.predict_samples = predict_samples
         result = family.evaluate(learner, tasks, steps, run, plots, progress)
@@ -371,7 +383,7 @@ def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = 
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,
                     "iterations": ckpt["iteration"], "wall_s": ckpt["wall_s"], **result})
-    if hasattr(learner, "predict_samples"):
+    if "predict_samples" in algorithms.option_names(config.algo, family.domain):
         metrics["predict_samples"] = learner.predict_samples
     with runs.best_effort(f"{path}"):
         path.write_text(json.dumps(metrics, indent=2))

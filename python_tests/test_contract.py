@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,13 @@ def test_meta_backward_accumulates_a_finite_meta_gradient(name):
     first = [g.clone() for g in grads]
     learner.meta_backward(_regression(seed=1))  # accumulates, as the contract says
     assert any(not torch.equal(g, f) for g, f in zip((p.grad for p in learner.parameters() if p.requires_grad), first))
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
+def test_an_empty_query_set_is_refused(name):
+    b = _regression()
+    with pytest.raises(ValueError, match=f"tasks: the query set is empty .*{re.escape(name)}'s meta-gradient"):
+        _learner(name).meta_backward(Task(b.x_support, b.y_support, b.x_query[:, :0], b.y_query[:, :0]))
 
 
 @pytest.mark.parametrize("name", SUPERVISED)

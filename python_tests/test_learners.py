@@ -3,6 +3,7 @@ computations (the exact conjugate model; a plain SGD loop for Reptile)."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -447,3 +448,140 @@ def test_joint_all_fit_gives_the_exact_mean_gradient_on_correlated_features(vari
 def test_all_fit_option_is_checked():
     with pytest.raises(ValueError, match="all_fit must be 'sequential' or 'joint'"):
         algorithms.create("gem-bml+", nn.Linear(2, 1), all_fit="both")
+
+
+class _Custom(nn.Module):  # a forward the learner cannot see into
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "maml"])
+def test_a_task_on_a_fresh_learner_is_read_from_the_model_or_refused(algo):
+    """Before the learner has seen data, an unstacked Task [N, 1] was read as N one-point tasks and
+    fixed the learner's point rank at 0, breaking every later (x, y) call."""
+    b = _sinusoid_batch(3)
+
+    def fresh(model=None):
+        torch.manual_seed(0)
+        return algorithms.create(algo, model or SinusoidTasks("finn").make_model(), inner_steps=1, seed=0)
+
+    def predict(learner, support, x):
+        learner.generator.manual_seed(0)
+        return learner.adapt(support).predict(x).mean
+    one = predict(fresh(), (b.x_support[0], b.y_support[0]), b.x_query[0])
+    learner = fresh()  # an MLP's first Linear reads points of >= 1 dimension: [N, 1] is one task
+    torch.testing.assert_close(predict(learner, b[0], b.x_query[0]), one, rtol=0, atol=0)
+    torch.testing.assert_close(predict(learner, (b.x_support[0], b.y_support[0]), b.x_query[0]), one, rtol=0, atol=0)
+    learner.meta_backward(b)
+    assert int(learner.input_rank) == 1
+    # a stacked Task is still a batch on a fresh learner, and it fixes nothing a later call needs
+    learner = fresh()
+    assert predict(learner, b, b.x_query).shape == b.y_query.shape
+    torch.testing.assert_close(predict(learner, (b.x_support[0], b.y_support[0]), b.x_query[0]), one,
+                               rtol=0, atol=0)
+    # a model that does not say what a point is: [N, 1] is ambiguous, refused until the rank is known
+    learner = fresh(_Custom())
+    with pytest.raises(ValueError, match=r"ambiguous .* Pass one task as an \(x, y\) pair"):
+        learner.adapt(b[0])
+    learner.adapt((b.x_support[0], b.y_support[0]))
+    assert learner.adapt(b[0]).predict(b.x_query[0]).mean.shape == b.y_query[0].shape
+    # a convolution reads [C, H, W] points: one task [N, C, H, W], a batch [T, N, C, H, W]
+    def conv():
+        return fresh(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 1)))
+    x, y = torch.randn(5, 1, 4, 4), torch.randn(5, 1)
+    assert conv().adapt(Task(x, y, x, y)).predict(x).mean.shape == (5, 1)
+    assert conv().adapt(Task(*(t.unsqueeze(0) for t in (x, y, x, y)))).predict(x.unsqueeze(0)).mean.shape == (1, 5, 1)
+    with pytest.raises(ValueError, match=r"first layer \(Conv2d\) reads points of 3 dimension"):
+        conv().adapt(Task(x[0], y, x[0], y))
+
+
+def test_learner_options_are_checked_at_construction():
+    model = SinusoidTasks("finn").make_model
+    for algo in ("gem-bml+", "abml"):
+        for n in (0, -3):
+            with pytest.raises(ValueError, match=re.escape(f"{algo}: option predict_samples must be an integer >= 1")):
+                algorithms.create(algo, model(), predict_samples=n)
+    for algo in ("gem-bml+", "maml", "bmaml"):
+        with pytest.raises(ValueError, match="option vectorize must be True, False or 'auto', got 'no'"):
+            algorithms.create(algo, model(), vectorize="no")
+        for bad in ("gaussian", nn.MSELoss()):
+            with pytest.raises(TypeError, match="option likelihood must be a gemext.vi.GaussianLikelihood"):
+                algorithms.create(algo, model(), likelihood=bad)
+    # errors name the user's option, not the inner VIConfig
+    with pytest.raises(ValueError, match=re.escape("gem-bml+: option query_steps must be >= 0, got -2")):
+        algorithms.create("gem-bml+", model(), query_steps=-2)
+    with pytest.raises(ValueError, match="kl-chaser: option query_steps must be >= 0, got -2"):
+        algorithms.create("kl-chaser", model(), query_steps=-2)
+    with pytest.raises(ValueError, match=re.escape("gem-bml+: option inner_steps must be >= 0, got -1")):
+        algorithms.create("gem-bml+", model(), inner_steps=-1)
+    with pytest.raises(ValueError, match=r"option inner has unknown key\(s\) lrr; valid: steps, optimizer, lr"):
+        algorithms.create("gem-bml+", model(), inner={"lrr": 1})
+    with pytest.raises(ValueError, match="abml: option inner: mc_samples must be >= 1, got 0"):
+        algorithms.create("abml", model(), inner={"mc_samples": 0})
+
+
+def test_options_a_variant_ignores_are_refused():
+    for name, ignored, users in [("maml", ("reg", "cg_steps"), "imaml"), ("fomaml", ("reg", "cg_steps"), "imaml"),
+                                 ("reptile", ("beta", "learn_sigma", "sigma0_range", "predict_samples"),
+                                  "gem-bml, gem-bml+")]:
+        assert not set(ignored) & set(algorithms.option_names(name))
+        for option in ignored:
+            value = {"sigma0_range": "shrink"}.get(option, 1)
+            with pytest.raises(ValueError, match=re.escape(f"{name}: option {option} is used only by {users}, not by")):
+                algorithms.create(name, SinusoidTasks("finn").make_model(), **{option: value})
+    assert {"reg", "cg_steps"} <= set(algorithms.option_names("imaml"))
+    assert {"beta", "learn_sigma", "sigma0_range", "predict_samples"} <= set(algorithms.option_names("gem-bml"))
+    algorithms.create("imaml", SinusoidTasks("finn").make_model(), reg=2.0, cg_steps=3)
+
+
+class _Returns(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.body = kind, nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        out = self.body(x)
+        return (out, out) if self.kind == "tuple" else {"out": out}
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "maml", "reptile"])
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_a_model_that_does_not_return_a_tensor_is_named(algo, kind):
+    learner = algorithms.create(algo, _Returns(kind), inner_steps=1)
+    with pytest.raises(TypeError, match=f"model must return a tensor, got {kind}"):
+        learner.meta_backward(_sinusoid_batch(2))
+
+
+def test_inputs_of_the_wrong_type_or_dtype_are_named():
+    np = pytest.importorskip("numpy")
+    b = _sinusoid_batch(2)
+    learner = algorithms.create("gem-bml+", SinusoidTasks("finn").make_model().double(), inner_steps=1)
+    with pytest.raises(TypeError, match=r"tasks.x_support has dtype torch.float32 but the model's weights are "
+                                        r"torch.float64: convert it with .to\(torch.float64\)"):
+        learner.meta_backward(b)
+    d = Task(*(t.double() for t in (b.x_support, b.y_support, b.x_query, b.y_query)))
+    with pytest.raises(TypeError, match="tasks.x_query has dtype torch.float32"):
+        learner.meta_backward(Task(d.x_support, d.y_support, b.x_query, d.y_query))
+    learner.meta_backward(d)
+    with pytest.raises(TypeError, match="support: x has dtype torch.float32"):
+        learner.adapt((b.x_support[0], b.y_support[0]))
+    pred = learner.adapt((d.x_support[0], d.y_support[0]))
+    with pytest.raises(TypeError, match="predict: x has dtype torch.float32"):
+        pred.predict(b.x_query[0])
+    with pytest.raises(TypeError, match="predict: x: expected a torch.Tensor, got list"):
+        pred.predict(d.x_query[0].tolist())
+    with pytest.raises(TypeError, match="support: x: expected a torch.Tensor, got numpy.ndarray"):
+        learner.adapt((np.asarray(d.x_support[0]), d.y_support[0]))
+    with pytest.raises(TypeError, match="tasks.y_support: expected a torch.Tensor, got numpy.ndarray"):
+        learner.meta_backward(Task(d.x_support, np.asarray(d.y_support), d.x_query, d.y_query))
+    mlp = algorithms.create("maml", SinusoidTasks("finn").make_model(), inner_steps=1)
+    with pytest.raises(TypeError, match=r"x_support has dtype torch.int64 but the model.s first layer \(Linear\)"):
+        mlp.meta_backward(Task(b.x_support.long(), b.y_support, b.x_query.long(), b.y_query))
+    # integer inputs are what an embedding reads
+    emb = algorithms.create("maml", nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 1)), inner_steps=1)
+    ids = torch.randint(0, 5, (2, 4))
+    emb.meta_backward(Task(ids, torch.randn(2, 4, 1), ids, torch.randn(2, 4, 1)))

@@ -423,3 +423,48 @@ def test_sinusoid_preset_defaults_sit_between_the_family_defaults_and_the_users_
 def test_checkpoints_load_from_a_str_path(tmp_path):
     run = train(_config(tmp_path / "s", iterations=2), progress=False)
     assert load_checkpoint(str(run / "checkpoint.pt"))["iteration"] == 2
+
+
+def test_refused_options_and_runs_leave_no_folder(tmp_path, capsys, monkeypatch):
+    """Options a run cannot take are refused with what to do instead, naming the user's option; a run
+    refused before it wrote anything leaves no (empty, locked) run folder behind."""
+    monkeypatch.delenv("GEMEXT_DATA", raising=False)
+    base = ["--iterations", "1", "--no-eval", "--no-progress"]
+    cases = [
+        (["sinusoid", "--algo", "gem-bml+", "--options", '{"seed": 1}'], "option seed cannot be given in --options: "
+                                                                          "use --seed"),
+        (["sinusoid", "--algo", "gem-bml+", "--options", '{"likelihood": "gaussian"}'],
+         'option likelihood cannot be given in --options: the task family sets it (sinusoid: use "sigma"'),
+        (["sinusoid", "--algo", "gem-bml+", "--options", '{"query_steps": -2}'],
+         "gem-bml+: option query_steps must be >= 0, got -2"),
+        (["sinusoid", "--algo", "gem-bml+", "--options", '{"inner": {"lrr": 1}}'],
+         "gem-bml+: option inner has unknown key(s) lrr; valid: steps, optimizer, lr"),
+        (["sinusoid", "--algo", "gem-bml+", "--options", '{"predict_samples": 0}'],
+         "gem-bml+: option predict_samples must be an integer >= 1, got 0"),
+        (["sinusoid", "--algo", "maml", "--options", '{"sigma0": 0.1}'], "maml: unknown option(s) sigma0"),
+        (["sinusoid", "--algo", "maml", "--options", '{"reg": 2}'], "maml: option reg is used only by imaml"),
+        (["sinusoid", "--algo", "gem-bml+", "--preset", "nope"], "unknown sinusoid preset 'nope'"),
+        (["sinusoid", "--algo", "gem-bml+", "--resume"], "cannot resume: no checkpoint"),
+        (["omniglot", "--algo", "maml"], "no data root"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"r{i}" / "run"
+        assert cli.main(["train", *args, *base, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+        assert not (tmp_path / f"r{i}").exists(), args
+    kept = tmp_path / "kept"  # a folder the user made stays
+    kept.mkdir()
+    assert cli.main(["train", "sinusoid", "--algo", "maml", "--preset", "nope", *base, "--out", str(kept)]) == 2
+    assert kept.is_dir()
+
+
+def test_resume_accepts_a_default_spelled_out(tmp_path):
+    run = tmp_path / "r"
+    train(_config(run, iterations=1, meta_batch=None, checkpoint_every=1), progress=False)
+    with pytest.raises(ValueError, match="meta_batch: 25 -> 24"):
+        train(_config(run, iterations=2, meta_batch=24), resume=True, progress=False)
+    with pytest.raises(ValueError, match="preset='finn', but this run has preset='bmaml'"):
+        train(_config(run, iterations=2, preset="bmaml"), resume=True, progress=False)
+    train(_config(run, iterations=2, meta_batch=25, preset="finn"), resume=True, progress=False)  # the defaults
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2

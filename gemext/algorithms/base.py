@@ -14,12 +14,14 @@ The contract (`MetaLearner`, checked over every registered learner by python_tes
   returns one `Prediction` (mean and std for regression, probs for classification);
 - `inner_steps` (the default adaptation length), `generator` (the learner's noise stream, saved
   with every checkpoint), `state_dict()` (everything needed to reproduce predictions);
-- the options `create(name, model, **options)` accepts are its class's keyword parameters
-  (`option_names`); unknown or ill-typed ones are refused with the valid list."""
+- the options `create(name, model, **options)` accepts are its class's keyword parameters, less
+  those only other variants of the class use (its `variant_options`) (`option_names`); unknown,
+  ignored or ill-typed ones are refused with the valid list."""
 from __future__ import annotations
 
 import abc
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,7 @@ from torch.func import functional_call, vmap
 
 from .. import ops
 from ..gaussian import Posterior
-from ..tasks import Task, as_batch
+from ..tasks import Task, as_batch, expect_tensor
 from ..vi import CategoricalLikelihood, GaussianLikelihood
 from ..vi.terms import mlp_forward
 
@@ -57,9 +59,9 @@ def _domain(domain: str) -> dict[str, tuple[type, str | None]]:
     return _REGISTRY[domain]
 
 
-def _option_params(name: str, domain: str = "supervised") -> dict[str, inspect.Parameter]:
+def _class_params(name: str, domain: str = "supervised") -> dict[str, inspect.Parameter]:
     """The keyword parameters of the learner class's __init__ along its bases (followed while an
-    __init__ forwards **options)."""
+    __init__ forwards **options), whichever variant uses them."""
     found: dict[str, inspect.Parameter] = {}
     for klass in _domain(domain)[name][0].__mro__:
         init = klass.__dict__.get("__init__")
@@ -72,6 +74,19 @@ def _option_params(name: str, domain: str = "supervised") -> dict[str, inspect.P
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return found
+
+
+def _other_variants(name: str, option: str, domain: str = "supervised") -> tuple[str, ...]:
+    """The variants that use `option` when `name` (a variant of a shared class) does not; () when
+    `name` uses it. A class declares such options in `variant_options` (option -> its variants)."""
+    cls, variant = _domain(domain)[name]
+    users = getattr(cls, "variant_options", {}).get(option)
+    return () if variant is None or users is None or variant in users else tuple(users)
+
+
+def _option_params(name: str, domain: str = "supervised") -> dict[str, inspect.Parameter]:
+    """The options of `name`: its class's keyword parameters, less those only other variants use."""
+    return {k: p for k, p in _class_params(name, domain).items() if not _other_variants(name, k, domain)}
 
 
 def option_names(name: str, domain: str = "supervised") -> list[str]:
@@ -103,6 +118,11 @@ def check_options(name: str, options: dict[str, Any], domain: str = "supervised"
     """Refuse unknown or ill-typed options with the list of valid ones."""
     params = _option_params(name, domain)
     unknown = sorted(set(options) - set(params))
+    for option in unknown:
+        users = _other_variants(name, option, domain)
+        if users:  # accepted by the class, but this variant would ignore it
+            raise ValueError(f"{name}: option {option} is used only by {', '.join(users)}, not by {name}; "
+                             f"valid: {', '.join(sorted(params))}")
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(params))}")
     for option, value in options.items():
@@ -190,9 +210,34 @@ def mlp_plan(model: nn.Module, names: list[str], prefix: str = "") -> list[tuple
     return plan if any(step[0] == "linear" for step in plan) else None
 
 
+def input_layer(model: nn.Module) -> nn.Module | None:
+    """The layer that first reads a point when that can be known: `model` itself when it is a
+    Linear, convolution or Embedding, or the first module of an nn.Sequential (nested ones entered)
+    after element-wise activations and dropout; None otherwise (a custom forward may reshape x)."""
+    if type(model) is not nn.Sequential:
+        return model if isinstance(model, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)) else None
+    for m in model:
+        if type(m) in _ELEMENTWISE or isinstance(m, nn.modules.dropout._DropoutNd):
+            continue
+        return input_layer(m)
+    return None
+
+
+def point_ranks(layer: nn.Module | None) -> tuple[int, int | None] | None:
+    """(least, most or None) dimensions of one input point that `layer` (an `input_layer`) accepts;
+    None when unknown."""
+    if isinstance(layer, nn.modules.conv._ConvNd):  # [C, *spatial]
+        return len(layer.kernel_size) + 1, len(layer.kernel_size) + 1
+    if isinstance(layer, nn.Linear):  # [..., in_features]
+        return 1, None
+    return None
+
+
 def resolve_vectorize(name: str, model: nn.Module, vectorize: bool | str) -> bool:
     """The learners' one rule for `vectorize`: "auto" vmaps the tasks unless the model needs the
     loop over tasks; True on such a model is refused with the reason."""
+    if not (vectorize is True or vectorize is False or vectorize == "auto"):
+        raise ValueError(f"{name}: option vectorize must be True, False or 'auto', got {vectorize!r}")
     reason = _task_loop_reason(model)
     if vectorize == "auto":
         return reason is None
@@ -210,15 +255,35 @@ class FunctionalNet:
     `forward_kwargs`: extra keyword arguments of every forward call (e.g. a mask).
     `pointwise`: the module maps each point on its own (`is_pointwise`), so `one_point` gives the
     output of one point and per-point Jacobians may be taken point by point; `mlp`: the module's
-    `mlp_plan` (or None)."""
+    `mlp_plan` (or None); `input_layer`: the model's `input_layer` (or None), for `check_input`."""
 
     def __init__(self, module: nn.Module, names: list[str], vectorize: bool,
-                 forward_kwargs: dict | None = None, pointwise: bool = False, mlp: list[tuple] | None = None) -> None:
+                 forward_kwargs: dict | None = None, pointwise: bool = False, mlp: list[tuple] | None = None,
+                 input_layer: nn.Module | None = None) -> None:
         self.module, self.names, self.vectorize = module, names, vectorize
         self.forward_kwargs = dict(forward_kwargs or {})
         self.pointwise = pointwise and vectorize and not self.forward_kwargs
         self.mlp = mlp if not self.forward_kwargs else None
+        self.input_layer = input_layer
         self._build()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's weights."""
+        tensors = itertools.chain(self.module.parameters(), self.module.buffers())
+        return next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+
+    def check_input(self, what: str, x: Any) -> None:
+        """Refuse, naming it, an input `x` the model cannot read: not a tensor, a floating dtype other
+        than the model's, or integers for a first layer that needs floats."""
+        expect_tensor(what, x)
+        if x.is_floating_point() and x.dtype != self.dtype:
+            raise TypeError(f"{what} has dtype {x.dtype} but the model's weights are {self.dtype}: "
+                            f"convert it with .to({self.dtype})")
+        if not x.is_floating_point() and isinstance(self.input_layer, (nn.Linear, nn.modules.conv._ConvNd)):
+            layer = type(self.input_layer).__name__
+            raise TypeError(f"{what} has dtype {x.dtype} but the model's first layer ({layer}) needs "
+                            f"{self.dtype}: convert it with .to({self.dtype})")
 
     def _build(self) -> None:
         self._vmapped = vmap(self._one, in_dims=(0, 0), randomness="different")
@@ -231,7 +296,10 @@ class FunctionalNet:
         self._build()
 
     def _one(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.module, dict(zip(self.names, theta)), (x,), self.forward_kwargs)
+        out = functional_call(self.module, dict(zip(self.names, theta)), (x,), self.forward_kwargs)
+        if not isinstance(out, torch.Tensor):  # every forward but the MLP plan's comes through here
+            raise TypeError(f"model must return a tensor, got {type(out).__name__}")
+        return out
 
     def one_point(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         """The output of one point `x` (no batch dimension) for one task's θ."""
@@ -288,36 +356,74 @@ class SupervisedLearner(MetaLearner):
         # data seen and saved with the learner: it tells a single task from a stacked batch (-1: unknown)
         self.register_buffer("input_rank", torch.tensor(-1))
 
+    forward_net: FunctionalNet  # the functional forward of its model (set by the model's take-over)
+
     def _note_input_rank(self, rank: int) -> None:
         if int(self.input_rank) < 0:
             self.input_rank.fill_(rank)
 
     def _batch(self, tasks: Task | list[Task]) -> Task:
+        """A meta-batch for meta_backward, checked: sizes and values (as_batch), inputs the model can
+        read, and query points (the meta-loss is measured on them)."""
         batch = as_batch(tasks)
+        for name in ("x_support", "x_query"):
+            self.forward_net.check_input(f"tasks.{name}", getattr(batch, name))
+        if batch.x_query.shape[1] == 0:
+            raise ValueError(f"tasks: the query set is empty (x_query has shape {tuple(batch.x_query.shape)}); "
+                             f"{self.name}'s meta-gradient is measured on the query points")
         self._note_input_rank(batch.x_support.dim() - 2)
         return batch.to(self.device)
+
+    def _task_rank(self, x: torch.Tensor) -> int:
+        """The rank of one point that a Task's x_support implies while the learner has not seen data:
+        a stacked batch (x.dim() - 2) unless the model's first layer cannot read such points but can
+        read one task's (x.dim() - 1). Refused when the model cannot tell and a batch would mean scalar
+        points, the one reading of [A, B] that an unstacked task of A points [A, B] shares."""
+        batch, single = x.dim() - 2, x.dim() - 1
+        ranks = point_ranks(self.forward_net.input_layer)
+        if ranks is None:
+            if batch == 0:
+                raise ValueError(
+                    f"support: a Task whose x_support has shape {tuple(x.shape)} is ambiguous before this learner "
+                    f"has seen data: {x.shape[0]} tasks of scalar points, or one task of {x.shape[0]} points of "
+                    f"shape {tuple(x.shape[1:])}? Pass one task as an (x, y) pair; a stacked Task is read as a batch "
+                    "once the learner knows its points (from meta_backward or an (x, y) pair)")
+            return batch
+        lo, hi = ranks
+        for rank in (batch, single):
+            if rank >= lo and (hi is None or rank <= hi):
+                return rank
+        raise ValueError(f"support: x_support has shape {tuple(x.shape)}, but the model's first layer "
+                         f"({type(self.forward_net.input_layer).__name__}) reads points of "
+                         f"{lo if hi == lo else f'at least {lo}'} dimension(s): expected [N, ...] for one task or "
+                         "[T, N, ...] for a batch")
 
     def _support_batch(self, support) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Batch (x, y) of a support and whether predictions are squeezed back to one task.
 
         The rule: an (x, y) pair is ONE task; a Task is a stacked batch [T, N, ...], or one task
         when it has one dimension fewer than the learner's batches (the learner knows the rank of
-        its model's inputs once it has seen data, and saves it). Anything else is refused."""
+        its model's inputs once it has seen data, and saves it; before, `_task_rank` reads it from
+        the model where it can). Anything else is refused."""
         rank = int(self.input_rank)
         if isinstance(support, Task):
             x, y = support.x_support, support.y_support
-            if rank >= 0 and x.dim() == rank + 1:  # one unstacked task
+            self.forward_net.check_input("support: x_support", x)
+            if rank < 0:  # not recorded: a later call may still show the points differently
+                rank = self._task_rank(x)
+            if x.dim() == rank + 1:  # one unstacked task
                 return self._support_batch((x, y))
-            if rank >= 0 and x.dim() != rank + 2:
+            if x.dim() != rank + 2:
                 raise ValueError(f"support: x_support has shape {tuple(x.shape)}, but this learner's inputs have "
                                  f"{rank} dimension(s) per point: expected [N, ...] for one task or [T, N, ...] for "
                                  "a batch")
             batch = as_batch(support)
-            self._note_input_rank(x.dim() - 2)
             return batch.x_support, batch.y_support, False
         if not (isinstance(support, (tuple, list)) and len(support) == 2):
             raise TypeError("support must be an (x, y) pair of tensors or a gemext.tasks.Task")
         x, y = support
+        self.forward_net.check_input("support: x", x)
+        expect_tensor("support: y", y)
         if rank >= 0 and x.dim() != rank + 1:
             hint = (" — a stacked batch of tasks: pass it as a gemext.tasks.Task, whose tensors carry the task "
                     "dimension" if x.dim() == rank + 2 else "")
@@ -358,6 +464,7 @@ class BayesianPredictor:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> Prediction:
+        self.net.check_input("predict: x", x)
         xb = x.unsqueeze(0) if self.squeeze else x
         outs, lik_params = [], []
         for theta in self._draws():

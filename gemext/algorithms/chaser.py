@@ -61,6 +61,8 @@ class KLChaserLearner(VILearner):
         self.name = self.variant = "kl-chaser"
         super().__init__(model, **options)
         self.first_order = bool(first_order)
+        if query_steps is not None and query_steps < 0:
+            raise ValueError(f"kl-chaser: option query_steps must be >= 0, got {query_steps}")
         self.query_steps = self.inner.steps if query_steps is None else int(query_steps)
 
     def posteriors(self, b: Task, task_range: tuple[int, int] | None = None) -> tuple[Params, Params, Posterior]:

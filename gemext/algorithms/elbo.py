@@ -56,7 +56,7 @@ class VILearner(PriorLearner):
         super().__init__()
         if inner is None:
             inner = VIConfig(steps=5, optimizer="ngvi", lr=0.2)
-        self.inner = vi_config(inner, steps=inner_steps, lr=lr, beta=beta, mc_samples=mc_samples)
+        self.inner = vi_config(self.name, inner, steps=inner_steps, lr=lr, beta=beta, mc_samples=mc_samples)
         opt = self.inner.optimizer
         if not (isinstance(opt, str) and opt.lower() in _DIFFERENTIABLE_VI):
             raise ValueError(f"{self.name}: the differentiable VI supports optimizer 'sgd', 'ngvi' or 'von', "

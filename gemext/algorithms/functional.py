@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..gaussian import GaussianPrior, Posterior, detach_parameters
-from ..vi import GaussianLikelihood, VIConfig
-from .base import BayesianPredictor, FunctionalNet, SupervisedLearner, is_pointwise, mlp_plan, resolve_vectorize
+from ..vi import CategoricalLikelihood, GaussianLikelihood, VIConfig
+from .base import (
+    BayesianPredictor,
+    FunctionalNet,
+    SupervisedLearner,
+    input_layer,
+    is_pointwise,
+    mlp_plan,
+    resolve_vectorize,
+)
 
 Params = list[torch.Tensor]
 
@@ -30,10 +38,32 @@ class ModelAndLikelihood(nn.Module):
         return self.model(x, **kwargs)
 
 
-def vi_config(inner: VIConfig | dict[str, Any] | None, **overrides: Any) -> VIConfig:
-    """A VIConfig from a config or dict, with the given (non-None) fields replaced."""
-    base = inner if isinstance(inner, VIConfig) else VIConfig(**(inner or {}))
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+# VIConfig field -> the learner option that sets it (vi_config's overrides)
+_VI_OPTIONS = {"steps": "inner_steps", "lr": "lr", "beta": "beta", "mc_samples": "mc_samples"}
+
+
+def vi_config(name: str, inner: VIConfig | dict[str, Any] | None, **overrides: Any) -> VIConfig:
+    """A VIConfig from a config or dict (learner `name`'s option `inner`), with the given (non-None)
+    fields replaced; errors name the user's option, not VIConfig's field."""
+    if isinstance(inner, dict):
+        valid = [f.name for f in fields(VIConfig)]
+        unknown = sorted(set(inner) - set(valid))
+        if unknown:
+            raise ValueError(f"{name}: option inner has unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    elif not (inner is None or isinstance(inner, VIConfig)):
+        raise TypeError(f"{name}: option inner must be a dict or a gemext.vi.VIConfig, got {type(inner).__name__}")
+    try:
+        base = inner if isinstance(inner, VIConfig) else VIConfig(**(inner or {}))
+    except ValueError as exc:
+        raise ValueError(f"{name}: option inner: {str(exc).replace('VIConfig.', '')}") from None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return replace(base, **overrides)
+    except ValueError as exc:
+        msg = str(exc)
+        for field_name in overrides:
+            msg = msg.replace(f"VIConfig.{field_name}", f"option {_VI_OPTIONS.get(field_name, field_name)}")
+        raise ValueError(f"{name}: {msg}") from None
 
 
 class FunctionalLearner(SupervisedLearner):
@@ -47,6 +77,9 @@ class FunctionalLearner(SupervisedLearner):
     def _take_over(self, model: nn.Module, likelihood: nn.Module | None, seed: int) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not (likelihood is None or isinstance(likelihood, (GaussianLikelihood, CategoricalLikelihood))):
+            raise TypeError(f"{self.name}: option likelihood must be a gemext.vi.GaussianLikelihood (regression) or "
+                            f"CategoricalLikelihood (classification), got {type(likelihood).__name__} {likelihood!r}")
         self.net = ModelAndLikelihood(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -55,7 +88,7 @@ class FunctionalLearner(SupervisedLearner):
         detach_parameters(self.net, self.names)
         vectorize = resolve_vectorize(self.name, self.net.model, vectorize)
         self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs, is_pointwise(self.net.model),
-                                         mlp_plan(self.net.model, self.names, "model."))
+                                         mlp_plan(self.net.model, self.names, "model."), input_layer(self.net.model))
         self._lik_idx = [i for i, n in enumerate(self.names) if n.startswith("likelihood.")]
 
     @property
@@ -128,6 +161,17 @@ class PriorLearner(FunctionalLearner):
             raise ValueError(f"{self.name}: sigma0_range must be None, 'shrink' or (lo, hi), got {sigma0_range!r}")
         self.prior = GaussianPrior(self.net, sigma0=sigma0, bayesian=bayesian, learn_sigma=learn_sigma,
                                    sigma0_range=sigma0_range)
+
+    @property
+    def predict_samples(self) -> int:
+        """Posterior draws the predictive mixture averages over."""
+        return self._predict_samples
+
+    @predict_samples.setter
+    def predict_samples(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{self.name}: option predict_samples must be an integer >= 1, got {n!r}")
+        self._predict_samples = n
 
     def after_step(self) -> dict[str, float]:
         """Keep ρ₀ in its sigma0_range and in the safe range of gemext.vi."""

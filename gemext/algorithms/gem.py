@@ -35,7 +35,11 @@ class GEMLearner(PriorLearner):
     after each meta-step enforces them), forward_kwargs (extra keyword arguments of every forward
     call, e.g. a mask), all_fit ("joint": the second posterior refits support ∪ query against the
     prior Θ, started from the support posterior; "sequential": it fits the query alone with the
-    support posterior as prior; Reptile's default, SGD continued over the query points)."""
+    support posterior as prior; Reptile's default, SGD continued over the query points).
+    Reptile has point posteriors and a fixed prior variance: beta, learn_sigma, sigma0_range and
+    predict_samples are GEM-BML(+) options only."""
+
+    variant_options = {k: ("gem-bml", "gem-bml+") for k in ("beta", "learn_sigma", "sigma0_range", "predict_samples")}
 
     def __init__(self, model: nn.Module, variant: str = "gem-bml+", likelihood: nn.Module | None = None,
                  sigma0: float = 0.05, inner: VIConfig | dict | None = None, inner_steps: int | None = None,
@@ -51,11 +55,13 @@ class GEMLearner(PriorLearner):
         self.delta = variant == "reptile"
         if not self.delta and (inner is None or (isinstance(inner, dict) and "optimizer" not in inner)):
             inner = {**(inner or {}), "optimizer": "von"}  # the curvature-aware VI; Reptile's points use Adam
-        self.inner = vi_config(inner, steps=inner_steps, lr=lr, beta=0.0 if self.delta else beta)
+        self.inner = vi_config(variant, inner, steps=inner_steps, lr=lr, beta=0.0 if self.delta else beta)
         if self.delta and self.inner.optimizer_class() in (NaturalGradientVI, VariationalOnlineNewton):
             # fail at construction, not in the middle of training
             raise ValueError(f"reptile fits point posteriors (σ = 0): inner optimizer {self.inner.optimizer!r} "
                              "needs a Gaussian posterior; use sgd or adam")
+        if query_steps is not None and query_steps < 0:
+            raise ValueError(f"{variant}: option query_steps must be >= 0, got {query_steps}")
         self.query_steps = self.inner.steps if query_steps is None else query_steps
         if all_fit is None:  # Reptile is SGD continued over the query points, as its paper runs it
             all_fit = "sequential" if self.delta else "joint"

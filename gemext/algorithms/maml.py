@@ -41,6 +41,8 @@ class MAMLLearner(FunctionalLearner):
     fixed), vectorize ("auto"/True/False), seed, forward_kwargs (extra keyword arguments of every
     forward call); iMAML: reg (λ, default 1.0), cg_steps (default 5)."""
 
+    variant_options = {"reg": ("imaml",), "cg_steps": ("imaml",)}
+
     def __init__(self, model: nn.Module, variant: str = "maml", inner_steps: int = 5, lr: float = 5e-4,
                  likelihood: nn.Module | None = None, bayesian=None, vectorize: bool | str = "auto",
                  seed: int = 0, reg: float = 1.0, cg_steps: int = 5,

@@ -52,6 +52,13 @@ class TaskFamily(abc.ABC):
             raise ValueError(f"algorithm {config.algo!r} is not available for {config.task}; choose one of "
                              f"{', '.join(algorithms.names(cls.domain))}")
 
+    @classmethod
+    def with_defaults(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """A run's settings (config.json's form) with the flags left out that the family fills in
+        (preset, meta_batch, ...) set to the values it uses, so that --resume compares what a run
+        does, not how it was spelled."""
+        return dict(settings)
+
     # -- training -----------------------------------------------------------------------------
     @abc.abstractmethod
     def build_learner(self) -> MetaLearner:

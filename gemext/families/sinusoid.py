@@ -14,6 +14,7 @@ from ..progress import Progress
 from ..runs import best_effort
 from ..tasks import Task
 from ..tasks.sinusoid import SinusoidTasks
+from ..tasks.sinusoid import preset as sinusoid_preset
 from ..vi import GaussianLikelihood
 from .base import EVAL_SEED, SupervisedFamily
 
@@ -80,6 +81,14 @@ class SinusoidFamily(SupervisedFamily):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.data = SinusoidTasks(config.preset or "finn")
+
+    @classmethod
+    def with_defaults(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        settings = dict(settings)
+        settings["preset"] = settings.get("preset") or "finn"
+        if settings.get("meta_batch") is None:
+            settings["meta_batch"] = sinusoid_preset(settings["preset"]).meta_batch
+        return settings
 
     def learner_options(self) -> dict[str, Any]:
         """SINUSOID_DEFAULTS of the algorithm, updated with its PRESET_DEFAULTS, the run's options and

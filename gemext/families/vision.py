@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -139,6 +140,15 @@ class VisionFamily(SupervisedFamily):
             self._test = FewShotTasks(load_split(self.task, TEST_SPLIT[self.task], self.config.data_root),
                                       self.ways, self.shots, self.query, seed=0)
         return self._test
+
+    @classmethod
+    def with_defaults(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        settings = dict(settings)
+        # a preset is its ways and shots
+        settings["ways"], settings["shots"] = ways_shots(SimpleNamespace(**settings))
+        settings["preset"] = None
+        settings["meta_batch"] = settings.get("meta_batch") or META_BATCH[settings["task"]]
+        return settings
 
     def build_learner(self) -> MetaLearner:
         opts = learner_options(self.config, self.ways, self.shots)

@@ -46,15 +46,22 @@ class Task:
         return Task(*(torch.stack([getattr(t, f.name) for t in tasks]) for f in fields(Task)))
 
 
+def expect_tensor(what: str, t: object) -> torch.Tensor:
+    """`t` itself if it is a tensor; else a TypeError naming `what` and the type found."""
+    if not isinstance(t, torch.Tensor):
+        kind = type(t)
+        got = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+        raise TypeError(f"{what}: expected a torch.Tensor, got {got}")
+    return t
+
+
 def as_batch(tasks: Task | Sequence[Task]) -> Task:
     """Accept a stacked batch or a list of single tasks; validate sizes and finiteness."""
     batch = Task.stack(list(tasks)) if isinstance(tasks, (list, tuple)) else tasks
     if not isinstance(batch, Task):
         raise TypeError(f"tasks must be a gemext.tasks.Task or a list of them, got {type(tasks).__name__}")
     for f in fields(Task):
-        t = getattr(batch, f.name)
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tasks.{f.name} must be a tensor, got {type(t).__name__}")
+        t = expect_tensor(f"tasks.{f.name}", getattr(batch, f.name))
         if t.dim() < 2:
             raise ValueError(f"tasks.{f.name} must have a task and a data dimension, got shape {tuple(t.shape)}")
         if t.shape[0] != batch.x_support.shape[0]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             # the inner loops' per-step temporaries: reuse freed memory instead of faulting it in again
             from .allocator import keep_freed_memory
             keep_freed_memory()
+            _family_threads(args.task if args.command == "train" else _run_task(args.dir))
         if args.command == "train":
             return _train(args)
         if args.command == "eval":
@@ -194,6 +196,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gemext {args.command}: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+def _run_task(run_dir: str) -> str | None:
+    """The task of a run folder, or None when it cannot be read (evaluate then says why)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _family_threads(task: str | None) -> None:
+    """The task family's intra-op threads (`TaskFamily.threads`), unless OMP_NUM_THREADS is set."""
+    if task is None or "OMP_NUM_THREADS" in os.environ:
+        return
+    from . import families
+    try:
+        threads = families.get(task).threads
+    except ValueError:  # an unknown task: train refuses it with the list
+        return
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
 
 
 def _train(args) -> int:

@@ -468,3 +468,25 @@ def test_resume_accepts_a_default_spelled_out(tmp_path):
         train(_config(run, iterations=2, preset="bmaml"), resume=True, progress=False)
     train(_config(run, iterations=2, meta_batch=25, preset="finn"), resume=True, progress=False)  # the defaults
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
+
+
+def test_cli_uses_the_familys_threads_unless_omp_num_threads_is_set(monkeypatch, tmp_path):
+    """`gemext train sinusoid` runs on one intra-op thread (the family's `threads`); the user's
+    OMP_NUM_THREADS wins; families without a setting keep torch's default; eval reads the task
+    from the run folder."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        cli._family_threads("omniglot")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        cli._family_threads("sinusoid")
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        (tmp_path / "config.json").write_text(json.dumps({"task": "sinusoid"}))
+        cli._family_threads(cli._run_task(str(tmp_path)))
+        assert torch.get_num_threads() == 1
+        assert cli._run_task(str(tmp_path / "missing")) is None
+    finally:
+        torch.set_num_threads(before)

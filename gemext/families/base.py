@@ -25,6 +25,8 @@ class TaskFamily(abc.ABC):
     flags: tuple[str, ...] = ()  # the family flags of RunConfig (FAMILY_FLAGS) it reads
     devices: tuple[str, ...] = ("cpu", "cuda")
     distributed: bool = True  # whether torchrun may shard its meta-batches
+    # intra-op threads `gemext train` / `eval` use unless OMP_NUM_THREADS is set (None: torch's default)
+    threads: int | None = None
     domain: str = "supervised"  # the learners' registry domain (gemext.algorithms)
     # run flags that are shorthands for learner/family options (folded into algo_options when
     # two runs are compared for --resume)

@@ -77,6 +77,10 @@ class SinusoidFamily(SupervisedFamily):
     tasks = ("sinusoid",)
     flags = ("preset",)
     eval_batch = 100  # meta-test tasks adapted together
+    # a 1.7k-weight MLP gains nothing from a second thread (idle 2-core machine, 100 GEM-BML+
+    # iterations: 4.5–5.2 s on one thread, 4.0–4.1 s on two; 1000 MAML iterations 6.5–7.7 s / 6.3–6.6 s)
+    # and loses badly to any other load (one busy core: 5.4 s against 15.1 s)
+    threads = 1
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -171,12 +171,15 @@ def _make_learner(spec: dict, model, likelihood):
 def measure(spec: dict) -> dict[str, float]:
     """Run one point in this process (call it in a fresh one): spec holds task, algo, inner_steps,
     device, repeats, meta_batch, ways, shots, query, optional learner options and
-    keep_freed_memory (glibc keeps freed memory, as `gemext train` does; default False)."""
+    keep_freed_memory (glibc keeps freed memory, as `gemext train` does; default False) and
+    threads (intra-op threads; default torch's)."""
     if spec.get("keep_freed_memory"):
         from .allocator import keep_freed_memory
         keep_freed_memory()
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     model, batch, likelihood = _make_problem(spec)
     learner = _make_learner(spec, model.to(device), likelihood)
@@ -264,7 +267,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
 def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: str | Path,
         device: str = "cpu", repeats: int = 3, meta_batch: int | None = None, ways: int = 5, shots: int = 1,
         query: int = 15, options: dict[str, Any] | None = None, timeout_s: float = 1800.0,
-        presets: bool = False) -> Path:
+        presets: bool = False, threads: int | None = None) -> Path:
     """Measure every (algorithm, inner steps) point in a fresh process; write DIR/memory.csv
     (columns algo,inner_steps,peak_mem_mb,time_per_iter_s) and DIR/memory.png; return the csv path.
 
@@ -272,7 +275,8 @@ def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: st
     miniimagenet / tinyimagenet = 84×84×3, Conv4(hidden=32), meta-batch 4 (synthetic images).
     `options` go to every `gemext.algorithms.create` call (not to peers); `presets=True` starts each
     learner from the options `gemext train` would give it (e.g. NGVI for GEM on vision, where the
-    class default `von` takes a minute per Conv4 meta-iteration on a CPU)."""
+    class default `von` takes a minute per Conv4 meta-iteration on a CPU). `threads`: intra-op
+    threads of every measuring process (None: torch's default)."""
     from . import algorithms
 
     if task not in TASKS:
@@ -296,7 +300,7 @@ def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     base = {"task": task, "device": device, "repeats": repeats, "ways": ways, "shots": shots, "query": query,
             "meta_batch": meta_batch or (25 if task == "sinusoid" else 4), "options": options or {},
-            "presets": presets}
+            "presets": presets, "threads": threads}
     rows: list[dict] = []
     for algo in algos:
         reason = _peer_unavailable(algo) if algo in PEERS or algo.startswith("higher-") else None

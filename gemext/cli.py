@@ -143,6 +143,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output folder (CSV and plot)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
     m.add_argument("--repeats", type=_positive_int, default=3, help="timed meta-iterations per point")
+    m.add_argument("--threads", type=_positive_int, default=None,
+                   help="intra-op threads of every measuring process (default: OMP_NUM_THREADS when set, else "
+                        "the task family's: 1 for sinusoid, torch's default otherwise)")
     m.add_argument("--presets", action="store_true", help="the learners with `gemext train`'s options for the task "
                    "(default: the algorithms' class defaults)")
     return p
@@ -182,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 p.error(f"--algos: unknown algorithm(s) {', '.join(unknown)}; "
                         f"available: {', '.join(algorithms.names())}")
+            threads = args.threads
+            if threads is None and "OMP_NUM_THREADS" not in os.environ:  # as train would run the task
+                from . import families
+                threads = families.get(args.task).threads
             csv_path = bench_run(args.task, algos, args.inner_steps, args.out, args.device, repeats=args.repeats,
-                                 presets=args.presets)
+                                 presets=args.presets, threads=threads)
             print(f"wrote {csv_path}")
             return 0
     except (ValueError, FileNotFoundError, OSError, TypeError) as exc:

@@ -36,6 +36,21 @@ def test_presets_give_the_learners_the_training_options(monkeypatch, tmp_path):
     assert opts["inner"]["optimizer"] == "ngvi" and opts["inner_steps"] == 1
 
 
+def test_bench_memory_points_run_on_the_familys_threads(monkeypatch, tmp_path):
+    # like `gemext train`: sinusoid points on one thread unless OMP_NUM_THREADS or --threads says otherwise
+    seen = []
+    monkeypatch.setattr(bench_memory, "_run_point", lambda spec, timeout_s: seen.append(spec) or
+                        {"peak_mem_mb": 1.0, "time_per_iter_s": 1.0})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    from gemext.cli import main
+    args = ["bench", "memory", "--algos", "fomaml", "--inner-steps", "1", "--out", str(tmp_path)]
+    assert main([*args, "--task", "sinusoid"]) == 0 and seen[-1]["threads"] == 1
+    assert main([*args, "--task", "omniglot"]) == 0 and seen[-1]["threads"] is None
+    assert main([*args, "--task", "omniglot", "--threads", "2"]) == 0 and seen[-1]["threads"] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert main([*args, "--task", "sinusoid"]) == 0 and seen[-1]["threads"] is None
+
+
 def test_measure_vision_shapes_with_the_higher_peer():
     pytest.importorskip("higher")
     spec = {"task": "omniglot", "algo": "higher-maml", "inner_steps": 1, "device": "cpu", "repeats": 1,

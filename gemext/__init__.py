@@ -19,16 +19,19 @@ _gym.install()  # `gymnasium.make("gemext/Nav2D-v0")` works after `import gemext
 
 
 def build_info() -> dict:
-    """What this build contains: version, torch, CUDA kernels compiled in, OpenMP, threads."""
+    """What this build contains, and what this machine offers: version, torch, cuda (gemext's own
+    CUDA kernels were compiled into this build, whether or not this machine can run them),
+    cuda_available (torch sees a usable CUDA device now: torch.cuda.is_available()), openmp,
+    threads (torch's intra-op threads). Both CUDA keys true: the kernels can run here."""
     import torch
 
     return {
         "version": __version__,
         "torch": torch.__version__,
         "cuda": bool(_C.cuda),
+        "cuda_available": torch.cuda.is_available(),
         "openmp": bool(_C.openmp),
         "threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
     }
 
 

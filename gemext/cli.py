@@ -88,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gemext", description="Gradient-EM Bayesian meta-learning", formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"gemext {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print build information as JSON", formatter_class=fmt)
+    sub.add_parser("info", help="print build information as JSON (cuda: gemext's CUDA kernels are compiled "
+                               "in this build; cuda_available: torch sees a CUDA device now)", formatter_class=fmt)
 
     t = sub.add_parser("train", help="meta-train an algorithm on a task family", formatter_class=fmt)
     t.add_argument("task", choices=TASKS, help="task family")

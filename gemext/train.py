@@ -259,6 +259,14 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
         return _loop(config, family, dctx, resume, progress, on_iteration)
 
 
+def _remove_stale_eval_outputs(out: Path, family: TaskFamily) -> None:
+    """Remove the plots an earlier meta-test wrote (the family's `eval_outputs`): the run now trains
+    further, so they no longer match its checkpoint, and metrics.json is replaced after training
+    (`gemext eval` writes them again)."""
+    for name in family.eval_outputs:
+        (out / name).unlink(missing_ok=True)
+
+
 def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, resume: bool,
           progress: bool | None, on_iteration: Callable[[int], None] | None) -> Path:
     out = Path(config.out)
@@ -279,6 +287,8 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
                              f"{' '.join(str(exc).split())[:300]}") from exc
         _set_rng_state(ckpt["rng"], family, learner)
         start, wall_before, skipped = ckpt["iteration"], ckpt["wall_s"], ckpt.get("skipped", 0)
+        if dctx.is_main and start < config.iterations:
+            _remove_stale_eval_outputs(out, family)
     if dctx.is_main:
         cfg = asdict(config)
         resolved = family.resolved_options()

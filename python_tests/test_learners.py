@@ -409,6 +409,33 @@ def test_recurrent_models_fall_back_to_the_task_loop(algo):
         algorithms.create(algo, bn, inner_steps=1, vectorize=True)
 
 
+class _Counting(nn.Module):
+    """A forward that mutates a registered buffer in place (a call counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.body(x)
+
+
+@pytest.mark.parametrize("algo", ["gem-bml+", "gem-bml", "maml"])
+def test_a_forward_that_mutates_a_buffer_is_named_with_the_fix(algo):
+    """Not detected up front (any in-place update may be one): the vmapped inner loop's raw
+    torch.func error becomes one that names the cause and vectorize=False, which then works."""
+    torch.manual_seed(0)
+    learner = algorithms.create(algo, _Counting(), inner_steps=1)
+    with pytest.raises(RuntimeError, match=r"forward mutates a tensor in place \(a buffer.*vectorize=False"):
+        learner.meta_backward(_sinusoid_batch(2))
+    learner = algorithms.create(algo, _Counting(), inner_steps=1, vectorize=False)
+    stats = learner.meta_backward(_sinusoid_batch(2))
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert learner.net.model.calls > 0
+
+
 @pytest.mark.parametrize("variant", ["gem-bml", "gem-bml+"])
 def test_joint_all_fit_gives_the_exact_mean_gradient_on_correlated_features(variant):
     """Correlated features: the exact posterior has a full covariance, which a diagonal q cannot

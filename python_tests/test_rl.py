@@ -319,6 +319,8 @@ def test_train_eval_nav2d_end_to_end(tmp_path, algo):
     assert all(math.isfinite(r) for r in m["return_by_step"])
     assert json.loads((run / "metrics.json").read_text())["return_by_step"] == m["return_by_step"]
     assert (run / "return_vs_steps.png").exists() and (run / "trajectories.png").exists()
+    from gemext.families.rl import RLFamily
+    assert set(RLFamily.eval_outputs) == {"return_vs_steps.png", "trajectories.png"}  # removed on a longer resume
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemext import cli
+from gemext import _C, cli
 from gemext.train import RunConfig, evaluate, load_checkpoint, train
 
 FAST = {"inner_steps": 2}
@@ -112,6 +112,29 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
         train(_config(run, iterations=5), progress=False, overwrite=True, resume=True)
 
 
+def test_resuming_further_removes_the_stale_meta_test_plots(tmp_path, capsys):
+    """`train --resume --no-eval` replaces metrics.json with training-only metrics: the earlier
+    meta-test's plots (the family's eval_outputs) go with it, and `gemext eval` writes them again."""
+    from gemext.families.sinusoid import SinusoidFamily
+
+    run = tmp_path / "r"
+    argv = ["train", "sinusoid", "--algo", "reptile", "--inner-steps", "1", "--meta-batch", "3", "--out", str(run),
+            "--eval-tasks", "10", "--eval-steps", "1", "--no-progress"]
+    assert cli.main([*argv, "--iterations", "3", "--no-eval"]) == 0
+    before = {f.name for f in run.iterdir()}
+    assert evaluate(run)["iterations"] == 3
+    plots = {f.name for f in run.iterdir()} - before
+    assert plots == set(SinusoidFamily.eval_outputs) == {"mse_vs_steps.png", "predictions.png"}
+    assert cli.main([*argv, "--iterations", "5", "--resume", "--no-eval"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["iterations"] == 5 and "mse_by_step" not in metrics
+    assert not any((run / f).exists() for f in plots)
+    capsys.readouterr()
+    assert cli.main(["eval", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["iterations"] == 5
+    assert all((run / f).exists() for f in plots)
+
+
 def test_resume_refuses_settings_that_change_the_trajectory(tmp_path):
     run = tmp_path / "r"
     train(_config(run, iterations=5), progress=False)
@@ -188,7 +211,10 @@ def _cli(argv, capsys) -> tuple[int, str, str]:
 def test_cli_info(capsys):
     code, out, _ = _cli(["info"], capsys)
     info = json.loads(out)
-    assert code == 0 and {"version", "cuda", "openmp", "torch", "threads"} <= set(info)
+    assert code == 0
+    assert {"version", "cuda", "cuda_available", "openmp", "torch", "threads"} <= set(info)
+    assert info["cuda"] == bool(_C.cuda)
+    assert info["cuda_available"] == torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -445,7 +471,8 @@ def test_refused_options_and_runs_leave_no_folder(tmp_path, capsys, monkeypatch)
         (["sinusoid", "--algo", "maml", "--options", '{"reg": 2}'], "maml: option reg is used only by imaml"),
         (["sinusoid", "--algo", "gem-bml+", "--preset", "nope"], "unknown sinusoid preset 'nope'"),
         (["sinusoid", "--algo", "gem-bml+", "--resume"], "cannot resume: no checkpoint"),
-        (["omniglot", "--algo", "maml"], "no data root"),
+        (["omniglot", "--algo", "maml"],
+         "no data root: set --data-root DIR or the GEMEXT_DATA environment variable (in Python: root=DIR)"),
     ]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"r{i}" / "run"

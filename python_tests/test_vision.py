@@ -3,6 +3,7 @@ otherwise), the episodic sampler and the Conv4 backbone."""
 from __future__ import annotations
 
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -184,7 +185,8 @@ def test_mini_imagenet_fixture(tmp_path):
 # ----------------------------------------------------------------------------- errors
 def test_missing_root_and_wrong_layout(tmp_path, monkeypatch):
     monkeypatch.delenv("GEMEXT_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="GEMEXT_DATA"):
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            "no data root: set --data-root DIR or the GEMEXT_DATA environment variable (in Python: root=DIR)")):
         V.omniglot("train")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
         V.omniglot("train", tmp_path / "nope")

@@ -39,6 +39,8 @@ def _check_run(run: Path, metrics: dict, ways: int, shots: int, eval_tasks: int)
     png = run / "reliability.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rel = json.loads((run / "reliability.json").read_text())
+    from gemext.families.vision import VisionFamily
+    assert set(VisionFamily.eval_outputs) == {"reliability.json", "reliability.png"}  # removed on a longer resume
     assert sum(rel["count"]) == eval_tasks * ways * VT.QUERY[saved["task"]]
 
 

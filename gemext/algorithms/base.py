@@ -247,6 +247,14 @@ def resolve_vectorize(name: str, model: nn.Module, vectorize: bool | str) -> boo
     return bool(vectorize)
 
 
+def _is_inplace_capture_error(e: RuntimeError) -> bool:
+    """Whether `e` is torch.func's refusal of an in-place op on a tensor captured by a grad
+    transform ("During a grad (vjp, jvp, grad, etc) transform, the function provided attempted to
+    call in-place operation (aten::add_.Tensor) that would mutate a captured Tensor...")."""
+    msg = str(e)
+    return "During a grad" in msg and "in-place operation" in msg and "captured Tensor" in msg
+
+
 class FunctionalNet:
     """Calls `module` with parameters that carry a leading task dimension: one vmapped call for
     all tasks (`vectorize=True`), or a loop over tasks (needed when the forward mutates buffers,
@@ -296,7 +304,15 @@ class FunctionalNet:
         self._build()
 
     def _one(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.module, dict(zip(self.names, theta)), (x,), self.forward_kwargs)
+        try:
+            out = functional_call(self.module, dict(zip(self.names, theta)), (x,), self.forward_kwargs)
+        except RuntimeError as e:  # the one place the model's forward runs inside torch.func transforms
+            if self.vectorize and _is_inplace_capture_error(e):
+                raise RuntimeError(
+                    "the model's forward mutates a tensor in place (a buffer, e.g. a call counter or running "
+                    "statistic), which the vmapped inner loops (torch.func transforms) cannot do; create the "
+                    "learner with vectorize=False (it then loops over the tasks)") from e
+            raise
         if not isinstance(out, torch.Tensor):  # every forward but the MLP plan's comes through here
             raise TypeError(f"model must return a tensor, got {type(out).__name__}")
         return out

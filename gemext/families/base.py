@@ -32,6 +32,9 @@ class TaskFamily(abc.ABC):
     # two runs are compared for --resume)
     folded: tuple[str, ...] = ("inner_steps",)
     default_eval_tasks: int = 600
+    # the files `evaluate` writes into the run folder besides metrics.json (plots, plot data): a
+    # resumed run that trains further removes them, as they describe the earlier meta-test
+    eval_outputs: tuple[str, ...] = ()
 
     def __init__(self, config: RunConfig) -> None:
         self.check(config)
@@ -120,6 +123,8 @@ class TaskFamily(abc.ABC):
 class SupervisedFamily(TaskFamily):
     """A family of (x, y) tasks whose training meta-batches come from one torch.Generator seeded
     with the run's seed."""
+
+    eval_outputs = ("mse_vs_steps.png", "predictions.png")  # plot_regression's
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)

@@ -29,6 +29,7 @@ class RLFamily(TaskFamily):
     distributed = False
     domain = "rl"
     folded = ("inner_steps", "meta_batch")
+    eval_outputs = ("return_vs_steps.png", "trajectories.png")
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -124,6 +124,7 @@ class VisionFamily(SupervisedFamily):
     tasks = ("omniglot", "tinyimagenet", "miniimagenet")
     flags = ("preset", "ways", "shots", "data_root")
     eval_batch = 10  # meta-test episodes adapted together
+    eval_outputs = ("reliability.json", "reliability.png")
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -80,7 +80,9 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     if root is None:
         root = os.environ.get("GEMEXT_DATA") or None
         if root is None:
-            raise FileNotFoundError("no data root: pass root=... (--data-root DIR) or set GEMEXT_DATA")
+            # for command-line and Python users alike
+            raise FileNotFoundError("no data root: set --data-root DIR or the GEMEXT_DATA environment variable "
+                                    "(in Python: root=DIR)")
     path = Path(root).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"data root {path} does not exist or is not a directory")

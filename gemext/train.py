@@ -4,6 +4,7 @@ continues bit-for-bit) and metrics.json, distributed sharding under torchrun; an
 entry point `evaluate`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -233,9 +234,13 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
     clean = False  # whether every rank is expected at the closing barrier
     locks: list[runs.RunLock] = []
     created = runs.missing_folders(Path(config.out)) if dctx.is_main else []
+    # the plots of the run an --overwrite replaces (its family's `eval_outputs`, known from its config)
+    replaced = _previous_eval_outputs(Path(config.out)) if overwrite and dctx.is_main else ()
     try:
         # rank 0 owns the folder; its refusal reaches every rank
         dctx.from_main(lambda: locks.append(runs.open_folder(Path(config.out), resume, overwrite)), "run folder")
+        for name in replaced:
+            (Path(config.out) / name).unlink(missing_ok=True)
         run = _train(config, dctx, resume, progress, on_iteration)
         clean = True
         return run
@@ -257,6 +262,14 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
     random.seed(config.seed)
     with open_family(config) as family:
         return _loop(config, family, dctx, resume, progress, on_iteration)
+
+
+def _previous_eval_outputs(out: Path) -> tuple[str, ...]:
+    """The meta-test files of the run in `out` (by the task in its config.json), or () when none."""
+    try:
+        return tuple(families.get(json.loads((out / "config.json").read_text())["task"]).eval_outputs)
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
 
 
 def _remove_stale_eval_outputs(out: Path, family: TaskFamily) -> None:
@@ -342,10 +355,15 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
                 raise Interrupted(stop.signum or signal.SIGTERM, done)
     if not dctx.is_main:
         return out
-    # replaced, not merged: an earlier meta-test belongs to fewer iterations
-    (out / "metrics.json").write_text(json.dumps(
-        {"task": config.task, "algo": config.algo, "seed": config.seed, "iterations": config.iterations,
-         "wall_s": wall(), "skipped_steps": skipped, **family.log_stats()}, indent=2))
+    metrics = {"task": config.task, "algo": config.algo, "seed": config.seed, "iterations": config.iterations,
+               "wall_s": wall(), "skipped_steps": skipped, **family.log_stats()}
+    path = out / "metrics.json"
+    if start >= config.iterations and path.exists():
+        # a resume that trained nothing: the earlier meta-test still belongs to this checkpoint
+        with contextlib.suppress(ValueError, OSError):
+            metrics = {**json.loads(path.read_text()), **metrics}
+    # otherwise replaced, not merged: an earlier meta-test belongs to fewer iterations
+    path.write_text(json.dumps(metrics, indent=2))
     return out
 
 

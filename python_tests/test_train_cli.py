@@ -114,7 +114,8 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
 
 def test_resuming_further_removes_the_stale_meta_test_plots(tmp_path, capsys):
     """`train --resume --no-eval` replaces metrics.json with training-only metrics: the earlier
-    meta-test's plots (the family's eval_outputs) go with it, and `gemext eval` writes them again."""
+    meta-test's plots (the family's eval_outputs) go with it, and `gemext eval` writes them again;
+    a resume that trains nothing keeps them, and --overwrite removes them."""
     from gemext.families.sinusoid import SinusoidFamily
 
     run = tmp_path / "r"
@@ -133,6 +134,13 @@ def test_resuming_further_removes_the_stale_meta_test_plots(tmp_path, capsys):
     assert cli.main(["eval", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["iterations"] == 5
     assert all((run / f).exists() for f in plots)
+    # a resume that trains nothing keeps the meta-test that belongs to its checkpoint
+    assert cli.main([*argv, "--iterations", "5", "--resume", "--no-eval"]) == 0
+    assert "mse_by_step" in json.loads((run / "metrics.json").read_text())
+    assert all((run / f).exists() for f in plots)
+    # --overwrite replaces the run, its plots included
+    assert cli.main([*argv, "--iterations", "2", "--overwrite", "--no-eval"]) == 0
+    assert not any((run / f).exists() for f in plots)
 
 
 def test_resume_refuses_settings_that_change_the_trajectory(tmp_path):

@@ -274,3 +274,17 @@ def test_ruff_is_clean():
     out = subprocess.run([ruff, "check", "--no-cache", "gemext", "benchmarks", "python_tests"], cwd=root,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]
+
+
+def test_the_readme_example_runs_as_written():
+    """README's Python example, with its loop shortened: a change of the public API that breaks
+    the example users copy fails here."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README has no ```python example"
+    for code in blocks:
+        short = re.sub(r"range\(\d+\)", "range(2)", code)
+        scope: dict = {}
+        exec(compile(short, "README.md", "exec"), scope)  # noqa: S102 - the project's own README
+        if "pred" in scope:
+            assert torch.isfinite(scope["pred"].mean).all() and (scope["pred"].std > 0).all()

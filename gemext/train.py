@@ -10,6 +10,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -302,6 +303,9 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
         start, wall_before, skipped = ckpt["iteration"], ckpt["wall_s"], ckpt.get("skipped", 0)
         if dctx.is_main and start < config.iterations:
             _remove_stale_eval_outputs(out, family)
+        elif dctx.is_main:
+            print(f"{out}: already at iteration {start} of --iterations {config.iterations}; nothing to train",
+                  file=sys.stderr)
     if dctx.is_main:
         cfg = asdict(config)
         resolved = family.resolved_options()
@@ -334,7 +338,8 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
                 skipped += 1
                 bad_run += 1
                 last_error = step.error or last_error
-                if bad_run >= config.max_bad_steps:
+                # a run shorter than max_bad_steps whose every iteration was skipped failed as well
+                if bad_run >= min(config.max_bad_steps, config.iterations - start):
                     save(it)
                     raise FloatingPointError(
                         f"{bad_run} consecutive meta-iterations produced non-finite losses or gradients "

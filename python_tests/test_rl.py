@@ -293,8 +293,10 @@ def test_mujoco_smoke_collect_process_update():
 
 
 # ---------------------------------------------------------------- meta-RL (gemext.families.rl, gemext.algorithms.rl)
+# sigma0 0.1: with 3 episodes of 12 steps the default 0.01 would make the inner SGD step's pull to the
+# prior 0.1/36·1/0.01² ≈ 28 per step, which the GEM learners refuse (it diverges)
 TINY = dict(episodes=3, meta_batch=2, horizon=12, hidden=[8, 8], num_envs=3, eval_tasks=2, eval_episodes=3,
-            eval_steps=1)
+            eval_steps=1, sigma0=0.1)
 
 
 def _run(tmp_path, algo, iterations=2, task="nav2d", **kw):
@@ -321,6 +323,21 @@ def test_train_eval_nav2d_end_to_end(tmp_path, algo):
     assert (run / "return_vs_steps.png").exists() and (run / "trajectories.png").exists()
     from gemext.families.rl import RLFamily
     assert set(RLFamily.eval_outputs) == {"return_vs_steps.png", "trajectories.png"}  # removed on a longer resume
+
+
+@pytest.mark.parametrize("algo", ["gem-bml", "gem-bml+"])
+def test_an_inner_sgd_step_that_overshoots_the_prior_is_refused(tmp_path, algo):
+    """3 episodes of 12 steps with σ₀ 0.01: the KL term's SGD step pulls μ − μ₀ by 0.1/36·1e4 ≈ 28
+    per step (its returns blew up to −1e22 at meta-test); refused with the numbers and the fixes.
+    Reptile (no KL term) and the defaults (20 episodes of 100 steps: 0.5) are fine."""
+    from gemext.train import train
+
+    with pytest.raises(ValueError, match=r"= 27.8 per step, which must stay below 1.*raise episodes"):
+        train(_run(tmp_path, algo, sigma0=0.01), progress=False)
+    assert not (tmp_path / algo).exists()  # refused before the run folder was kept
+    from gemext.algorithms.rl import RLSettings
+    s = RLSettings()
+    assert s.inner_lr / s.scale(100) * s.beta / s.sigma0 ** 2 == pytest.approx(0.5)
 
 
 def test_resume_continues_exactly(tmp_path):

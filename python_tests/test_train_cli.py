@@ -134,8 +134,10 @@ def test_resuming_further_removes_the_stale_meta_test_plots(tmp_path, capsys):
     assert cli.main(["eval", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["iterations"] == 5
     assert all((run / f).exists() for f in plots)
-    # a resume that trains nothing keeps the meta-test that belongs to its checkpoint
+    # a resume that trains nothing says so and keeps the meta-test that belongs to its checkpoint
+    capsys.readouterr()
     assert cli.main([*argv, "--iterations", "5", "--resume", "--no-eval"]) == 0
+    assert "already at iteration 5 of --iterations 5; nothing to train" in capsys.readouterr().err
     assert "mse_by_step" in json.loads((run / "metrics.json").read_text())
     assert all((run / f).exists() for f in plots)
     # --overwrite replaces the run, its plots included
@@ -288,6 +290,11 @@ def test_diverging_inner_loop_is_skipped_then_stops_cleanly(tmp_path):
         train(cfg, progress=False)
     state = _state(tmp_path / "r")
     assert all(torch.isfinite(v).all() for v in state.values())
+    # a run shorter than max_bad_steps whose every iteration is skipped fails too (it trained nothing)
+    short = _config(tmp_path / "s", iterations=2, max_bad_steps=3,
+                    algo_options={"lr": 1e6, "inner_steps": 3, "inner": {"optimizer": "sgd"}})
+    with pytest.raises(FloatingPointError, match="2 consecutive meta-iterations"):
+        train(short, progress=False)
 
 
 def test_progress_lines_without_a_terminal_and_a_live_log(tmp_path):

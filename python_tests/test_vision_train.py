@@ -78,6 +78,10 @@ def test_learner_defaults_follow_the_step_rule():
     assert VT.learner_options(cfg("gem-bml+", algo_options={"sigma0": 0.1}), 5, 1)["inner"]["lr"] == pytest.approx(8.0)
     given = VT.learner_options(cfg("gem-bml+", algo_options={"inner": {"optimizer": "ngvi", "lr": 3.0}}), 5, 1)
     assert given["inner"]["lr"] == 3.0
+    # a partial inner dict updates the preset's (its β 0.01 stays); another optimizer drops the preset's lr
+    assert given["inner"]["beta"] == VT.VISION_DEFAULTS["gem-bml+"]["inner"]["beta"] == 0.01
+    adam = VT.learner_options(cfg("gem-bml+", algo_options={"inner": {"optimizer": "adam"}}), 5, 1)["inner"]
+    assert adam["beta"] == 0.01 and adam["optimizer"] == "adam" and "lr" not in adam
     assert VT.learner_options(cfg("maml", inner_steps=3, algo_options={"lr": 0.5}), 5, 1)["inner_steps"] == 3
     mini = VT.learner_options(RunConfig(task="miniimagenet", algo="maml"), 5, 1)
     assert mini["lr"] == pytest.approx(0.002) and mini["inner_steps"] == 5

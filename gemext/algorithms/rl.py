@@ -202,6 +202,15 @@ class GEMRL(RLLearner):
         self.sampler, self.settings = sampler, settings
         self.scale = settings.scale(sampler.horizon)
         von = settings.inner_optimizer == "von"
+        pull = settings.inner_lr / self.scale * settings.beta / settings.sigma0 ** 2
+        if not von and variant != "reptile" and pull >= 1:
+            # the SGD step of the KL term moves μ − μ₀ by the factor 1 − pull: at 1 it undoes all
+            # adaptation, above it overshoots the prior mean (oscillating), at 2 and above it diverges
+            raise ValueError(
+                f"{variant} (RL): the inner SGD step pulls the policy back to the prior by "
+                f"inner_lr/(episodes·horizon)·beta/sigma0² = {settings.inner_lr:g}/{self.scale:g}·{settings.beta:g}/"
+                f"{settings.sigma0:g}² = {pull:.3g} per step, which must stay below 1 (it undoes or overshoots the "
+                "adaptation); raise episodes, sigma0 or likelihood_scale, or lower beta or inner_lr")
         inner = VIConfig(steps=settings.inner_steps, optimizer=settings.inner_optimizer,
                          lr=settings.inner_lr if von else settings.inner_lr / self.scale,
                          optimizer_kwargs=dict(settings.inner_options), mc_samples=settings.mc_samples,

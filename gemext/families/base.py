@@ -15,6 +15,21 @@ from ..config import FAMILY_FLAGS, RunConfig
 EVAL_SEED = 20201206  # meta-test tasks are the same for every run and seed
 
 
+def merge_options(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """A family's learner defaults updated with a run's options. The inner-VI dict is merged key
+    by key, so `{"inner": {"lr": 16}}` keeps the preset's optimizer and β; naming another
+    optimizer drops the preset's lr and optimizer_kwargs, which belong to the preset's one."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+    for key, value in options.items():
+        base = out.get(key)
+        if key == "inner" and isinstance(base, dict) and isinstance(value, dict):
+            if "optimizer" in value and value["optimizer"] != base.get("optimizer"):
+                base = {k: v for k, v in base.items() if k not in ("lr", "optimizer_kwargs")}
+            value = {**base, **value}
+        out[key] = value
+    return out
+
+
 class TaskFamily(abc.ABC):
     """A kind of task (sinusoid regression, few-shot vision, meta-RL). Built from a run's
     settings, it builds the model, likelihood and learner, samples the training meta-batches from

@@ -16,7 +16,7 @@ from ..tasks import Task
 from ..tasks.sinusoid import SinusoidTasks
 from ..tasks.sinusoid import preset as sinusoid_preset
 from ..vi import GaussianLikelihood
-from .base import EVAL_SEED, SupervisedFamily
+from .base import EVAL_SEED, SupervisedFamily, merge_options
 
 # Sinusoid hyper-parameters, chosen on `finn` with 1000-iteration sweeps (benchmarks/von_sweep.py;
 # table in benchmarks/RESULTS.md, "GEM with the von inner VI").
@@ -100,9 +100,9 @@ class SinusoidFamily(SupervisedFamily):
         Family options (not the learner's): `sigma`, the likelihood noise s (its start when learned),
         and `learn_noise`, which makes log s a weight of the model (under the prior for the
         Bayesian learners, meta-learned like any other)."""
-        opts = dict(SINUSOID_DEFAULTS.get(self.config.algo, {}))
-        opts.update(PRESET_DEFAULTS.get(self.config.preset or "finn", {}).get(self.config.algo, {}))
-        opts.update(self.config.algo_options)
+        opts = merge_options(SINUSOID_DEFAULTS.get(self.config.algo, {}),
+                             PRESET_DEFAULTS.get(self.config.preset or "finn", {}).get(self.config.algo, {}))
+        opts = merge_options(opts, self.config.algo_options)
         if self.config.inner_steps is not None:
             opts["inner_steps"] = self.config.inner_steps
         sigma = opts.pop("sigma", None)

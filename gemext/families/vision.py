@@ -25,7 +25,7 @@ from ..runs import best_effort
 from ..tasks import Task
 from ..tasks.vision import FewShotTasks, load_split, make_backbone
 from ..vi import CategoricalLikelihood
-from .base import SupervisedFamily
+from .base import SupervisedFamily, merge_options
 
 # The paper's settings: N-way K-shot.
 PRESETS: dict[str, tuple[int, int]] = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1), "20w5s": (20, 5)}
@@ -90,8 +90,7 @@ def summed_nll_step(task: str, ways: int, shots: int) -> float:
 def learner_options(config, ways: int, shots: int) -> dict[str, Any]:
     """VISION_DEFAULTS for the run's algorithm, updated with config.algo_options, with the inner
     step sizes filled in by the rules above where neither gives one."""
-    opts = {k: (dict(v) if isinstance(v, dict) else v) for k, v in VISION_DEFAULTS.get(config.algo, {}).items()}
-    opts.update(config.algo_options)
+    opts = merge_options(VISION_DEFAULTS.get(config.algo, {}), config.algo_options)
     step = summed_nll_step(config.task, ways, shots)
     if config.algo in _GEM and "lr" not in opts:
         inner = dict(opts.get("inner") or {})

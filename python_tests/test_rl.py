@@ -441,6 +441,15 @@ def test_rl_options_are_validated(tmp_path):
         train(_run(tmp_path, "maml", episodez=3), progress=False)
     with pytest.raises(ValueError, match="not available for nav2d"):
         train(_run(tmp_path, "abml"), progress=False)
+    from gemext.algorithms.rl import RLSettings
+    with pytest.raises(TypeError, match="RL option episodes must be int, got str 'x'"):
+        RLSettings.from_options({"episodes": "x"})
+    with pytest.raises(TypeError, match="RL option first_order must be bool"):
+        RLSettings.from_options({"first_order": 1})
+    with pytest.raises(ValueError, match="horizon must be >= 1"):
+        RLSettings.from_options({"horizon": 0})
+    ok = RLSettings.from_options({"hidden": [8, 8], "horizon": None, "sigma0_range": [1e-3, 1e-2], "sigma0": 1})
+    assert ok.hidden == (8, 8) and ok.sigma0_range == (1e-3, 1e-2) and ok.sigma0 == 1
 
 
 @needs_mujoco

@@ -88,6 +88,8 @@ class RLSettings:
                      "cg_iters", "ls_max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RL option {name} must be >= 1, got {getattr(self, name)}")
+        if self.horizon is not None and self.horizon < 1:
+            raise ValueError(f"RL option horizon must be >= 1 (or null: the environment's), got {self.horizon}")
         for name in ("inner_steps", "query_steps", "eval_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RL option {name} must be >= 0, got {getattr(self, name)}")
@@ -106,11 +108,26 @@ class RLSettings:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> RLSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+        """Settings from a run's options (JSON values): unknown keys and values of the wrong type are
+        refused, naming the option."""
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(options) - set(types))
         if unknown:
-            raise ValueError(f"unknown RL option(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown RL option(s) {unknown}; known: {sorted(types)}")
+        for name, value in options.items():
+            if not _accepts(str(types[name]), value):
+                raise TypeError(f"RL option {name} must be {types[name]}, got {type(value).__name__} {value!r}")
         return cls(**options)
+
+
+def _accepts(annotation: str, value: Any) -> bool:
+    """Whether a JSON value fits a field annotation such as "int", "float | None", "tuple[int, ...]"."""
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+              "tuple": lambda v: isinstance(v, (list, tuple)), "dict": lambda v: isinstance(v, dict),
+              "None": lambda v: v is None}
+    return any(checks.get(alt.split("[")[0].strip(), lambda v: True)(value) for alt in annotation.split("|"))
 
 
 class Sampler:

@@ -197,6 +197,10 @@ def test_missing_root_and_wrong_layout(tmp_path, monkeypatch):
         assert str(tmp_path) in str(err.value)
     with pytest.raises(ValueError, match="splits"):
         V.omniglot("val", tmp_path)
+    (tmp_path / "images_background.zip").write_bytes(b"")  # one of the two archives
+    with pytest.raises(FileNotFoundError, match=re.escape("images_background found, images_evaluation.zip (or "
+                                                          "images_evaluation/) missing")):
+        V.omniglot("train", tmp_path, tmp_path / "cache")
     with pytest.raises(ValueError, match="unknown vision task"):
         V.load_split("cifar", "train", tmp_path)
 

@@ -61,6 +61,8 @@ def test_presets_and_unknown_preset():
         assert VT.ways_shots(RunConfig(task="omniglot", algo="maml", preset=name)) == (ways, shots)
     assert VT.ways_shots(RunConfig(task="omniglot", algo="maml")) == (5, 1)  # default preset
     assert VT.ways_shots(RunConfig(task="omniglot", algo="maml", preset="5w5s", shots=2)) == (5, 2)
+    with pytest.raises(ValueError, match="--ways must be >= 2"):
+        VT.ways_shots(RunConfig(task="omniglot", algo="maml", ways=1))
     with pytest.raises(ValueError, match="unknown vision preset '7w3s'.*5w1s"):
         VT.ways_shots(RunConfig(task="omniglot", algo="maml", preset="7w3s"))
 

@@ -113,7 +113,10 @@ def ways_shots(config) -> tuple[int, int]:
     if config.preset is not None and config.preset not in PRESETS:
         raise ValueError(f"unknown vision preset {config.preset!r}; available: {', '.join(PRESETS)}")
     ways, shots = PRESETS[config.preset or "5w1s"]
-    return config.ways or ways, config.shots or shots
+    ways, shots = config.ways or ways, config.shots or shots
+    if ways < 2:  # one class: every prediction is right (accuracy 1, ECE 0), nothing is measured
+        raise ValueError(f"--ways must be >= 2 for a classification episode, got {ways}")
+    return ways, shots
 
 
 class VisionFamily(SupervisedFamily):

@@ -284,6 +284,12 @@ def _omniglot_all(root: str | os.PathLike | None, cache: str | os.PathLike | Non
     def has_parts(d: Path) -> bool:
         return all((d / f"{p}.zip").is_file() or (d / p).is_dir() for p in _OMNIGLOT_PARTS)
 
+    for cand in (base / "omniglot", base):  # one of the two parts only: name the missing one
+        present = [p for p in _OMNIGLOT_PARTS if (cand / f"{p}.zip").is_file() or (cand / p).is_dir()]
+        if 0 < len(present) < len(_OMNIGLOT_PARTS):
+            missing = [f"{p}.zip (or {p}/)" for p in _OMNIGLOT_PARTS if p not in present]
+            raise FileNotFoundError(f"Omniglot under {cand} is incomplete: {', '.join(present)} found, "
+                                    f"{', '.join(missing)} missing; expected {_OMNIGLOT_LAYOUT}")
     d = _find_dir(base, ["omniglot"], has_parts, "Omniglot", _OMNIGLOT_LAYOUT)
     pattern = re.compile(r"(images_background|images_evaluation)/[^/]+/[^/]+/[^/]+\.png")
     sources, members = [], []

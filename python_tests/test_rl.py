@@ -293,17 +293,19 @@ def test_mujoco_smoke_collect_process_update():
 
 
 # ---------------------------------------------------------------- meta-RL (gemext.families.rl, gemext.algorithms.rl)
-# sigma0 0.1: with 3 episodes of 12 steps the default 0.01 would make the inner SGD step's pull to the
-# prior 0.1/36·1/0.01² ≈ 28 per step, which the GEM learners refuse (it diverges)
 TINY = dict(episodes=3, meta_batch=2, horizon=12, hidden=[8, 8], num_envs=3, eval_tasks=2, eval_episodes=3,
-            eval_steps=1, sigma0=0.1)
+            eval_steps=1)
+# GEM/Reptile: sigma0 0.1, since with 3 episodes of 12 steps the default 0.01 would make the inner SGD
+# step's pull to the prior 0.1/36·1/0.01² ≈ 28 per step, which the GEM learners refuse (it diverges)
+TINY_GEM = dict(sigma0=0.1)
 
 
 def _run(tmp_path, algo, iterations=2, task="nav2d", **kw):
     from gemext.train import RunConfig
 
+    opts = {**TINY, **({} if algo == "maml" else TINY_GEM), **kw}
     return RunConfig(task=task, algo=algo, iterations=iterations, out=str(tmp_path / algo), log_every=1,
-                     checkpoint_every=1, meta_lr=1e-2, algo_options={**TINY, **kw})
+                     checkpoint_every=1, meta_lr=1e-2, algo_options=opts)
 
 
 @pytest.mark.parametrize("algo", ["gem-bml", "gem-bml+", "reptile", "maml"])
@@ -386,7 +388,7 @@ def test_gem_rl_learned_prior_std_stays_in_its_range(sigma0_range):
     """The RL meta-step clamps σ₀ into its range after each update (a large meta step would leave it)."""
     from gemext.train import meta_step
 
-    settings, sampler, learner, family = _build_rl("gem-bml+", dict(TINY, sigma0_range=sigma0_range), 0.5)
+    settings, sampler, learner, family = _build_rl("gem-bml+", dict(TINY, **TINY_GEM, sigma0_range=sigma0_range), 0.5)
     opt = learner.meta_optimizer(0.5)
     for it in range(2):
         assert meta_step(learner, opt, rl.sample_tasks("nav2d", 2, it)).stepped
@@ -448,6 +450,16 @@ def test_rl_options_are_validated(tmp_path):
         RLSettings.from_options({"first_order": 1})
     with pytest.raises(ValueError, match="horizon must be >= 1"):
         RLSettings.from_options({"horizon": 0})
+    # options the run's learner would ignore
+    with pytest.raises(ValueError, match="RL option max_kl is read by maml, not by gem-bml"):
+        RLSettings.from_options({"max_kl": 0.5}, "gem-bml+")
+    with pytest.raises(ValueError, match="RL option sigma0 is read by gem-bml, gem-bml\\+, reptile, not by maml"):
+        RLSettings.from_options({"sigma0": 0.5}, "maml")
+    with pytest.raises(ValueError, match="beta is read by gem-bml, gem-bml\\+, not by reptile"):
+        RLSettings.from_options({"beta": 0.5}, "reptile")
+    with pytest.raises(ValueError, match="one policy-gradient step; inner_steps 2"):
+        train(_run(tmp_path, "maml", inner_steps=2), progress=False)
+    assert RLSettings.from_options({"inner_steps": 1, "max_kl": 0.02}, "maml").max_kl == 0.02
     ok = RLSettings.from_options({"hidden": [8, 8], "horizon": None, "sigma0_range": [1e-3, 1e-2], "sigma0": 1})
     assert ok.hidden == (8, 8) and ok.sigma0_range == (1e-3, 1e-2) and ok.sigma0 == 1
 

@@ -107,9 +107,9 @@ class RLSettings:
         return float(self.likelihood_scale or self.episodes * horizon)
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> RLSettings:
-        """Settings from a run's options (JSON values): unknown keys and values of the wrong type are
-        refused, naming the option."""
+    def from_options(cls, options: dict[str, Any], algo: str | None = None) -> RLSettings:
+        """Settings from a run's options (JSON values): unknown keys, values of the wrong type and,
+        given the run's `algo`, options that learner would ignore are refused, naming the option."""
         types = {f.name: f.type for f in fields(cls)}
         unknown = sorted(set(options) - set(types))
         if unknown:
@@ -117,7 +117,24 @@ class RLSettings:
         for name, value in options.items():
             if not _accepts(str(types[name]), value):
                 raise TypeError(f"RL option {name} must be {types[name]}, got {type(value).__name__} {value!r}")
+        if algo is not None:
+            for name in options:
+                users = _USED_BY.get(name)
+                if users is not None and algo not in users:
+                    raise ValueError(f"RL option {name} is read by {', '.join(users)}, not by {algo}")
+            if algo == "maml" and options.get("inner_steps", 1) != 1:
+                raise ValueError(f"maml (MAML-TRPO) adapts with one policy-gradient step; inner_steps "
+                                 f"{options['inner_steps']} is not available")
         return cls(**options)
+
+
+_GEM, _ALL_GEM = ("gem-bml", "gem-bml+"), ("gem-bml", "gem-bml+", "reptile")
+# options read by some RL learners only (the others are shared by all): what each learner reads
+_USED_BY: dict[str, tuple[str, ...]] = {
+    **{k: ("maml",) for k in ("first_order", "max_kl", "cg_damping", "cg_iters", "ls_max_steps", "ls_backtrack_ratio")},
+    **{k: _GEM for k in ("learn_sigma", "sigma0_range", "beta", "mc_samples")},
+    **{k: _ALL_GEM for k in ("sigma0", "inner_optimizer", "inner_options", "likelihood_scale", "query_steps")},
+}
 
 
 def _accepts(annotation: str, value: Any) -> bool:

@@ -33,7 +33,7 @@ class RLFamily(TaskFamily):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.settings = RLSettings.from_options(self.options())
+        self.settings = RLSettings.from_options(self.options(), config.algo)
         self.default_eval_tasks = self.settings.eval_tasks
         self.sampler = Sampler(config.task, self.settings, config.seed)
         self.task_rng = np.random.default_rng(config.seed)

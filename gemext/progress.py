@@ -37,15 +37,22 @@ class Progress:
                f"eta {eta:.0f}s] {extra}").rstrip(),
               file=sys.stderr, flush=True)
 
+    def tick(self) -> None:
+        """One more item done (for work that reports its steps by callback instead of iterating)."""
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
+            self._line()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
     def __iter__(self) -> Iterator:
         try:
             for item in self.iterable:
                 yield item
-                self.done += 1
-                if self._bar is not None:
-                    self._bar.update(1)
-                elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
-                    self._line()
+                self.tick()
         finally:
-            if self._bar is not None:
-                self._bar.close()
+            self.close()

@@ -309,7 +309,7 @@ def _run(tmp_path, algo, iterations=2, task="nav2d", **kw):
 
 
 @pytest.mark.parametrize("algo", ["gem-bml", "gem-bml+", "reptile", "maml"])
-def test_train_eval_nav2d_end_to_end(tmp_path, algo):
+def test_train_eval_nav2d_end_to_end(tmp_path, algo, capsys):
     import json
 
     from gemext.train import evaluate, train
@@ -317,7 +317,9 @@ def test_train_eval_nav2d_end_to_end(tmp_path, algo):
     run = train(_run(tmp_path, algo), progress=False)
     for f in ("config.json", "checkpoint.pt", "log.csv", "metrics.json"):
         assert (run / f).exists(), f
+    capsys.readouterr()
     m = evaluate(run)
+    assert f"meta-test {algo} (2 tasks, 1 updates): 2/2" in capsys.readouterr().err  # progress, also off a TTY
     assert {"task", "algo", "seed", "iterations", "wall_s", "return_by_step"} <= set(m)
     assert m["algo"] == algo and m["iterations"] == 2 and len(m["return_by_step"]) == 2
     assert all(math.isfinite(r) for r in m["return_by_step"])

@@ -214,10 +214,17 @@ class RLLearner(MetaLearner):
         """Adapted policy weights of each task (posterior means for GEM)."""
         return self._path(tasks, self.inner_steps if steps is None else steps, None, None)
 
-    def adapt_path(self, tasks: list[Task], steps: int, episodes: int | None = None) -> list[list[EpisodeBatch]]:
-        """Rollouts of each task after 0..steps inner updates (`episodes` each)."""
+    def adapt_path(self, tasks: list[Task], steps: int, episodes: int | None = None,
+                   on_step: Callable[[int], None] | None = None) -> list[list[EpisodeBatch]]:
+        """Rollouts of each task after 0..steps inner updates (`episodes` each); `on_step(k)` is
+        called once the rollouts after k updates are in (progress of a long meta-test)."""
         path: list[list[EpisodeBatch]] = []
-        self._path(tasks, steps, episodes, path.append)
+
+        def add(batches: list[EpisodeBatch]) -> None:
+            path.append(batches)
+            if on_step is not None:
+                on_step(len(path) - 1)
+        self._path(tasks, steps, episodes, add)
         return path
 
 

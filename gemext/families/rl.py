@@ -16,6 +16,7 @@ from .. import algorithms
 from ..algorithms import MetaLearner
 from ..algorithms.rl import RLSettings, Sampler
 from ..metrics import mean_ci95
+from ..progress import Progress
 from ..runs import best_effort
 from ..tasks.rl.envs import Task, sample_tasks
 from ..tasks.rl.rollouts import EpisodeBatch, mean_returns
@@ -83,7 +84,12 @@ class RLFamily(TaskFamily):
         self.sampler.generator.manual_seed(EVAL_SEED)
         self.sampler.collector._rng = np.random.default_rng(EVAL_SEED)
         test_tasks = sample_tasks(config.task, n, EVAL_SEED)
-        path = learner.adapt_path(test_tasks, k, settings.eval_episodes)
+        bar = Progress(range(k + 1), k + 1, f"meta-test {config.algo} ({n} tasks, {k} updates)", every=1,
+                       enabled=progress)
+        try:
+            path = learner.adapt_path(test_tasks, k, settings.eval_episodes, on_step=lambda _: bar.tick())
+        finally:
+            bar.close()
         by_step = [mean_ci95(mean_returns(b)) for b in path]
         result = {"return_by_step": [m for m, _ in by_step], "return_ci95_by_step": [c for _, c in by_step],
                   "eval_tasks": n, "eval_steps": k, "eval_episodes": settings.eval_episodes}

@@ -112,7 +112,15 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpoint's config and a resumed run's, as 'name: old -> new'
     (those in RESUME_MAY_CHANGE excepted)."""
     keys = sorted((set(saved) | set(current)) - RESUME_MAY_CHANGE)
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    changes = []
+    for k in keys:
+        old, new = saved.get(k), current.get(k)
+        if isinstance(old, dict) and isinstance(new, dict):  # name the entries that differ (algo_options)
+            changes += [f"{k}.{n}: {old.get(n)!r} -> {new.get(n)!r}" for n in sorted(set(old) | set(new))
+                        if old.get(n) != new.get(n)]
+        elif old != new:
+            changes.append(f"{k}: {old!r} -> {new!r}")
+    return changes
 
 
 class RunFolderBusy(OSError):

@@ -95,7 +95,7 @@ def _effective(cfg: dict) -> dict:
         if cfg.get(key) is not None:
             opts[key] = cfg[key]
         cfg[key] = None
-    cfg["algo_options"] = opts
+    cfg["algo_options"] = families.get(cfg["task"]).trajectory_options(opts)
     return cfg
 
 

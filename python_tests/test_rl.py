@@ -344,6 +344,20 @@ def test_an_inner_sgd_step_that_overshoots_the_prior_is_refused(tmp_path, algo):
     assert s.inner_lr / s.scale(100) * s.beta / s.sigma0 ** 2 == pytest.approx(0.5)
 
 
+def test_resume_compares_the_resolved_rl_settings(tmp_path):
+    """An RL option spelled out at its default, or a meta-test-only one, is no change on --resume;
+    a change of the trajectory is refused, naming the option."""
+    from gemext.train import train
+
+    run = _run(tmp_path, "gem-bml+", iterations=1)
+    train(run, progress=False)
+    more = _run(tmp_path, "gem-bml+", iterations=2, inner_steps=1, eval_tasks=3)
+    train(more, resume=True, progress=False)
+    other = _run(tmp_path, "gem-bml+", iterations=3, episodes=4)
+    with pytest.raises(ValueError, match=r"algo_options\.episodes: 3 -> 4"):
+        train(other, resume=True, progress=False)
+
+
 def test_resume_continues_exactly(tmp_path):
     from gemext.train import load_checkpoint, train
 

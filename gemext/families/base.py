@@ -73,6 +73,12 @@ class TaskFamily(abc.ABC):
                              f"{', '.join(algorithms.names(cls.domain))}")
 
     @classmethod
+    def trajectory_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """A run's options as `--resume` compares them: what can change the training trajectory
+        (the family may resolve defaults and drop meta-test-only settings)."""
+        return options
+
+    @classmethod
     def with_defaults(cls, settings: dict[str, Any]) -> dict[str, Any]:
         """A run's settings (config.json's form) with the flags left out that the family fills in
         (preset, meta_batch, ...) set to the values it uses, so that --resume compares what a run

@@ -39,6 +39,13 @@ class RLFamily(TaskFamily):
         self.sampler = Sampler(config.task, self.settings, config.seed)
         self.task_rng = np.random.default_rng(config.seed)
 
+    @classmethod
+    def trajectory_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Every RL setting resolved (an option spelled out at its default is no change), less the
+        meta-test's own (eval_tasks, eval_episodes, eval_steps: the meta-test may change on resume)."""
+        settings = asdict(RLSettings.from_options(options))
+        return {k: v for k, v in settings.items() if not k.startswith("eval_")}
+
     def options(self) -> dict[str, Any]:
         """The run's RL options with the --inner-steps / --meta-batch shorthands folded in."""
         opts = {k: v for k, v in self.config.algo_options.items() if k != "resolved"}

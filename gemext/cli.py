@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             # the inner loops' per-step temporaries: reuse freed memory instead of faulting it in again
             from .allocator import keep_freed_memory
             keep_freed_memory()
-            _family_threads(args.task if args.command == "train" else _run_task(args.dir))
+            from .runs import run_task  # eval: a folder without a run is reported by evaluate
+            _family_threads(args.task if args.command == "train" else run_task(args.dir))
         if args.command == "train":
             return _train(args)
         if args.command == "eval":
@@ -204,14 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gemext {args.command}: interrupted", file=sys.stderr)
         return 130
     return 1
-
-
-def _run_task(run_dir: str) -> str | None:
-    """The task of a run folder, or None when it cannot be read (evaluate then says why)."""
-    try:
-        return json.loads((Path(run_dir) / "config.json").read_text())["task"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _family_threads(task: str | None) -> None:

@@ -18,6 +18,7 @@ import csv
 import errno
 import hashlib
 import io
+import json
 import os
 import uuid
 import warnings
@@ -195,6 +196,14 @@ def open_folder(folder: Path, resume: bool, overwrite: bool) -> RunLock:
         lock.release()
         raise
     return lock
+
+
+def run_task(folder: str | Path) -> str | None:
+    """The task of the run in `folder` (its config.json), or None when there is none to read."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def missing_folders(folder: Path) -> list[Path]:

@@ -236,12 +236,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
     locks: list[runs.RunLock] = []
     created = runs.missing_folders(Path(config.out)) if dctx.is_main else []
     # the plots of the run an --overwrite replaces (its family's `eval_outputs`, known from its config)
-    replaced = _previous_eval_outputs(Path(config.out)) if overwrite and dctx.is_main else ()
+    replaced = runs.run_task(config.out) if overwrite and dctx.is_main else None
     try:
         # rank 0 owns the folder; its refusal reaches every rank
         dctx.from_main(lambda: locks.append(runs.open_folder(Path(config.out), resume, overwrite)), "run folder")
-        for name in replaced:
-            (Path(config.out) / name).unlink(missing_ok=True)
+        if replaced in TASKS:  # the plots of the run --overwrite replaced
+            _remove_eval_outputs(Path(config.out), families.get(replaced))
         run = _train(config, dctx, resume, progress, on_iteration)
         clean = True
         return run
@@ -265,18 +265,9 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
         return _loop(config, family, dctx, resume, progress, on_iteration)
 
 
-def _previous_eval_outputs(out: Path) -> tuple[str, ...]:
-    """The meta-test files of the run in `out` (by the task in its config.json), or () when none."""
-    try:
-        return tuple(families.get(json.loads((out / "config.json").read_text())["task"]).eval_outputs)
-    except (OSError, ValueError, KeyError, TypeError):
-        return ()
-
-
-def _remove_stale_eval_outputs(out: Path, family: TaskFamily) -> None:
-    """Remove the plots an earlier meta-test wrote (the family's `eval_outputs`): the run now trains
-    further, so they no longer match its checkpoint, and metrics.json is replaced after training
-    (`gemext eval` writes them again)."""
+def _remove_eval_outputs(out: Path, family: type[TaskFamily] | TaskFamily) -> None:
+    """Remove the plots a meta-test of `family` wrote into `out` (its `eval_outputs`): they belong
+    to a run that is replaced, or that now trains further (`gemext eval` writes them again)."""
     for name in family.eval_outputs:
         (out / name).unlink(missing_ok=True)
 
@@ -302,7 +293,7 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
         _set_rng_state(ckpt["rng"], family, learner)
         start, wall_before, skipped = ckpt["iteration"], ckpt["wall_s"], ckpt.get("skipped", 0)
         if dctx.is_main and start < config.iterations:
-            _remove_stale_eval_outputs(out, family)
+            _remove_eval_outputs(out, family)
         elif dctx.is_main:
             print(f"{out}: already at iteration {start} of --iterations {config.iterations}; nothing to train",
                   file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemext import _C, cli
+from gemext import _C, cli, runs
 from gemext.train import RunConfig, evaluate, load_checkpoint, train
 
 FAST = {"inner_steps": 2}
@@ -162,8 +162,6 @@ def test_resume_refuses_settings_that_change_the_trajectory(tmp_path):
 
 
 def test_a_second_training_into_a_locked_folder_stops_at_once(tmp_path):
-    from gemext import runs
-
     run = tmp_path / "r"
     run.mkdir()
     with runs.RunLock(run):  # another training holds the folder
@@ -527,8 +525,8 @@ def test_cli_uses_the_familys_threads_unless_omp_num_threads_is_set(monkeypatch,
         assert torch.get_num_threads() == 2
         monkeypatch.delenv("OMP_NUM_THREADS")
         (tmp_path / "config.json").write_text(json.dumps({"task": "sinusoid"}))
-        cli._family_threads(cli._run_task(str(tmp_path)))
+        cli._family_threads(runs.run_task(tmp_path))
         assert torch.get_num_threads() == 1
-        assert cli._run_task(str(tmp_path / "missing")) is None
+        assert runs.run_task(tmp_path / "missing") is None
     finally:
         torch.set_num_threads(before)

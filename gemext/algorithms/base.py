@@ -13,7 +13,8 @@ The contract (`MetaLearner`, checked over every registered learner by python_tes
 - `adapt(support, steps)` / `adapt_path(support, steps)` give predictors whose `predict(x)`
   returns one `Prediction` (mean and std for regression, probs for classification);
 - `inner_steps` (the default adaptation length), `generator` (the learner's noise stream, saved
-  with every checkpoint), `state_dict()` (everything needed to reproduce predictions);
+  with every checkpoint), `state_dict()` (everything predictions need besides that stream: a copy
+  loaded from it draws the same predictions once its generator's state is copied too);
 - the options `create(name, model, **options)` accepts are its class's keyword parameters, less
   those only other variants of the class use (its `variant_options`) (`option_names`); unknown,
   ignored or ill-typed ones are refused with the valid list."""

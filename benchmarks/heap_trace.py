@@ -53,19 +53,19 @@ def main() -> None:
     opt = torch.optim.Adam(list(learner.parameters()), lr=1e-3)
     rows: list[dict] = []
     base = rss_mb()
-    iteration = 0
+    current = {"iteration": 0}
     inner = loop.VIConfig(optimizer="ngvi").optimizer_class()
     step = inner.step
 
     def traced(self, *a, **k):
         out = step(self, *a, **k)
         m = libc.mallinfo2()
-        rows.append({"iteration": iteration, "step": len(rows), "heap_mb": m.arena / MB,
+        rows.append({"iteration": current["iteration"], "step": len(rows), "heap_mb": m.arena / MB,
                      "heap_in_use_mb": m.uordblks / MB, "mmap_mb": m.hblkhd / MB, "rss_above_base_mb": rss_mb() - base})
         return out
 
     inner.step = traced
-    for iteration in range(args.iterations):
+    for current["iteration"] in range(args.iterations):
         opt.zero_grad()
         learner.meta_backward(batch)
         opt.step()

@@ -82,6 +82,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def parser() -> argparse.ArgumentParser:
     from . import __version__, algorithms
+    from .bench_memory import TASKS as BENCH_TASKS
     from .train import TASKS
 
     fmt = _Help
@@ -137,10 +138,10 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks", formatter_class=fmt)
     bsub = b.add_subparsers(dest="bench", required=True)
     m = bsub.add_parser("memory", help="peak memory and time per meta-iteration vs inner steps", formatter_class=fmt)
-    m.add_argument("--task", default="sinusoid", choices=["sinusoid", "omniglot", "miniimagenet"], help="task shapes")
+    m.add_argument("--task", default="sinusoid", choices=BENCH_TASKS, help="task shapes")
     m.add_argument("--algos", default="gem-bml+,reptile",
                    help="comma-separated algorithms (or the peers higher-maml, plain-maml)")
-    m.add_argument("--inner-steps", type=_int_list, default=[1, 5, 10, 20], help="comma-separated inner steps")
+    m.add_argument("--inner-steps", type=_int_list, default="1,5,10,20", help="comma-separated inner steps")
     m.add_argument("--out", required=True, help="output folder (CSV and plot)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
     m.add_argument("--repeats", type=_positive_int, default=3, help="timed meta-iterations per point")

@@ -51,6 +51,18 @@ def test_bench_memory_points_run_on_the_familys_threads(monkeypatch, tmp_path):
     assert main([*args, "--task", "sinusoid"]) == 0 and seen[-1]["threads"] is None
 
 
+def test_the_command_line_takes_every_task_shape_the_benchmark_has(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(bench_memory, "_run_point", lambda spec, timeout_s: seen.append(spec) or
+                        {"peak_mem_mb": 1.0, "time_per_iter_s": 1.0})
+    from gemext.cli import main
+    for task in bench_memory.TASKS:
+        assert main(["bench", "memory", "--task", task, "--algos", "gem-bml+", "--inner-steps", "1",
+                     "--out", str(tmp_path / task), "--presets"]) == 0
+        assert seen[-1]["task"] == task
+        assert bench_memory.preset_options(task, "gem-bml+", 1)["inner_steps"] == 1
+
+
 def test_measure_vision_shapes_with_the_higher_peer():
     pytest.importorskip("higher")
     spec = {"task": "omniglot", "algo": "higher-maml", "inner_steps": 1, "device": "cpu", "repeats": 1,

@@ -463,6 +463,32 @@ def test_von_backtracking_never_raises_the_objective_at_the_mean():
     assert bool((free[1:] > free[:-1]).any())  # without it some step does overshoot: the check can fail
 
 
+def test_a_von_fit_flattens_its_prior_once(monkeypatch):
+    """The step's Woodbury terms and the line search read one flat copy of the fit's prior (a
+    regression: each made its own); a fit that builds a graph flattens the graph-carrying prior
+    for the step and the detached one for the search, and its result still carries the graph."""
+    from gemext.algorithms.base import FunctionalNet
+    from gemext.vi import von
+    from gemext.vi.loop import _fit_von
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    names = [n for n, _ in model.named_parameters()]
+    T, N = 3, 5
+    x = torch.rand(T, N, 1, dtype=torch.float64)
+    term = DataTerm(FunctionalNet(model, names, True), GaussianLikelihood(0.1).double(), x, torch.sin(3 * x), names)
+    mu0 = [p.detach().unsqueeze(0).repeat(T, *[1] * p.dim()).requires_grad_(True) for p in model.parameters()]
+    prior = Posterior(names, mu0, [torch.full_like(m, -1.0) for m in mu0])
+    calls = []
+    real = von.FlatPrior.of.__func__
+    monkeypatch.setattr(von.FlatPrior, "of", classmethod(lambda cls, p: calls.append(p) or real(cls, p)))
+    fit(term, N, prior, prior, _von_cfg(3), torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    calls.clear()
+    out = _fit_von(term, N, prior, prior, _von_cfg(3), torch.Generator().manual_seed(0), None, None, create_graph=True)
+    assert len(calls) == 2 and calls[0] is not calls[1]
+    assert out.posterior.mu[0].requires_grad
+
+
 def test_backtracking_picks_what_a_halving_loop_picks():
     """The batched search (full step, then every halving of the failed tasks in one forward) takes,
     per task, the first fraction 1, 1/2, 1/4, ... whose objective does not rise, or undoes the step:

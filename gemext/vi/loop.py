@@ -259,7 +259,8 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
         search = von.backtrack > 0 and hasattr(nll, "task_nll")
         mu_old = _flat(mu).detach() if search else None  # a copy: the step updates μ in place
         if search and flat_prior is None:
-            flat_prior = FlatPrior.of(data_prior)
+            with torch.no_grad():  # the line search's objective is data; without a graph the step shares it
+                flat_prior = von.flat_prior(data_prior)
         if search and (merit is None or index is not None):  # full-data steps reuse the last accepted value
             merit = _merit(nll, _unflatten(mu_old, mu), flat_prior, beta, index, scale)
         if create_graph:

@@ -74,18 +74,25 @@ class VariationalOnlineNewton:
     def uses_ggn(self) -> bool:
         return self.curvature == "ggn"
 
+    def flat_prior(self, prior: Posterior) -> FlatPrior:
+        """`prior` flat (`FlatPrior`), computed once per fit for the step and the line search alike:
+        a fit's prior does not change (the same object every step). Computed again when grad mode
+        changes, so that a graph the prior carries is kept where the step builds one."""
+        key = torch.is_grad_enabled()
+        cached = self.__dict__.get("_flat_prior")
+        if cached is None or cached[0] is not prior or cached[1] != key:
+            cached = self._flat_prior = (prior, key, FlatPrior.of(prior))
+        return cached[2]
+
     def _prior_terms(self, prior: Posterior, beta: float
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(μ₀, β/σ₀², Λ = β/σ₀² + damping, 1/Λ), flat [T, D], computed once per fit: the prior
-        does not change within one (the same `prior` object every step; a graph it carries is kept
-        where the step builds one)."""
-        key = (beta, torch.is_grad_enabled())
+        """(μ₀, β/σ₀², Λ = β/σ₀² + damping, 1/Λ), flat [T, D], computed once per fit."""
+        flat = self.flat_prior(prior)
         cached = self.__dict__.get("_prior")
-        if cached is None or cached[0] is not prior or cached[1] != key:
-            mu0, prec = FlatPrior.of(prior)
-            prec0 = beta * prec
+        if cached is None or cached[0] is not flat or cached[1] != beta:
+            prec0 = beta * flat.prec
             lam = prec0 + self.damping
-            cached = self._prior = (prior, key, mu0, prec0, lam, lam.reciprocal())
+            cached = self._prior = (flat, beta, flat.mu, prec0, lam, lam.reciprocal())
         return cached[2:]
 
     @torch.no_grad()

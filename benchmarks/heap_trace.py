@@ -35,15 +35,13 @@ def main() -> None:
     import torch
 
     from gemext import bench_memory
-    from gemext.vi import loop
+    from gemext.vi import NaturalGradientVI as inner  # the vision presets' inner VI
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
-    page = 4096
 
     def rss_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page / MB
+        return bench_memory._current_rss_bytes() / MB
 
     torch.set_num_threads(1)
     spec = {"task": "omniglot", "algo": "gem-bml+", "inner_steps": args.inner_steps, "device": "cpu", "ways": 5,
@@ -54,7 +52,6 @@ def main() -> None:
     rows: list[dict] = []
     base = rss_mb()
     current = {"iteration": 0}
-    inner = loop.VIConfig(optimizer="ngvi").optimizer_class()
     step = inner.step
 
     def traced(self, *a, **k):

@@ -55,6 +55,19 @@ def test_meta_backward_accumulates_a_finite_meta_gradient(name):
 
 
 @pytest.mark.parametrize("name", SUPERVISED)
+def test_a_model_another_learner_took_over_is_refused_by_name(name):
+    # a learner turns its model's parameters into its meta-parameters: a second learner on the same
+    # module would see no parameters ("the prior covers no parameter") or none to adapt
+    import copy
+    model = SinusoidTasks("finn").make_model()
+    spare = copy.deepcopy(model)
+    algorithms.create("maml", model)
+    with pytest.raises(ValueError, match=f"{re.escape(name)}: this model already belongs to a maml learner.*deepcopy"):
+        algorithms.create(name, model, **QUICK.get(name, {}))
+    algorithms.create(name, spare, **QUICK.get(name, {}))  # a copy made before is the user's way out
+
+
+@pytest.mark.parametrize("name", SUPERVISED)
 def test_an_empty_query_set_is_refused(name):
     b = _regression()
     with pytest.raises(ValueError, match=f"tasks: the query set is empty .*{re.escape(name)}'s meta-gradient"):

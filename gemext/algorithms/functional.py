@@ -80,12 +80,18 @@ class FunctionalLearner(SupervisedLearner):
         if not (likelihood is None or isinstance(likelihood, (GaussianLikelihood, CategoricalLikelihood))):
             raise TypeError(f"{self.name}: option likelihood must be a gemext.vi.GaussianLikelihood (regression) or "
                             f"CategoricalLikelihood (classification), got {type(likelihood).__name__} {likelihood!r}")
+        owner = getattr(model, "_gemext_learner", None)
+        if owner is not None:  # its parameters are already another learner's meta-parameters
+            raise ValueError(f"{self.name}: this model already belongs to a {owner} learner (a learner takes its "
+                             "model over: its parameters become the learner's meta-parameters); give each learner "
+                             "its own model, e.g. copy.deepcopy(model) before creating the first one")
         self.net = ModelAndLikelihood(model, likelihood if likelihood is not None else GaussianLikelihood(0.5))
         self.generator = torch.Generator().manual_seed(seed)
 
     def _finish_take_over(self, names: list[str], vectorize: bool | str, forward_kwargs: dict | None = None) -> None:
         self.names = list(names)
         detach_parameters(self.net, self.names)
+        self.net.model._gemext_learner = self.name  # a second learner on this model is refused, naming this one
         vectorize = resolve_vectorize(self.name, self.net.model, vectorize)
         self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs, is_pointwise(self.net.model),
                                          mlp_plan(self.net.model, self.names, "model."), input_layer(self.net.model))

@@ -99,13 +99,16 @@ def parser() -> argparse.ArgumentParser:
                                                     "vision: 5w1s, 5w5s, 20w1s, 20w5s)")
     t.add_argument("--iterations", type=_positive_int, default=1000,
                    help="meta-iterations (in total, also when resuming)")
+    t.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
+                   help="stop after the iteration that crosses SECONDS of training wall-clock (counted across "
+                        "resumes; --iterations stays the upper bound); then checkpoint and meta-test as usual")
     t.add_argument("--inner-steps", type=_nonneg_int, default=None, help="inner-loop steps (default: the algorithm's "
                                                                           "preset for the task)")
     t.add_argument("--seed", type=_seed, default=0, help="seed of every random stream of the run")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     t.add_argument("--out", default=None, help="run folder (default runs/TASK-ALGO-sSEED)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings; "
-                                                          "--iterations may grow)")
+                                                          "--iterations may grow, --time-budget change)")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     t.add_argument("--data-root", type=_existing_dir, default=None, help="data folder (default $GEMEXT_DATA)")
     t.add_argument("--ways", type=_positive_int, default=None,
@@ -231,7 +234,7 @@ def _train(args) -> int:
                        meta_lr=args.meta_lr, meta_batch=args.meta_batch, log_every=args.log_every,
                        checkpoint_every=args.checkpoint_every, eval_tasks=args.eval_tasks,
                        eval_steps=args.eval_steps, ways=args.ways, shots=args.shots,
-                       data_root=args.data_root, algo_options=args.options)
+                       data_root=args.data_root, algo_options=args.options, time_budget=args.time_budget)
     try:
         run = train(config, resume=args.resume, progress=False if args.no_progress else None,
                     overwrite=args.overwrite)

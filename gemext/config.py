@@ -39,6 +39,9 @@ class RunConfig:
     data_root: str | None = None
     algo_options: dict[str, Any] = field(default_factory=dict)
     max_bad_steps: int = 10  # consecutive non-finite meta-steps before the run stops
+    # seconds of training wall-clock (across resumes): the run stops after the iteration that crosses
+    # it, `iterations` staying an upper bound; None: no budget
+    time_budget: float | None = None
 
     def validate(self) -> None:
         """The checks that do not depend on the task family (gemext.families checks the rest)."""
@@ -51,6 +54,9 @@ class RunConfig:
         for name in ("inner_steps", "eval_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.time_budget is not None and not (isinstance(self.time_budget, (int, float))
+                                                 and 0 < self.time_budget < float("inf")):
+            raise ValueError(f"time_budget must be a number of seconds > 0, got {self.time_budget!r}")
         if not isinstance(self.algo_options, dict):
             raise TypeError(f"algo_options must be a dict, got {type(self.algo_options).__name__}")
         for key in self.algo_options:

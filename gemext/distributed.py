@@ -12,8 +12,9 @@ Design:
 - Every learner's meta-gradient is a mean over its tasks (Θ.grad = −1/T_shard Σ ĝ): ``step``
   scales it by T_shard/T and sums over ranks, giving the single-process mean over the whole
   meta-batch up to floating-point summation order. The same buffer carries the per-task-mean
-  statistics (same weighting), a "this rank's step was non-finite" count and a "stop requested"
-  count, so all ranks agree on skipping a step and on stopping after a signal.
+  statistics (same weighting), a "this rank's step was non-finite" count, a "stop requested"
+  count and rank 0's "time budget spent" flag, so all ranks agree on skipping a step, on stopping
+  after a signal and on stopping by the clock (rank 0's alone: the ranks' clocks differ).
 - Collectives run under a timeout (``GEMEXT_DIST_TIMEOUT`` seconds, default 300); gloo raises at
   once when a peer's connection drops. Either way the surviving ranks raise :class:`PeerFailure`,
   naming their rank, the collective and the iteration.
@@ -129,20 +130,23 @@ class DistContext:
         return value
 
     def step(self, params: Iterable[torch.Tensor], stats: dict[str, float], n_local: int, n_total: int,
-             local_bad: bool, stop: bool, iteration: int) -> tuple[dict[str, float], int, bool]:
+             local_bad: bool, stop: bool, iteration: int,
+             spent: bool = False) -> tuple[dict[str, float], int, bool, bool]:
         """All-reduce this step's meta-gradients (in .grad, a mean over the n_local tasks), the
-        statistics (per-task means), a non-finite flag and a stop flag as ONE flat buffer; writes
-        the whole-meta-batch mean back into .grad. Returns (statistics, number of ranks whose step
-        was non-finite, whether any rank asked to stop)."""
+        statistics (per-task means), a non-finite flag, a stop flag and the time-budget flag as ONE
+        flat buffer; writes the whole-meta-batch mean back into .grad. Returns (statistics, number of
+        ranks whose step was non-finite, whether any rank asked to stop, whether rank 0 found the
+        time budget spent: the other ranks' `spent` is ignored)."""
         if not self.enabled:
-            return stats, int(local_bad), stop
+            return stats, int(local_bad), stop, spent
         params = [p for p in params if p.requires_grad]
         keys = self._agree_on_keys(stats)
         w = n_local / n_total
         ref = params[0]
         grads = [p.grad if p.grad is not None and not local_bad else torch.zeros_like(p) for p in params]
         head = [w * float(stats.get(k, math.nan)) for k in keys]
-        head += [float(p.grad is not None) for p in params] + [float(local_bad), float(stop)]
+        head += [float(p.grad is not None) for p in params] + [float(local_bad), float(stop),
+                                                               float(spent and self.is_main)]
         flat = torch.cat([torch.cat([g.reshape(-1) for g in grads]) * w,
                           torch.tensor(head, dtype=ref.dtype, device=ref.device)])
         self.bytes_per_step = flat.numel() * flat.element_size()
@@ -161,8 +165,8 @@ class DistContext:
         for p, h in zip(params, has_grad):
             if h == 0:  # no rank produced a gradient for it: leave it to the optimizer as None
                 p.grad = None
-        bad, stop_count = tail[-2], tail[-1]
-        return reduced, int(round(bad)) if math.isfinite(bad) else self.world_size, stop_count > 0
+        bad, stop_count, spent_count = tail[-3:]
+        return reduced, int(round(bad)) if math.isfinite(bad) else self.world_size, stop_count > 0, spent_count > 0
 
     def _agree_on_keys(self, stats: dict[str, float]) -> list[str]:
         """The statistics' names, fixed for the run by one all-gather at the first step (a rank

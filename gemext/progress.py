@@ -45,6 +45,18 @@ class Progress:
         elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
             self._line()
 
+    def end_early(self, note: str) -> None:
+        """The current item is the last (a stop condition; the loop breaks out after this): count
+        it and end the display on it, with `note` saying why."""
+        self.postfix["stopped"] = note
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix(self.postfix, refresh=False)
+            self._bar.update(1)
+        elif self.enabled:
+            self._line()
+        self.close()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

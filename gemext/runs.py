@@ -3,8 +3,8 @@
 - A folder holds one run. Training into a folder that already holds one is refused unless the run
   is resumed (`resume=True`, the CLI's --resume) or replaced (`overwrite=True`, --overwrite).
 - A resumed run must be the same run: every setting that shapes the trajectory has to match the
-  checkpoint's; a longer `iterations` is the one allowed change (where files are written, how
-  often it logs or checkpoints, the meta-test size and the device may change too).
+  checkpoint's; a longer `iterations` or another `time_budget` are the allowed changes (where files
+  are written, how often it logs or checkpoints, the meta-test size and the device may change too).
 - While a run trains it holds an exclusive lock on the folder (`.lock`, with its pid), so a second
   training into the same folder stops at once with a message instead of corrupting it.
 - Checkpoints are written atomically (unique temporary name, fsync, rename; the previous one kept
@@ -32,7 +32,7 @@ CHECKPOINT_VERSION = 3  # 3: one loop for every family (rng["family"], RL learne
 RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint.pt.prev", "log.csv", "metrics.json")
 # settings a resumed run may change: they do not alter the meta-training trajectory
 RESUME_MAY_CHANGE = frozenset({"iterations", "out", "log_every", "checkpoint_every", "eval_tasks", "eval_steps",
-                               "device", "data_root", "max_bad_steps"})
+                               "device", "data_root", "max_bad_steps", "time_budget"})
 
 
 @contextlib.contextmanager

@@ -100,12 +100,14 @@ def _effective(cfg: dict) -> dict:
 
 
 def check_resume(ckpt: dict, config: RunConfig, path: Path) -> None:
-    """A resumed run must be the run in the checkpoint: only a longer --iterations (and settings
-    that do not touch the trajectory, gemext.runs.RESUME_MAY_CHANGE) may differ."""
+    """A resumed run must be the run in the checkpoint: only a longer --iterations, another
+    --time-budget (and settings that do not touch the trajectory, gemext.runs.RESUME_MAY_CHANGE)
+    may differ."""
     changes = runs.config_changes(_effective(ckpt["config"]), _effective(asdict(config)))
     if changes:
         raise ValueError(f"cannot resume {path}: the run was trained with other settings ({'; '.join(changes)}). "
-                         "Only --iterations may grow; start a new run (another --out) to change the others")
+                         "Only --iterations may grow (and --time-budget change); start a new run (another --out) "
+                         "to change the others")
     if config.iterations < ckpt["iteration"]:
         raise ValueError(f"cannot resume {path}: its checkpoint is at iteration {ckpt['iteration']}, beyond "
                          f"--iterations {config.iterations}")
@@ -128,12 +130,18 @@ def _set_rng_state(state: dict, family: TaskFamily, learner: MetaLearner) -> Non
 
 
 # ------------------------------------------------------------------ one meta-step
+def _clock() -> float:
+    """The training loop's clock (seconds; the tests replace it to make time deterministic)."""
+    return time.perf_counter()
+
+
 @dataclass
 class StepOutcome:
     stats: dict[str, float]  # the meta-batch's statistics (all-reduced under torchrun)
     stepped: bool  # False: a non-finite loss or gradient somewhere, the step was skipped
     error: str  # the inner loop's error message when it diverged
     stop: bool  # some rank asked to stop (agreed across ranks)
+    spent: bool = False  # the time budget is spent: rank 0's clock, agreed across ranks
 
 
 def _finite_grads(params) -> bool:
@@ -141,11 +149,14 @@ def _finite_grads(params) -> bool:
 
 
 def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, batch: Any,
-              dctx: distributed.DistContext | None = None, stop: bool = False, iteration: int = 0) -> StepOutcome:
+              dctx: distributed.DistContext | None = None, stop: bool = False, iteration: int = 0,
+              budget_spent: Callable[[], bool] | None = None) -> StepOutcome:
     """One meta-iteration on a whole meta-batch: this rank's shard of it through meta_backward
     (with its place in the batch, so its noise is the full batch's), the all-reduce of gradients and
     statistics, then the optimizer step and the learner's after_step — or, if any rank saw a
-    non-finite loss or gradient, no step at all on any rank (never NaN into the meta-parameters)."""
+    non-finite loss or gradient, no step at all on any rank (never NaN into the meta-parameters).
+    `budget_spent` (the time budget's test) is asked on rank 0 once this rank's meta-gradient is
+    computed, and its answer rides on the same all-reduce: every rank stops after the same step."""
     dctx = dctx or distributed.DistContext()
     n = len(batch)
     lo, hi = dctx.shard(n)
@@ -158,13 +169,15 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, batch: Any
             stats = learner.meta_backward(batch[lo:hi], task_range=(lo, n))
     except FloatingPointError as exc:  # an inner loop diverged: a bad step, not a crash
         stats, error, failed = {"nll_support": float("nan")}, str(exc), True
+    spent = budget_spent is not None and dctx.is_main and budget_spent()
     # all ranks decide on the same all-reduced values: skip or step, stop or go on together
-    stats, bad_ranks, stop = dctx.step(learner.parameters(), stats, hi - lo, n, failed, stop, iteration)
+    stats, bad_ranks, stop, spent = dctx.step(learner.parameters(), stats, hi - lo, n, failed, stop, iteration,
+                                              spent)
     stepped = not bad_ranks and all(math.isfinite(v) for v in stats.values()) and _finite_grads(learner.parameters())
     if stepped:
         optimizer.step()
         stats = {**stats, **learner.after_step()}
-    return StepOutcome(stats, stepped, error, stop)
+    return StepOutcome(stats, stepped, error, stop, spent)
 
 
 # ------------------------------------------------------------------ training
@@ -220,8 +233,11 @@ def _check_memory(learner, meta_batch: int) -> None:
 def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
           on_iteration: Callable[[int], None] | None = None, overwrite: bool = False) -> Path:
     """Meta-train according to `config`; returns the run folder. The folder must not hold another
-    run unless `resume` (continue it: same settings, a longer `iterations` allowed) or `overwrite`
-    (replace it); it is locked while training (gemext.runs). A relative `config.data_root` is
+    run unless `resume` (continue it: same settings, a longer `iterations` or another `time_budget`
+    allowed) or `overwrite` (replace it); it is locked while training (gemext.runs). With a
+    `time_budget` the run stops after the iteration during which its training wall-clock (counted
+    across resumes) reaches the budget; metrics.json says how many iterations were done and
+    `stopped_by` ("time_budget" or "iterations"). A relative `config.data_root` is
     resolved here, so the run can be evaluated from any directory. Under torchrun the meta-batch
     is sharded across ranks (gemext.distributed; families that allow it); rank 0 writes every file."""
     config.validate()
@@ -280,6 +296,7 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
     _check_memory(learner, -(-meta_batch // dctx.world_size))  # each rank holds its shard
     opt = learner.meta_optimizer(config.meta_lr)
     start, wall_before, skipped, bad_run, last_error = 0, 0.0, 0, 0, ""
+    end, stopped_by = config.iterations, "iterations"  # a budget spent on resuming: nothing to train
     ckpt_path = out / "checkpoint.pt"
     if resume:
         ckpt = dctx.from_main(lambda: load_checkpoint(ckpt_path, config), "checkpoint")
@@ -292,11 +309,19 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
                              f"{' '.join(str(exc).split())[:300]}") from exc
         _set_rng_state(ckpt["rng"], family, learner)
         start, wall_before, skipped = ckpt["iteration"], ckpt["wall_s"], ckpt.get("skipped", 0)
-        if dctx.is_main and start < config.iterations:
+        budget = config.time_budget
+        if start >= config.iterations:
+            why = f"already at iteration {start} of --iterations {config.iterations}"
+        elif budget is not None and wall_before >= budget:  # the budget that stopped it, or a smaller one
+            why = f"time budget spent: {wall_before:.4g} s trained (iteration {start}) of --time-budget {budget:g}"
+        else:
+            why = ""
+        if dctx.is_main and not why:
             _remove_eval_outputs(out, family)
         elif dctx.is_main:
-            print(f"{out}: already at iteration {start} of --iterations {config.iterations}; nothing to train",
-                  file=sys.stderr)
+            print(f"{out}: {why}; nothing to train", file=sys.stderr)
+        if why and start < config.iterations:
+            end, stopped_by = start, "time_budget"
     if dctx.is_main:
         cfg = asdict(config)
         resolved = family.resolved_options()
@@ -304,10 +329,13 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
             cfg["algo_options"] = resolved
         (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     log = runs.RunLog(out / "log.csv", start if resume else None, enabled=dctx.is_main)
-    t0 = time.perf_counter()
+    t0 = _clock()
 
     def wall() -> float:
-        return wall_before + time.perf_counter() - t0
+        return wall_before + _clock() - t0
+
+    def budget_spent() -> bool:
+        return wall() >= config.time_budget
 
     def save(iteration: int) -> None:
         if not dctx.is_main:
@@ -316,12 +344,14 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
                           "learner": learner.state_dict(), "optimizer": opt.state_dict(),
                           "rng": _rng_state(family, learner), "skipped": skipped, "wall_s": wall()}, ckpt_path)
 
-    bar = Progress(range(start, config.iterations), config.iterations, f"{config.algo} {config.task}", start,
+    bar = Progress(range(start, end), config.iterations, f"{config.algo} {config.task}", start,
                    every=config.log_every, enabled=progress if dctx.is_main else False)
+    done = start
     with _StopFlag() as stop:
         for it in bar:
             batch = family.sample(meta_batch)  # whole batch on every rank
-            step = meta_step(learner, opt, batch, dctx, stop.signum is not None, it + 1)
+            step = meta_step(learner, opt, batch, dctx, stop.signum is not None, it + 1,
+                             budget_spent if config.time_budget is not None else None)
             stats = step.stats
             if step.stepped:
                 bad_run = 0
@@ -338,23 +368,28 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
                         "Lower the inner/meta learning rate or "
                         f"raise sigma0. The last good checkpoint is {ckpt_path}")
             done = it + 1
-            if done % config.log_every == 0 or done == config.iterations:
+            spent = step.spent and done < config.iterations  # (the last iteration is the last anyway)
+            if done % config.log_every == 0 or done == config.iterations or spent:
                 log.add({"iteration": done, "wall_s": round(wall(), 3), "skipped": skipped, **family.log_stats(),
                          **{k: round(v, 6) for k, v in stats.items()}})
                 bar.set_postfix(stats)
             if on_iteration is not None:
                 on_iteration(done)
             stop_now = step.stop if dctx.enabled else stop.signum is not None  # ranks act on the agreed flag
-            if done % config.checkpoint_every == 0 or done == config.iterations or stop_now:
+            if done % config.checkpoint_every == 0 or done == config.iterations or stop_now or spent:
                 save(done)
             if stop_now:
                 raise Interrupted(stop.signum or signal.SIGTERM, done)
+            if spent:
+                stopped_by = "time_budget"
+                bar.end_early("time budget spent")
+                break
     if not dctx.is_main:
         return out
-    metrics = {"task": config.task, "algo": config.algo, "seed": config.seed, "iterations": config.iterations,
-               "wall_s": wall(), "skipped_steps": skipped, **family.log_stats()}
+    metrics = {"task": config.task, "algo": config.algo, "seed": config.seed, "iterations": done,
+               "stopped_by": stopped_by, "wall_s": wall(), "skipped_steps": skipped, **family.log_stats()}
     path = out / "metrics.json"
-    if start >= config.iterations and path.exists():
+    if done == start and path.exists():
         # a resume that trained nothing: the earlier meta-test still belongs to this checkpoint
         with contextlib.suppress(ValueError, OSError):
             metrics = {**json.loads(path.read_text()), **metrics}

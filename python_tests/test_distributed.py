@@ -159,8 +159,9 @@ def test_single_process_context_is_a_no_op():
     ctx = DistContext()
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)
-    stats, bad, stop = ctx.step([p], {"a": 1.0}, 4, 4, False, False, 1)
-    assert stats == {"a": 1.0} and bad == 0 and not stop and torch.equal(p.grad, torch.full((3,), 2.0))
+    stats, bad, stop, spent = ctx.step([p], {"a": 1.0}, 4, 4, False, False, 1)
+    assert stats == {"a": 1.0} and bad == 0 and not stop and not spent and torch.equal(p.grad, torch.full((3,), 2.0))
+    assert ctx.step([p], {"a": 1.0}, 4, 4, False, False, 2, spent=True)[3]
 
 
 # ----------------------------------------------------------------------------- every learner
@@ -178,6 +179,8 @@ def _spawn_worker(rank: int, world: int, port: int, out: str) -> None:
         p.grad = torch.ones(2)
         ctx._stat_keys = None
         result["guard"] = ctx.step([p], {"nll": 1.0}, 1, 2, local_bad=rank == 1, stop=rank == 0, iteration=1)
+        # the time budget: rank 0's clock decides for every rank, the others' is ignored
+        result["spent"] = [ctx.step([p], {"nll": 1.0}, 1, 2, False, False, 2 + r, spent=rank == r)[3] for r in (0, 1)]
         if ctx.is_main:
             torch.save(result, out)
     except BaseException:
@@ -213,7 +216,8 @@ def test_every_learner_two_ranks_match_one(tmp_path):
     out = tmp_path / "grads.pt"
     torch.multiprocessing.spawn(_spawn_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
-    assert two.pop("guard") == ({"nll": 1.0}, 1, True)  # every rank skips and stops together
+    assert two.pop("guard") == ({"nll": 1.0}, 1, True, False)  # every rank skips and stops together
+    assert two.pop("spent") == [True, False]
     for algo, grads, stats in _meta_steps(DistContext()):
         g2, s2 = two[algo]
         assert len(grads) == len(g2), algo
@@ -307,6 +311,36 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path):
     # rank 1's flag travels in iteration 6's buffer: both ranks stop after it, rank 0 checkpoints
     assert "rank 0 interrupted at 6" in proc.stdout and "rank 1 interrupted at 6" in proc.stdout, proc.stdout
     assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 6
+
+
+# A worker whose clock runs at a different speed on each rank: rank 0's one second per meta-step,
+# rank 1's a hundred (alone, it would find a budget spent after its first step).
+CLOCK_WORKER = """
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+import gemext.train as T
+now, real_step, rate = [0.0], T.meta_step, 1.0 if os.environ["RANK"] == "0" else 100.0
+def ticking_step(*args, **kwargs):
+    now[0] += rate
+    return real_step(*args, **kwargs)
+T._clock, T.meta_step = (lambda: now[0]), ticking_step
+seen = []
+T.train(T.RunConfig(**json.loads(sys.argv[1])), progress=False, on_iteration=seen.append)
+print(f"rank {os.environ['RANK']} trained {seen[-1]}", flush=True)
+"""
+
+
+@posix
+def test_two_ranks_stop_by_the_time_budget_on_rank_0s_clock(tmp_path):
+    out, script = tmp_path / "budget", tmp_path / "clock_worker.py"
+    script.write_text(CLOCK_WORKER)
+    proc = _torchrun(2, [str(script), json.dumps({**RUN, "out": str(out), "iterations": 100, "time_budget": 4.5})])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 trained 5" in proc.stdout and "rank 1 trained 5" in proc.stdout, proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 5 and metrics["stopped_by"] == "time_budget"
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 5
 
 
 def test_prior_rho_is_clamped_after_each_meta_step(tmp_path):

@@ -1,6 +1,8 @@
 """The Gradient-EM theorem and the VI loop against the exact conjugate model."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -308,6 +310,77 @@ def test_rows_by_chunks_equal_rows_at_once(vectorize, monkeypatch):
     assert v0 == v1
     for a, b in zip(g0 + [r0, d0], g1 + [r1, d1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _small_conv(batch_norm: bool):
+    from gemext.tasks.vision import Conv4
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=3, image_size=16).double()
+    if not batch_norm:  # the same net with its BatchNorms taken out
+        model.features = torch.nn.Sequential(*[m for m in model.features if not isinstance(m, torch.nn.BatchNorm2d)])
+    return model
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_held_statistics_rows_are_the_per_point_jacobians_at_fixed_statistics(batch_norm):
+    # rows of a forward that is pointwise once BatchNorm's batch statistics are fixed, tasks looped:
+    # against each point's Jacobian by jacrev of the same net with each BatchNorm replaced by a
+    # fixed affine map of the statistics a forward hook saw; the gradient against the general path
+    # (the model's own backward through the statistics), which also gives the rows without BatchNorm
+    from gemext.algorithms.base import FunctionalNet, is_pointwise
+    nn = torch.nn
+    model = _small_conv(batch_norm)
+    assert is_pointwise(model, batch_norm=True) and is_pointwise(model) == (not batch_norm)
+    lik = GaussianLikelihood(0.3).double()
+    names = [n for n, _ in model.named_parameters()]
+    T, N = 2, 4
+    x, y = torch.randn(T, N, 1, 16, 16, dtype=torch.float64), torch.randn(T, N, 3, dtype=torch.float64)
+    theta = [p.detach().unsqueeze(0) + 0.1 * torch.randn(T, *p.shape, dtype=torch.float64) for p in model.parameters()]
+    held = DataTerm(FunctionalNet(model, names, False, held_stats=True), lik, x, y, names)
+    general = DataTerm(FunctionalNet(model, names, False), lik, x, y, names)
+    v1, g1, r1, d1 = held.value_grad_rows(theta, None, None)
+    v0, g0, r0, _ = general.value_grad_rows(theta, None, None)
+    assert v1 == pytest.approx(v0, rel=1e-12)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d1, (r1 * r1).sum(1), rtol=1e-10, atol=1e-12)
+    if not batch_norm:
+        torch.testing.assert_close(r1, r0, rtol=1e-10, atol=1e-12)
+    else:  # the statistics' share of the Jacobian is what the held rows leave out
+        assert float((r1 - r0).norm()) > 0.1 * float(r0.norm())
+
+    class Fixed(nn.Module):
+        def __init__(self, bn, mean, var):
+            super().__init__()
+            self.bn, self.mean, self.var = bn, mean, var
+
+        def forward(self, z):
+            s = (1, -1, 1, 1)
+            return (z - self.mean.reshape(s)) / torch.sqrt(self.var.reshape(s) + self.bn.eps) * \
+                self.bn.weight.reshape(s) + self.bn.bias.reshape(s)
+
+    for t in range(T):
+        params = {n: th[t] for n, th in zip(names, theta)}
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, i, o, seen=seen: seen.append((i[0].mean((0, 2, 3)),
+                                                                                i[0].var((0, 2, 3), unbiased=False))))
+                 for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        torch.func.functional_call(model, params, (x[t],))
+        for h in hooks:
+            h.remove()
+        fixed = copy.deepcopy(model)
+        bns = iter(seen)
+        for i, m in enumerate(fixed.features):
+            if isinstance(m, nn.BatchNorm2d):
+                fixed.features[i] = Fixed(m, *next(bns))
+        fparams = {n.replace(".weight", ".bn.weight").replace(".bias", ".bn.bias")
+                   if isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.BatchNorm2d) else n: p
+                   for n, p in params.items()}
+        for n in range(N):
+            jac = torch.func.jacrev(lambda p, f=fixed, xn=x[t, n:n + 1]: torch.func.functional_call(f, p, (xn,))[0])(
+                fparams)
+            rows = torch.cat([j.reshape(3, -1) for j in jac.values()], 1) * torch.exp(-lik.log_sigma)  # point n
+            torch.testing.assert_close(r1[t, 3 * n:3 * n + 3], rows, rtol=1e-9, atol=1e-12)
 
 
 def test_pointwise_models_are_recognised():

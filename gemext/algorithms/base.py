@@ -21,8 +21,10 @@ The contract (`MetaLearner`, checked over every registered learner by python_tes
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,15 +176,62 @@ _POINTWISE = (nn.Sequential, nn.ModuleList, nn.Linear, nn.Conv1d, nn.Conv2d, nn.
               nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 
 
-def is_pointwise(model: nn.Module) -> bool:
-    """Whether `model` maps each point of a batch independently of the others (see _POINTWISE)."""
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def is_pointwise(model: nn.Module, batch_norm: bool = False) -> bool:
+    """Whether `model` maps each point of a batch independently of the others (see _POINTWISE).
+    batch_norm=True: also when BatchNorm is the only coupling, i.e. pointwise once the statistics
+    each BatchNorm normalises with are held fixed. A custom module whose own forward treats points
+    independently may say so with the class attribute ``gemext_pointwise = True`` (its submodules
+    are still checked)."""
     for m in model.modules():
         if type(m) in (nn.Flatten, nn.Unflatten):  # pointwise when the batch dimension 0 stays out
             if (m.start_dim if type(m) is nn.Flatten else m.dim) < 1:
                 return False
-        elif type(m) not in _POINTWISE:
+        elif not (type(m) in _POINTWISE or (batch_norm and type(m) in _BATCH_NORMS)
+                  or type(m).__dict__.get("gemext_pointwise") is True):
             return False
     return True
+
+
+@contextlib.contextmanager
+def _batch_norm_forwards(module: nn.Module, make: Callable[[nn.Module, Callable], Callable]):
+    """Every BatchNorm of `module` runs `make(bn, its own forward)` instead of its forward, inside."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.forward = make(m, type(m).forward.__get__(m))
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.__dict__.pop("forward", None)
+
+
+def _recording(stats: list) -> Callable[[nn.Module, Callable], Callable]:
+    def make(m: nn.Module, forward: Callable) -> Callable:
+        def recording(x: torch.Tensor) -> torch.Tensor:
+            if m.training or m.running_mean is None:  # it normalises with the batch's statistics
+                dims = [0, *range(2, x.dim())]
+                stats.append((x.detach().mean(dims), x.detach().var(dims, unbiased=False)))
+            else:
+                stats.append((m.running_mean, m.running_var))
+            return forward(x)
+        return recording
+    return make
+
+
+def _held(stats: list) -> Callable[[nn.Module, Callable], Callable]:
+    it = iter(stats)
+
+    def make(m: nn.Module, forward: Callable) -> Callable:
+        def held(x: torch.Tensor) -> torch.Tensor:
+            mean, var = next(it)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + m.eps)
+            return out if m.weight is None else out * m.weight.reshape(shape) + m.bias.reshape(shape)
+        return held
+    return make
 
 
 # Element-wise activations (exact types) of the MLP plan below.
@@ -263,15 +312,18 @@ class FunctionalNet:
     Random ops (Dropout) draw independently per task under vmap, as in the loop.
     `forward_kwargs`: extra keyword arguments of every forward call (e.g. a mask).
     `pointwise`: the module maps each point on its own (`is_pointwise`), so `one_point` gives the
-    output of one point and per-point Jacobians may be taken point by point; `mlp`: the module's
+    output of one point and per-point Jacobians may be taken point by point; `held_stats`: it does
+    so once its BatchNorm statistics are held fixed (`is_pointwise(batch_norm=True)`; see
+    `forward_recording` and `one_point_held`); `mlp`: the module's
     `mlp_plan` (or None); `input_layer`: the model's `input_layer` (or None), for `check_input`."""
 
     def __init__(self, module: nn.Module, names: list[str], vectorize: bool,
                  forward_kwargs: dict | None = None, pointwise: bool = False, mlp: list[tuple] | None = None,
-                 input_layer: nn.Module | None = None) -> None:
+                 input_layer: nn.Module | None = None, held_stats: bool = False) -> None:
         self.module, self.names, self.vectorize = module, names, vectorize
         self.forward_kwargs = dict(forward_kwargs or {})
         self.pointwise = pointwise and vectorize and not self.forward_kwargs
+        self.held_stats = held_stats and not self.pointwise and not self.forward_kwargs
         self.mlp = mlp if not self.forward_kwargs else None
         self.input_layer = input_layer
         self._build()
@@ -321,6 +373,22 @@ class FunctionalNet:
     def one_point(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         """The output of one point `x` (no batch dimension) for one task's θ."""
         return self._one(theta, x.unsqueeze(0)).squeeze(0)
+
+    def forward_recording(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor
+                          ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One task's outputs (θ without a task dimension) as the model computes them, and the
+        (mean, variance) each BatchNorm normalised with, in call order, as data."""
+        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with _batch_norm_forwards(self.module, _recording(stats)):
+            return self._one(theta, x), stats
+
+    def one_point_held(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor,
+                       stats: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The output of one point `x` with every BatchNorm normalising by `stats` (from
+        `forward_recording` of its task): the point's output in that batch, its Jacobian without the
+        statistics' dependence on θ."""
+        with _batch_norm_forwards(self.module, _held(stats)):
+            return self.one_point(theta, x)
 
     def __call__(self, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.mlp is not None:  # one batched GEMM per layer, no functional_call/vmap dispatch

@@ -94,7 +94,8 @@ class FunctionalLearner(SupervisedLearner):
         self.net.model._gemext_learner = self.name  # a second learner on this model is refused, naming this one
         vectorize = resolve_vectorize(self.name, self.net.model, vectorize)
         self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs, is_pointwise(self.net.model),
-                                         mlp_plan(self.net.model, self.names, "model."), input_layer(self.net.model))
+                                         mlp_plan(self.net.model, self.names, "model."), input_layer(self.net.model),
+                                         held_stats=is_pointwise(self.net.model))
         self._lik_idx = [i for i, n in enumerate(self.names) if n.startswith("likelihood.")]
 
     @property

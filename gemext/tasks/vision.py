@@ -496,6 +496,8 @@ class Conv4(nn.Module):
     (non in-place) ops only, so torch.func.functional_call and vmap over stacked parameters work.
     """
 
+    gemext_pointwise = True  # its own forward maps each image on its own (BatchNorm aside)
+
     def __init__(self, in_channels: int, ways: int, hidden: int = 64, image_size: int = 28,
                  transductive: bool = True):
         super().__init__()

@@ -61,22 +61,37 @@ class DataTerm:
         e.g. the rows of the previous step, no longer needed: a fresh block each step costs page
         faults.
 
-        The data gradient is the pullback of ∂nll/∂outputs, batched with the rows' cotangents. Three
+        The data gradient is the pullback of ∂nll/∂outputs, batched with the rows' cotangents. Four
         ways, the first that applies: an MLP plan (`FunctionalNet.mlp`, points as vectors) by hand,
         `_mlp_pullback`; a pointwise forward (`FunctionalNet.pointwise`) pulls each point's cotangents
-        back through that point alone, one backward's work for every row; otherwise one backward over
-        all points per row, CHUNK rows at a time."""
+        back through that point alone, one backward's work for every row; a forward pointwise but for
+        BatchNorm (`FunctionalNet.held_stats`), task by task: the gradient by the model's own
+        backward, the rows point by point with each BatchNorm's batch statistics held as data (the
+        GGN of the points' outputs at fixed statistics: it leaves out how a weight moves the others'
+        outputs through the batch's mean and variance); otherwise one backward over all points per
+        row, CHUNK rows at a time."""
         xs, ys = self._data(index)
         model_idx = [i for i in range(len(theta)) if i not in self.lik_idx]
         full = [t.detach() for t in theta]
         plan = getattr(self.forward, "mlp", None) if xs.dim() == 3 else None  # points as vectors
         pointwise = plan is None and getattr(self.forward, "pointwise", False)
+        held = plan is None and not pointwise and getattr(self.forward, "held_stats", False)
         with torch.enable_grad():
             if plan is not None:
                 out, layers = mlp_forward(plan, full, xs, record=True)
             elif pointwise:
                 with torch.no_grad():
                     out = self.forward(full, xs)
+            elif held:  # task by task: the model's forward, its BatchNorm statistics recorded
+                task_theta, outs, stats = [], [], []
+                for t in range(xs.shape[0]):
+                    th = [full[i][t].detach().requires_grad_(True) for i in model_idx]
+                    o, st = self.forward.forward_recording(tuple(self._fill([f[t] for f in full], model_idx, th)),
+                                                           xs[t])
+                    task_theta.append(th)
+                    outs.append(o)
+                    stats.append(st)
+                out = torch.stack(outs)
             elif getattr(self.forward, "vectorize", True):
                 out, vjp = torch.func.vjp(lambda *th: self.forward(self._fill(full, model_idx, th), xs),
                                           *[full[i] for i in model_idx])
@@ -106,6 +121,12 @@ class DataTerm:
                 pulled = self._pointwise_pullback(full, model_idx, xs, torch.cat([d_out.unsqueeze(0), cot]))
                 model_grads = [p[:, :, 0].sum(1) for p in pulled]  # [T, N, 1 + K, ...] each
                 model_rows = [p[:, :, 1:].reshape(T, N * K, -1) for p in pulled]
+            elif held:
+                per_task = [torch.autograd.grad(o, th, d) for o, th, d in zip(outs, task_theta, d_out)]
+                model_grads = [torch.stack(gs) for gs in zip(*per_task)]
+                del outs, per_task  # the forwards' graphs
+                pulled = self._pointwise_pullback(full, model_idx, xs, cot, stats)
+                model_rows = [p.reshape(T, N * K, -1) for p in pulled]
             else:
                 # row m = n·K + k is point n's cotangent k, zero at every other point
                 eye = torch.eye(N, dtype=cot.dtype, device=cot.device).reshape(N, 1, 1, N, *([1] * (cot.dim() - 3)))
@@ -130,18 +151,25 @@ class DataTerm:
         return float(loss.detach()), grads, R, (R * R).sum(1)
 
     def _pointwise_pullback(self, full: list[torch.Tensor], model_idx: list[int], xs: torch.Tensor,
-                            cot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                            cot: torch.Tensor, stats: list | None = None) -> tuple[torch.Tensor, ...]:
         """Each point's cotangents [C, T, N, ...] pulled back through that point's output alone:
-        per model weight tensor [T, N, C, ...] (a vmap over tasks, then points, of a vmapped vjp)."""
-        one_point = self.forward.one_point
-
-        def point(th: tuple[torch.Tensor, ...], xn: torch.Tensor, cn: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            _, vjp = torch.func.vjp(lambda *p: one_point(tuple(self._fill(list(th), model_idx, p)), xn),
-                                    *[th[i] for i in model_idx])
-            return torch.func.vmap(vjp)(cn)
-
+        per model weight tensor [T, N, C, ...] (a vmap over tasks, then points, of a vmapped vjp).
+        `stats`: each task's BatchNorm statistics (`FunctionalNet.forward_recording`), held as data;
+        the tasks are then looped."""
         vm = torch.func.vmap
-        return vm(vm(point, in_dims=(None, 0, 1)), in_dims=(0, 0, 1))(tuple(full), xs, cot)
+
+        def pullback(one_point: Callable) -> Callable:
+            def point(th: tuple[torch.Tensor, ...], xn: torch.Tensor, cn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                _, vjp = torch.func.vjp(lambda *p: one_point(tuple(self._fill(list(th), model_idx, p)), xn),
+                                        *[th[i] for i in model_idx])
+                return vm(vjp)(cn)
+            return vm(point, in_dims=(None, 0, 1))
+
+        if stats is None:
+            return vm(pullback(self.forward.one_point), in_dims=(0, 0, 1))(tuple(full), xs, cot)
+        per_task = [pullback(lambda th, xn, st=st: self.forward.one_point_held(th, xn, st))(
+            tuple(f[t] for f in full), xs[t], cot[:, t]) for t, st in enumerate(stats)]
+        return tuple(torch.stack(ps) for ps in zip(*per_task))
 
     @staticmethod
     def _fill(theta: list[torch.Tensor], model_idx: list[int], model_theta) -> list[torch.Tensor]:

@@ -12,7 +12,9 @@ trained separately: it reports how many iterations each learner did in MAML's ti
         --algos gem-bml+,fomaml --out /tmp/ec_smoke                                  # smoke test
 
 Learners: --algos (default gem-bml+,gem-bml,fomaml,reptile, and abml on sinusoid) and
---variant 'LABEL=ALGO:{json options}' (given to `gemext train --options`). Writes into --out:
+--variant 'LABEL=ALGO:{json options}' (given to `gemext train --options`; the keys meta_batch, meta_lr
+and inner_steps become its flags). Settings are chosen with --eval-split validation (tasks no report
+uses), the result reported with the default test split. Writes into --out:
 runs/<family>/<label>-s<seed>/ (run folders), runs.csv (every run), table.md (a header with date,
 machine, torch, commit and command, then per family mean ± 95% Student-t CI over seeds; also printed)
 and <family>.png (meta-test quality against training wall-clock). --resume-existing skips runs that
@@ -49,6 +51,8 @@ QUALITY = {
     "vision": [("accuracy", lambda m: m["accuracy"], "accuracy %", 100), ("nll", lambda m: m["nll"], "NLL", 1),
                ("ece", lambda m: m["ece"], "ECE", 1), ("ci95", lambda m: m["ci95"], None, 100)],
 }
+# keys of a --variant's JSON that are `gemext train` flags (the rest go to --options)
+RUN_FLAGS = ("meta_batch", "meta_lr", "inner_steps")
 COLUMNS = ["family", "label", "algo", "options", "seed", "iterations", "stopped_by", "wall_s", "time_budget",
            "error"]
 
@@ -87,8 +91,14 @@ def command(args, family: str, algo: str, options: dict, seed: int, iterations: 
            "--checkpoint-every", str(iterations)]
     if budget is not None:
         cmd += ["--time-budget", str(budget)]
+    flags = {k: options[k] for k in RUN_FLAGS if k in options}  # run settings, not learner options
+    options = {k: v for k, v in options.items() if k not in RUN_FLAGS}
+    for key, value in flags.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     if options:
         cmd += ["--options", json.dumps(options)]
+    if args.eval_split != "test":
+        cmd += ["--eval-split", args.eval_split]
     if args.eval_tasks:
         cmd += ["--eval-tasks", str(args.eval_tasks)]
     if args.data_root and kind(family) == "vision":
@@ -210,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                    "omniglot 1000, tinyimagenet 300)")
     p.add_argument("--cap", type=int, default=100, help="the other learners' --iterations: cap × N")
     p.add_argument("--eval-tasks", type=int, default=None, help="meta-test tasks (default: the family's)")
+    p.add_argument("--eval-split", default="test", choices=["test", "validation"],
+                   help="meta-test on the test tasks (the result) or on validation tasks (choosing settings)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every training process")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--data-root", default=None, help="vision data folder (default $GEMEXT_DATA)")

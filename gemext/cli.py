@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import build_info
+from .config import EVAL_SPLITS
 from .distributed import PeerFailure, is_main_process
 
 
@@ -125,6 +126,9 @@ def parser() -> argparse.ArgumentParser:
                                                                           "the task family's, 600; RL 40)")
     t.add_argument("--eval-steps", type=_nonneg_int, default=None, help="meta-test adaptation steps (default: the "
                                                                         "learner's, at least 10 for regression)")
+    t.add_argument("--eval-split", choices=EVAL_SPLITS, default="test",
+                   help="tasks of the meta-test after training: the reported test tasks, or validation tasks "
+                        "for choosing settings (sinusoid and RL: another seed; vision: the validation classes)")
     t.add_argument("--options", type=_options, default={}, help="algorithm options as JSON, e.g. '{\"sigma0\": 0.1}'")
     t.add_argument("--no-eval", action="store_true", help="skip the meta-test after training")
     t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
@@ -135,6 +139,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_nonneg_int, default=None, help="adaptation steps (default: the run's)")
     e.add_argument("--data-root", type=_existing_dir, default=None,
                    help="data folder, if not where the run was trained from (vision tasks)")
+    e.add_argument("--split", choices=EVAL_SPLITS, default=None,
+                   help="meta-test on the test or the validation tasks (default: the run's --eval-split)")
     e.add_argument("--predict-samples", type=_positive_int, default=None,
                    help="posterior samples of the predictive (default: the learner's; sampling learners only)")
 
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from .train import evaluate
             metrics = evaluate(args.dir, tasks=args.tasks, steps=args.steps, data_root=args.data_root,
-                               predict_samples=args.predict_samples)
+                               predict_samples=args.predict_samples, split=args.split)
             print(json.dumps(metrics, indent=2))
             return 0
         if args.command == "bench":
@@ -234,7 +240,8 @@ def _train(args) -> int:
                        meta_lr=args.meta_lr, meta_batch=args.meta_batch, log_every=args.log_every,
                        checkpoint_every=args.checkpoint_every, eval_tasks=args.eval_tasks,
                        eval_steps=args.eval_steps, ways=args.ways, shots=args.shots,
-                       data_root=args.data_root, algo_options=args.options, time_budget=args.time_budget)
+                       data_root=args.data_root, algo_options=args.options, time_budget=args.time_budget,
+                       eval_split=args.eval_split)
     try:
         run = train(config, resume=args.resume, progress=False if args.no_progress else None,
                     overwrite=args.overwrite)

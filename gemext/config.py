@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-FAMILY_FLAGS = ("preset", "ways", "shots", "data_root")  # read only by the families that declare them
+FAMILY_FLAGS = ("preset", "ways", "shots", "data_root")
+EVAL_SPLITS = ("test", "validation")  # read only by the families that declare them
 # algo_options keys a run refuses, with what to do instead: settings that have their own flag (the
 # family passes them to the learner itself), and the likelihood, an object the family builds
 REFUSED_OPTIONS = {
@@ -42,6 +43,9 @@ class RunConfig:
     # seconds of training wall-clock (across resumes): the run stops after the iteration that crosses
     # it, `iterations` staying an upper bound; None: no budget
     time_budget: float | None = None
+    # the tasks of the meta-test after training: "test" (the reported result) or "validation"
+    # (tasks no report uses, for choosing settings)
+    eval_split: str = "test"
 
     def validate(self) -> None:
         """The checks that do not depend on the task family (gemext.families checks the rest)."""
@@ -57,6 +61,8 @@ class RunConfig:
         if self.time_budget is not None and not (isinstance(self.time_budget, (int, float))
                                                  and 0 < self.time_budget < float("inf")):
             raise ValueError(f"time_budget must be a number of seconds > 0, got {self.time_budget!r}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise ValueError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}, got {self.eval_split!r}")
         if not isinstance(self.algo_options, dict):
             raise TypeError(f"algo_options must be a dict, got {type(self.algo_options).__name__}")
         for key in self.algo_options:

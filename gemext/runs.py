@@ -32,7 +32,8 @@ CHECKPOINT_VERSION = 3  # 3: one loop for every family (rng["family"], RL learne
 RUN_FILES = ("config.json", "checkpoint.pt", "checkpoint.pt.prev", "log.csv", "metrics.json")
 # settings a resumed run may change: they do not alter the meta-training trajectory
 RESUME_MAY_CHANGE = frozenset({"iterations", "out", "log_every", "checkpoint_every", "eval_tasks", "eval_steps",
-                               "device", "data_root", "max_bad_steps", "time_budget"})
+                               "device", "data_root", "max_bad_steps", "time_budget",
+                               "eval_split"})
 
 
 @contextlib.contextmanager

@@ -406,13 +406,17 @@ def _read_config(run: Path) -> RunConfig:
     return RunConfig(**json.loads(cfg_path.read_text()))
 
 
-def load_run(run_dir: str | Path, data_root: str | None = None) -> tuple[RunConfig, TaskFamily, MetaLearner, dict]:
+def load_run(run_dir: str | Path, data_root: str | None = None, eval_split: str | None = None
+             ) -> tuple[RunConfig, TaskFamily, MetaLearner, dict]:
     """(config, family, learner, checkpoint) of a trained run, with the checkpoint's meta-parameters;
-    `data_root` replaces the data folder recorded at training time. Close the family when done."""
+    `data_root` replaces the data folder recorded at training time, `eval_split` the split its
+    meta-test draws from. Close the family when done."""
     run = Path(run_dir)
     config = _read_config(run)
     if data_root is not None:
         config.data_root = str(Path(data_root).resolve())
+    if eval_split is not None:
+        config.eval_split = eval_split
     ckpt = load_checkpoint(run / "checkpoint.pt", config)
     family = open_family(config)
     try:
@@ -426,12 +430,13 @@ def load_run(run_dir: str | Path, data_root: str | None = None) -> tuple[RunConf
 
 def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = None, plots: bool = True,
              data_root: str | None = None, progress: bool | None = None,
-             predict_samples: int | None = None) -> dict:
+             predict_samples: int | None = None, split: str | None = None) -> dict:
     """Meta-test a trained run on fixed-seed fresh tasks; returns the metrics and adds them to
     metrics.json, with plots (a folder that cannot be written costs a warning, not the results).
-    `predict_samples` replaces the learner's number of posterior samples of the predictive."""
+    `predict_samples` replaces the learner's number of posterior samples of the predictive; `split`
+    ("test" or "validation") the run's eval_split (metrics.json says which one its figures are)."""
     run = Path(run_dir)
-    config, family, learner, ckpt = load_run(run, data_root)
+    config, family, learner, ckpt = load_run(run, data_root, split)
     with family:
         if predict_samples is not None:
             if "predict_samples" not in algorithms.option_names(config.algo, family.domain):
@@ -441,7 +446,8 @@ def evaluate(run_dir: str | Path, tasks: int | None = None, steps: int | None = 
     path = run / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics.update({"task": config.task, "algo": config.algo, "seed": config.seed,
-                    "iterations": ckpt["iteration"], "wall_s": ckpt["wall_s"], **result})
+                    "iterations": ckpt["iteration"], "wall_s": ckpt["wall_s"], "eval_split": config.eval_split,
+                    **result})
     if "predict_samples" in algorithms.option_names(config.algo, family.domain):
         metrics["predict_samples"] = learner.predict_samples
     with runs.best_effort(f"{path}"):

@@ -530,3 +530,39 @@ def test_cli_uses_the_familys_threads_unless_omp_num_threads_is_set(monkeypatch,
         assert runs.run_task(tmp_path / "missing") is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_validation_tasks_are_fixed_and_apart_from_the_test_tasks(tmp_path, capsys):
+    # --eval-split validation meta-tests on tasks of their own seed: the same on every call, other
+    # than the test tasks; metrics.json says which split its figures are; a resume may change it
+    from gemext.families import get
+    from gemext.families.base import EVAL_SEED, VALIDATION_SEED
+    assert VALIDATION_SEED != EVAL_SEED
+    run = tmp_path / "r"
+    code, _, err = _cli(["train", "sinusoid", "--algo", "maml", "--iterations", "6", "--eval-tasks", "20",
+                         "--eval-split", "validation", "--out", str(run), "--no-progress"], capsys)
+    assert code == 0, err
+    saved = json.loads((run / "metrics.json").read_text())
+    assert json.loads((run / "config.json").read_text())["eval_split"] == "validation"
+    assert saved["eval_split"] == "validation"
+    again = evaluate(run, plots=False)
+    test = evaluate(run, plots=False, split="test")
+    assert again["mse_by_step"] == saved["mse_by_step"] and again["eval_split"] == "validation"
+    assert test["eval_split"] == "test" and test["mse_by_step"] != saved["mse_by_step"]
+    assert json.loads((run / "metrics.json").read_text())["eval_split"] == "test"
+    family = get("sinusoid")(RunConfig(task="sinusoid", algo="maml", eval_split="validation"))
+    assert family.eval_seed == VALIDATION_SEED
+    train(RunConfig(task="sinusoid", algo="maml", iterations=8, out=str(run), eval_split="test"), resume=True,
+          progress=False)
+    code, _, err = _cli(["eval", str(run), "--split", "nope"], capsys)
+    assert code == 2 and "--split" in err
+
+
+def test_a_vision_task_without_validation_classes_refuses_the_validation_split(tmp_path, capsys):
+    # refused before any data is read or any folder written, naming the task and the way out
+    code, _, err = _cli(["train", "omniglot", "--algo", "maml", "--eval-split", "validation",
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "omniglot has no validation classes" in err and "--eval-split test" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="eval_split must be one of test, validation"):
+        RunConfig(task="sinusoid", algo="maml", eval_split="val").validate()

@@ -13,6 +13,7 @@ from ..algorithms import MetaLearner
 from ..config import FAMILY_FLAGS, RunConfig
 
 EVAL_SEED = 20201206  # meta-test tasks are the same for every run and seed
+VALIDATION_SEED = 20201207  # validation tasks (settings are chosen on these, never on the meta-test's)
 
 
 def merge_options(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +124,14 @@ class TaskFamily(abc.ABC):
                  progress: bool | None = None) -> dict[str, Any]:
         """Meta-test on fixed-seed fresh tasks (`tasks` of them; None: the run's eval_tasks or the
         family's default) after 0..steps adaptation steps; write plots into `run` (best effort);
-        return the metrics."""
+        return the metrics. The tasks are those of `config.eval_split`: the meta-test's, or
+        validation tasks drawn apart from them (`eval_seed`)."""
+
+    @property
+    def eval_seed(self) -> int:
+        """The seed of the tasks `evaluate` draws: EVAL_SEED for the test split, VALIDATION_SEED for
+        validation."""
+        return VALIDATION_SEED if self.config.eval_split == "validation" else EVAL_SEED
 
     def eval_tasks(self, tasks: int | None) -> int:
         n = tasks or self.config.eval_tasks or self.default_eval_tasks

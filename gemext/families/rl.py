@@ -20,7 +20,7 @@ from ..progress import Progress
 from ..runs import best_effort
 from ..tasks.rl.envs import Task, sample_tasks
 from ..tasks.rl.rollouts import EpisodeBatch, mean_returns
-from .base import EVAL_SEED, TaskFamily
+from .base import TaskFamily
 
 
 class RLFamily(TaskFamily):
@@ -88,9 +88,9 @@ class RLFamily(TaskFamily):
         config, settings, n = self.config, self.settings, self.eval_tasks(tasks)
         k = steps if steps is not None else (
             config.eval_steps if config.eval_steps is not None else settings.eval_steps)
-        self.sampler.generator.manual_seed(EVAL_SEED)
-        self.sampler.collector._rng = np.random.default_rng(EVAL_SEED)
-        test_tasks = sample_tasks(config.task, n, EVAL_SEED)
+        self.sampler.generator.manual_seed(self.eval_seed)
+        self.sampler.collector._rng = np.random.default_rng(self.eval_seed)
+        test_tasks = sample_tasks(config.task, n, self.eval_seed)
         bar = Progress(range(k + 1), k + 1, f"meta-test {config.algo} ({n} tasks, {k} updates)", every=1,
                        enabled=progress)
         try:

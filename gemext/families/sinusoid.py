@@ -16,7 +16,7 @@ from ..tasks import Task
 from ..tasks.sinusoid import SinusoidTasks
 from ..tasks.sinusoid import preset as sinusoid_preset
 from ..vi import GaussianLikelihood
-from .base import EVAL_SEED, SupervisedFamily, merge_options
+from .base import SupervisedFamily, merge_options
 
 # Sinusoid hyper-parameters, chosen on `finn` with 1000-iteration sweeps (benchmarks/von_sweep.py;
 # table in benchmarks/RESULTS.md, "GEM with the von inner VI").
@@ -129,7 +129,7 @@ class SinusoidFamily(SupervisedFamily):
                  progress: bool | None = None) -> dict[str, Any]:
         config, n = self.config, self.eval_tasks(tasks)
         K = steps if steps is not None else (config.eval_steps or max(learner.inner_steps, 10))
-        gen = torch.Generator().manual_seed(EVAL_SEED)
+        gen = torch.Generator().manual_seed(self.eval_seed)
         mse: list[list[torch.Tensor]] = [[] for _ in range(K + 1)]
         nll, cover = [], []
         first = None

@@ -31,7 +31,9 @@ from .base import SupervisedFamily, merge_options
 PRESETS: dict[str, tuple[int, int]] = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1), "20w5s": (20, 5)}
 QUERY = {"omniglot": 5, "tinyimagenet": 15, "miniimagenet": 15}  # query images per class
 META_BATCH = {"omniglot": 8, "tinyimagenet": 4, "miniimagenet": 4}
-TEST_SPLIT = {"omniglot": "test", "tinyimagenet": "test", "miniimagenet": "test"}
+# the dataset split of each eval_split; Omniglot's usual split (1200 / 423 characters) has no validation classes
+EVAL_SPLIT = {"test": {"omniglot": "test", "tinyimagenet": "test", "miniimagenet": "test"},
+              "validation": {"tinyimagenet": "val", "miniimagenet": "val"}}
 CALIBRATION_BINS = 15
 # accuracy_by_step: the final step predicts with the learner's full predictive (GEM: 20 posterior draws);
 # steps 0..K-1 with at most this many draws (on one CPU thread the 20-draw predictive at every step
@@ -135,14 +137,24 @@ class VisionFamily(SupervisedFamily):
         self.query = QUERY[config.task]
         self.train = FewShotTasks(load_split(config.task, "train", config.data_root), self.ways, self.shots,
                                   self.query, config.seed)
-        self._test: FewShotTasks | None = None
+        self._test: dict[str, FewShotTasks] = {}
 
     @property
     def test(self) -> FewShotTasks:
-        if self._test is None:  # fixed episodes: seed 0 for every run
-            self._test = FewShotTasks(load_split(self.task, TEST_SPLIT[self.task], self.config.data_root),
-                                      self.ways, self.shots, self.query, seed=0)
-        return self._test
+        """The meta-test's episodes (fixed: seed 0 for every run), from the classes of the run's
+        eval_split."""
+        split = self.config.eval_split
+        if split not in self._test:
+            self._test[split] = FewShotTasks(load_split(self.task, EVAL_SPLIT[split][self.task], self.config.data_root),
+                                             self.ways, self.shots, self.query, seed=0)
+        return self._test[split]
+
+    @classmethod
+    def check(cls, config) -> None:
+        super().check(config)
+        if config.task not in EVAL_SPLIT[config.eval_split]:
+            raise ValueError(f"{config.task} has no validation classes (its usual split is meta-train / meta-test "
+                             "only); choose its settings on another task or meta-test with --eval-split test")
 
     @classmethod
     def with_defaults(cls, settings: dict[str, Any]) -> dict[str, Any]:

@@ -612,3 +612,29 @@ def test_inputs_of_the_wrong_type_or_dtype_are_named():
     emb = algorithms.create("maml", nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 1)), inner_steps=1)
     ids = torch.randint(0, 5, (2, 4))
     emb.meta_backward(Task(ids, torch.randn(2, 4, 1), ids, torch.randn(2, 4, 1)))
+
+
+def test_von_on_a_model_without_cheap_curvature_rows_says_so_before_it_runs():
+    # BatchNorm couples the points, so von's rows would take one backward per data point: the learner
+    # warns at creation, naming the cheaper inner VI; the pointwise and MLP paths and NGVI do not warn
+    import warnings
+
+    from gemext.tasks.vision import Conv4
+    from gemext.vi import CategoricalLikelihood
+
+    def created(name, model, **kw):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            algorithms.create(name, model, likelihood=CategoricalLikelihood(), **kw)
+        return [str(w.message) for w in seen if "Gauss-Newton rows" in str(w.message)]
+
+    conv = lambda: Conv4(1, 3, hidden=4, image_size=16)
+    for name in ("gem-bml+", "gem-bml"):
+        (msg,) = created(name, conv())
+        assert msg.startswith(f"{name}: the inner VI 'von'") and "optimizer='ngvi'" in msg
+    assert created("abml", conv(), inner={"optimizer": "von"})
+    assert not created("gem-bml+", conv(), inner={"optimizer": "ngvi"})
+    assert not created("reptile", conv())
+    pointwise_conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 14 * 14, 3))
+    assert not created("gem-bml+", pointwise_conv)
+    assert not created("gem-bml+", nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)))

@@ -69,7 +69,7 @@ class VILearner(PriorLearner):
                              "and no batch_size")
         self._take_over(model, likelihood, seed)
         self._make_prior(sigma0, bayesian)
-        self._finish_take_over(self.prior.names, vectorize, forward_kwargs)
+        self._finish_take_over(self.prior.names, vectorize, forward_kwargs, self.inner)
         self.predict_samples = predict_samples
 
     @property

@@ -72,7 +72,7 @@ class GEMLearner(PriorLearner):
         # Reptile: fixed prior variance C₀ = sigma0² (ĝ_μ₀ = (μ − μ₀)/C₀²), point posteriors.
         self._make_prior(sigma0, bayesian, learn_sigma and not self.delta, sigma0_range)
         # every module parameter now lives in the prior or stays fixed: parameters() = Θ only
-        self._finish_take_over(self.prior.names, vectorize, forward_kwargs)
+        self._finish_take_over(self.prior.names, vectorize, forward_kwargs, None if self.delta else self.inner)
         self.predict_samples = predict_samples
 
     @property

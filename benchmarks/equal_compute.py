@@ -202,7 +202,7 @@ def header(args, argv: list[str]) -> str:
         "# Equal-compute comparison", "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {cpu} ({os.cpu_count()} logical CPUs), device {args.device}, {args.threads} torch thread(s) "
-        "per run (OMP_NUM_THREADS), one run at a time",
+        "per run (OMP_NUM_THREADS), one run of this sweep at a time (other load on the machine is not controlled)",
         f"- torch {torch.__version__}, commit {git or 'unknown'}{' (with uncommitted changes)' if dirty else ''}",
         f"- command: `{shlex.join(['python', *argv])}`",
         "- each learner's --time-budget is the wall_s of MAML's run of the same seed; mean ± 95% Student-t CI "

@@ -267,17 +267,16 @@ def _fit_von(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: V
             with torch.enable_grad():
                 mu_new, rho, h = von.step_differentiable(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts,
                                                          curv, row_offset)
-            if search:
-                trial = [m.detach().clone() for m in mu_new]
-                merit, frac = _backtrack_(nll, trial, mu_old, merit, flat_prior, beta, index, scale, von.backtrack)
-                if bool((frac != 1).any()):
-                    mu_new = [m0 + frac.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1))) * (m - m0)
-                              for m, m0 in zip(mu_new, mu)]
-            mu = mu_new
-        else:
+        else:  # in place
             von.step(mu, rho, h, grad, stacked, extra, prior, beta, seed, starts, curv, row_offset)
-            if search:
-                merit, _ = _backtrack_(nll, mu, mu_old, merit, flat_prior, beta, index, scale, von.backtrack)
+            mu_new = mu
+        if search:  # in place on μ, or on a detached copy whose accepted fractions then scale the graph's step
+            trial = [m.detach().clone() for m in mu_new] if create_graph else mu_new
+            merit, frac = _backtrack_(nll, trial, mu_old, merit, flat_prior, beta, index, scale, von.backtrack)
+            if create_graph and bool((frac != 1).any()):
+                mu_new = [m0 + frac.to(m.dtype).reshape(-1, *([1] * (m.dim() - 1))) * (m - m0)
+                          for m, m0 in zip(mu_new, mu)]
+        mu = mu_new
         if callback is not None:
             callback(step + 1, Posterior(init.names, mu, rho))
     return FitResult(Posterior(init.names, mu, rho), last)

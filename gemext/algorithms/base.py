@@ -312,9 +312,10 @@ class FunctionalNet:
     Random ops (Dropout) draw independently per task under vmap, as in the loop.
     `forward_kwargs`: extra keyword arguments of every forward call (e.g. a mask).
     `pointwise`: the module maps each point on its own (`is_pointwise`), so `one_point` gives the
-    output of one point and per-point Jacobians may be taken point by point; `held_stats`: it does
-    so once its BatchNorm statistics are held fixed (`is_pointwise(batch_norm=True)`; see
-    `forward_recording` and `one_point_held`); `mlp`: the module's
+    output of one point and per-point Jacobians may be taken point by point (the tasks vmapped or
+    looped, as `vectorize` says); `held_stats`: it does so once its BatchNorm statistics are held
+    fixed (`is_pointwise(batch_norm=True)`; an approximation, opt-in; see `forward_recording` and
+    `one_point_held`); `mlp`: the module's
     `mlp_plan` (or None); `input_layer`: the model's `input_layer` (or None), for `check_input`."""
 
     def __init__(self, module: nn.Module, names: list[str], vectorize: bool,
@@ -322,7 +323,7 @@ class FunctionalNet:
                  input_layer: nn.Module | None = None, held_stats: bool = False) -> None:
         self.module, self.names, self.vectorize = module, names, vectorize
         self.forward_kwargs = dict(forward_kwargs or {})
-        self.pointwise = pointwise and vectorize and not self.forward_kwargs
+        self.pointwise = pointwise and not self.forward_kwargs
         self.held_stats = held_stats and not self.pointwise and not self.forward_kwargs
         self.mlp = mlp if not self.forward_kwargs else None
         self.input_layer = input_layer

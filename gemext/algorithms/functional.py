@@ -97,8 +97,7 @@ class FunctionalLearner(SupervisedLearner):
         self.net.model._gemext_learner = self.name  # a second learner on this model is refused, naming this one
         vectorize = resolve_vectorize(self.name, self.net.model, vectorize)
         self.forward_net = FunctionalNet(self.net, self.names, vectorize, forward_kwargs, is_pointwise(self.net.model),
-                                         mlp_plan(self.net.model, self.names, "model."), input_layer(self.net.model),
-                                         held_stats=is_pointwise(self.net.model))
+                                         mlp_plan(self.net.model, self.names, "model."), input_layer(self.net.model))
         self._lik_idx = [i for i, n in enumerate(self.names) if n.startswith("likelihood.")]
         if inner is not None:
             self._warn_costly_curvature(inner)
@@ -109,7 +108,7 @@ class FunctionalLearner(SupervisedLearner):
         paths take about one backward for all of them."""
         net = self.forward_net
         if inner.optimizer_class() is not VariationalOnlineNewton or \
-                inner.optimizer_kwargs.get("curvature", "ggn") != "ggn" or net.mlp or net.pointwise or net.held_stats:
+                inner.optimizer_kwargs.get("curvature", "ggn") != "ggn" or net.mlp or net.pointwise:
             return
         warnings.warn(
             f"{self.name}: the inner VI 'von' forms its Gauss-Newton rows on this model with one backward over a "

@@ -154,8 +154,8 @@ class DataTerm:
                             cot: torch.Tensor, stats: list | None = None) -> tuple[torch.Tensor, ...]:
         """Each point's cotangents [C, T, N, ...] pulled back through that point's output alone:
         per model weight tensor [T, N, C, ...] (a vmap over tasks, then points, of a vmapped vjp).
-        `stats`: each task's BatchNorm statistics (`FunctionalNet.forward_recording`), held as data;
-        the tasks are then looped."""
+        The tasks are looped when the forward loops them, or when `stats` (each task's BatchNorm
+        statistics, `FunctionalNet.forward_recording`) are held as data."""
         vm = torch.func.vmap
 
         def pullback(one_point: Callable) -> Callable:
@@ -165,10 +165,11 @@ class DataTerm:
                 return vm(vjp)(cn)
             return vm(point, in_dims=(None, 0, 1))
 
-        if stats is None:
+        if stats is None and getattr(self.forward, "vectorize", True):
             return vm(pullback(self.forward.one_point), in_dims=(0, 0, 1))(tuple(full), xs, cot)
-        per_task = [pullback(lambda th, xn, st=st: self.forward.one_point_held(th, xn, st))(
-            tuple(f[t] for f in full), xs[t], cot[:, t]) for t, st in enumerate(stats)]
+        one = [self.forward.one_point] * xs.shape[0] if stats is None else \
+            [lambda th, xn, st=st: self.forward.one_point_held(th, xn, st) for st in stats]
+        per_task = [pullback(f)(tuple(p[t] for p in full), xs[t], cot[:, t]) for t, f in enumerate(one)]
         return tuple(torch.stack(ps) for ps in zip(*per_task))
 
     @staticmethod

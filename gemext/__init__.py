@@ -37,12 +37,19 @@ def build_info() -> dict:
 
 _SUBMODULES = ("algorithms", "config", "distributed", "families", "gaussian", "linalg", "metrics", "ops", "plots",
                "reference", "runs", "tasks", "train", "vi")
+# the measured settings of `gemext train` (gemext.families.presets)
+_PRESETS = ("presets", "preset_training", "preset_names")
 
 
 def __getattr__(name: str):
-    """`gemext.algorithms`, `gemext.ops`, ... without importing them first (loaded on first use)."""
+    """`gemext.algorithms`, `gemext.ops`, ... without importing them first (loaded on first use);
+    `gemext.presets`, `gemext.preset_training`, `gemext.preset_names` likewise."""
     if name in _SUBMODULES:
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
+    if name in _PRESETS:
+        from .families import presets
+
+        return getattr(presets, name)
     raise AttributeError(f"module 'gemext' has no attribute {name!r}")

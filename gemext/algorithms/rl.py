@@ -57,7 +57,8 @@ class RLSettings:
     # GEM-BML(+) and Reptile
     sigma0: float = 0.01  # prior std (Reptile: the fixed C₀)
     # the prior std is meta-learned by GEM-BML(+) within (σ₀/10, σ₀) ("shrink", as the sinusoid and
-    # vision presets: measured in benchmarks/RESULTS.md, "RL: learned prior variance"); None: unbounded
+    # vision presets: measured in benchmarks/HISTORY.md, "nav2d: learned prior std and the von inner VI");
+    # None: unbounded
     learn_sigma: bool = True
     sigma0_range: str | tuple[float, float] | None = "shrink"
     # the inner VI: "sgd" (a policy-gradient step of inner_lr on the surrogate), or "von" with

@@ -39,6 +39,7 @@ class TaskFamily(abc.ABC):
 
     tasks: tuple[str, ...] = ()  # the task names it serves
     flags: tuple[str, ...] = ()  # the family flags of RunConfig (FAMILY_FLAGS) it reads
+    preset_names: tuple[str, ...] = ()  # the --preset values it reads, the default first
     devices: tuple[str, ...] = ("cpu", "cuda")
     distributed: bool = True  # whether torchrun may shard its meta-batches
     # intra-op threads `gemext train` / `eval` use unless OMP_NUM_THREADS is set (None: torch's default)
@@ -85,6 +86,14 @@ class TaskFamily(abc.ABC):
         (preset, meta_batch, ...) set to the values it uses, so that --resume compares what a run
         does, not how it was spelled."""
         return dict(settings)
+
+    @classmethod
+    def learner_options_for(cls, config: RunConfig) -> dict[str, Any]:
+        """The options `build_learner` gives `gemext.algorithms.create` for a run's settings (objects
+        included, e.g. the likelihood), from the settings alone: no data is read. `gemext.presets`
+        serves the same options to Python users."""
+        raise ValueError(f"{config.task}: its learners are built from more than options (e.g. a rollout sampler); "
+                         f"train them with `gemext train {config.task}`")
 
     # -- training -----------------------------------------------------------------------------
     @abc.abstractmethod

@@ -13,29 +13,20 @@ from ..metrics import gaussian_nll, interval_coverage, mean_ci95
 from ..progress import Progress
 from ..runs import best_effort
 from ..tasks import Task
+from ..tasks.sinusoid import PRESETS as SINUSOID_PRESETS
 from ..tasks.sinusoid import SinusoidTasks
 from ..tasks.sinusoid import preset as sinusoid_preset
 from ..vi import GaussianLikelihood
 from .base import SupervisedFamily, merge_options
 
-# Sinusoid hyper-parameters, chosen on `finn` with 1000-iteration sweeps (benchmarks/von_sweep.py;
-# table in benchmarks/RESULTS.md, "GEM with the von inner VI").
-# GEM: the variational online Newton VI ("von": Gauss-Newton mean step coupled through the data,
-# σ² = 1/(β/σ₀² + GGN diagonal), backtracking), β = 1 (exact VI). σ₀ is only the prior precision
-# now, not a step size, and with 10 points and ~1.7k weights it also sets how far the posterior
-# mean can move: MSE after 10 steps at 1000 iterations, fixed σ₀ / likelihood noise s: 0.02/0.05
-# 0.53, 0.03/0.05 0.58, 0.01/0.05 0.66, 0.02/0.1 0.69, 0.05/0.1 1.12 (MAML 0.39). The `finn` data
-# are noise-free, so a sharp s = 0.05 helps. A freely learned σ₀ drifts upward under both GEM
-# statistics (median 0.02 → 0.035–0.044 in 1000 iterations) and degrades (0.78–1.09), so σ₀ is
-# learned within sigma0_range = "shrink", (σ₀/10, σ₀): it may only become more certain than its start
-# (0.55 at 1000 iterations).
-# The sweeps above ran with the sequential second fit; the GEM learners now refit support ∪ query
-# against the prior (all_fit="joint"), which at 3000 iterations takes GEM-BML+ from 0.325 to 0.132
-# (3 seeds; MAML 0.187) with these same settings (RESULTS.md, "The second GEM fit ...").
+# Sinusoid settings, chosen on `finn` by 1000-iteration sweeps and checked over seeds at 3000
+# (benchmarks/HISTORY.md, "GEM with the von inner VI" and "The second GEM fit ..."; current figures in
+# benchmarks/RESULTS.md). GEM: `von` with β = 1 is exact VI; σ₀ = 0.02 and s = 0.05 (the data are
+# noise-free) gave the lowest MSE; σ₀ is learned only downwards ("shrink"): learned freely it drifts up
+# and adapts worse.
 _VON = dict(optimizer="von")  # lr 1: a full (backtracked) Gauss-Newton step
-# Posterior samples of the predictive mixture at meta-test (the learners' default is 20): with 20 the
-# mixture's variance is biased low (×19/20) and its tails under-sampled; on a 1-input MLP 100 cost
-# little. GEM-BML+ `finn` 3000 iterations, 3 seeds: NLL 0.61 with 20, 0.49 with 100, MSE unchanged.
+# posterior draws of the meta-test predictive: 20 (the learners' default) bias its variance low and
+# under-sample its tails; 100 cost little on a 1-input MLP
 _PREDICT = 100
 SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
     "gem-bml": dict(sigma0=0.02, beta=1.0, inner=_VON, inner_steps=5, sigma=0.05, sigma0_range="shrink",
@@ -63,11 +54,8 @@ SINUSOID_DEFAULTS: dict[str, dict[str, Any]] = {
     "bmaml": dict(particles=5, lr=5e-4, inner_steps=5, sigma=0.5),
 }
 
-# Per preset, on top of SINUSOID_DEFAULTS, measured on that preset. `bmaml` (frequencies 0.5–2, 1%
-# noise): the sharp likelihood noise chosen on the noise-free `finn` (s = 0.05) over-fits the support.
-# GEM-BML+ MSE after 10 steps at 3000 meta-iterations, s = 0.05 / 0.1 / 0.15 / 0.2 / 0.3: 1.51 / 1.39 /
-# 1.26 / 1.35 / 1.63; at 10000, s = 0.1 / 0.15 / 0.2: 1.19 / 1.09 / 1.29 (seed 0); with 0.15 over three
-# seeds 1.15 at 10000 against MAML 1.12 and Reptile 1.16 (RESULTS.md, "`bmaml`: the likelihood noise").
+# Per preset, on top of SINUSOID_DEFAULTS, measured on that preset: `bmaml`'s 1% noise makes `finn`'s
+# sharp s = 0.05 over-fit the support; 0.15 did best (benchmarks/HISTORY.md, "`bmaml`: the likelihood noise").
 PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "bmaml": {"gem-bml+": dict(sigma=0.15)},
 }
@@ -76,10 +64,9 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 class SinusoidFamily(SupervisedFamily):
     tasks = ("sinusoid",)
     flags = ("preset",)
+    preset_names = tuple(SINUSOID_PRESETS)  # "finn" first: the default
     eval_batch = 100  # meta-test tasks adapted together
-    # a 1.7k-weight MLP gains nothing from a second thread (idle 2-core machine, 100 GEM-BML+
-    # iterations: 4.5–5.2 s on one thread, 4.0–4.1 s on two; 1000 MAML iterations 6.5–7.7 s / 6.3–6.6 s)
-    # and loses badly to any other load (one busy core: 5.4 s against 15.1 s)
+    # a 1.7k-weight MLP gains little from a second thread and loses badly to any other load
     threads = 1
 
     def __init__(self, config) -> None:
@@ -94,17 +81,18 @@ class SinusoidFamily(SupervisedFamily):
             settings["meta_batch"] = sinusoid_preset(settings["preset"]).meta_batch
         return settings
 
-    def learner_options(self) -> dict[str, Any]:
+    @classmethod
+    def learner_options_for(cls, config) -> dict[str, Any]:
         """SINUSOID_DEFAULTS of the algorithm, updated with its PRESET_DEFAULTS, the run's options and
         --inner-steps.
         Family options (not the learner's): `sigma`, the likelihood noise s (its start when learned),
         and `learn_noise`, which makes log s a weight of the model (under the prior for the
         Bayesian learners, meta-learned like any other)."""
-        opts = merge_options(SINUSOID_DEFAULTS.get(self.config.algo, {}),
-                             PRESET_DEFAULTS.get(self.config.preset or "finn", {}).get(self.config.algo, {}))
-        opts = merge_options(opts, self.config.algo_options)
-        if self.config.inner_steps is not None:
-            opts["inner_steps"] = self.config.inner_steps
+        opts = merge_options(SINUSOID_DEFAULTS.get(config.algo, {}),
+                             PRESET_DEFAULTS.get(config.preset or "finn", {}).get(config.algo, {}))
+        opts = merge_options(opts, config.algo_options)
+        if config.inner_steps is not None:
+            opts["inner_steps"] = config.inner_steps
         sigma = opts.pop("sigma", None)
         learn = opts.pop("learn_noise", False)
         if not isinstance(learn, bool):
@@ -112,6 +100,10 @@ class SinusoidFamily(SupervisedFamily):
         if sigma is not None or learn:
             opts.setdefault("likelihood", GaussianLikelihood(0.5 if sigma is None else sigma, learn=learn))
         return opts
+
+    def learner_options(self) -> dict[str, Any]:
+        """The options this run's learner is built with (`learner_options_for` of its settings)."""
+        return self.learner_options_for(self.config)
 
     def build_learner(self) -> MetaLearner:
         learner = algorithms.create(self.config.algo, self.data.make_model(), seed=self.config.seed,

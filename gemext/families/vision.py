@@ -48,30 +48,14 @@ MEAN_LOSS_STEP = {("omniglot", 5): 0.4, ("omniglot", 20): 0.1}
 MEAN_LOSS_STEP_OTHER = {"omniglot": 0.1, "tinyimagenet": 0.01, "miniimagenet": 0.01}
 MAML_TRAIN_STEPS = {("omniglot", 5): 1, ("omniglot", 20): 5}  # Finn et al.; 5 elsewhere
 
-# Learner defaults for classification (summed categorical NLL; see benchmarks/RESULTS.md,
-# "Few-shot vision", for the tuning runs behind them).
-# GEM-BML/GEM-BML+: natural-gradient VI ("ngvi"): μ moves by lr·σ²·∇ (capped at one σ per step), so
-# with lr·σ₀² = the MAML step above the first inner step equals MAML's, and the meta-learned prior
-# variance σ₀² then becomes a per-weight step size. lr is derived from that rule (and from the run's
-# sigma0) unless given. β = 0.01: with a natural step the KL term pulls μ back by lr·β·(μ − μ₀) per
-# step (σ ≈ σ₀); at lr = 32 (σ₀ = 0.05) β = 1 would be a 32× overshoot that only the trust-region cap
-# holds in check, and the KL of ~113k weights would swamp the NLL of 5 images anyway.
-# Inner Adam (the previous default, lr 0.01, β = 1) moves every weight by ≈ lr per step whatever its
-# prior, which throws away what GEM learns in ρ₀.
-# Tuning (Omniglot 5w1s, meta-batch 8, 250 meta-iterations on an H100, 200 test episodes; RESULTS.md):
-# Adam lr 0.01 σ₀ 0.05: 19.6% (chance); ngvi lr·σ₀² = 0.08 with β = 0.01: σ₀ 0.03 49.0%, 0.05 67.0%,
-# 0.07 61.6%, 0.1 55.6%; σ₀ 0.05 with β = 0.1 18.8%, β = 1 33.4%; twice the step (lr 64) 27.2%.
-# (MAML with its defaults below: 83.4% at 250 and 91.4% at 1000 iterations; GEM-BML+ 74.3% at 1000.)
-# The von inner VI (the GEM learners' default elsewhere) is not the vision default: its per-step
-# Gauss-Newton rows cost one backward per support/query image, and on CPU (tasks looped, Conv4,
-# Omniglot 5w1s) a GEM-BML+ meta-iteration took ≈ 35 s of CPU time against ≈ 3 s with ngvi (3
-# iterations, 2026-12-01). Under ngvi σ₀² is also the step size, so a learned σ₀ that grows lengthens
-# the steps and can feed on itself: σ₀ is learned within sigma0_range = "shrink", (σ₀/10, σ₀): it may
-# only shrink from its start (the sinusoid measurement behind this rule is in train.py; not yet
-# measured at full budget on vision).
-# all_fit "sequential" (the query fitted with the support posterior as prior), not the GEM learners'
-# joint refit (which wins on sinusoid with von): with ngvi on Omniglot 5w1s (250 meta-iterations, 300
-# test episodes, CPU) joint 67.9 ± 1.6% (ECE 0.178) vs sequential 69.7 ± 1.5% (ECE 0.154).
+# Classification defaults (summed categorical NLL), tuned on Omniglot 5w1s (benchmarks/RESULTS.md,
+# "Few-shot vision"; tuning notes in benchmarks/HISTORY.md). GEM-BML/GEM-BML+:
+# - inner "ngvi" with lr·σ₀² = the MAML step above (lr derived in learner_options), so the first step is
+#   MAML's and the learned σ₀² a per-weight step size; `von` costs ~10× its time per Conv4 meta-iteration;
+# - β = 0.01: under a natural step β = 1 pulls μ back ~lr = 32× too far, and the KL of ~113k weights
+#   swamps the NLL of 5 images;
+# - σ₀ 0.05: the best of 0.03–0.1; learned only downwards ("shrink"), as a growing σ₀ lengthens ngvi's steps;
+# - all_fit "sequential": ahead of the joint refit with ngvi here (the joint one wins on sinusoid with von).
 VISION_DEFAULTS: dict[str, dict[str, Any]] = {
     "gem-bml": dict(sigma0=0.05, inner=dict(optimizer="ngvi", beta=0.01), inner_steps=5, sigma0_range="shrink",
                     all_fit="sequential"),
@@ -104,8 +88,7 @@ def learner_options(config, ways: int, shots: int) -> dict[str, Any]:
         opts.setdefault("inner_steps", MAML_TRAIN_STEPS.get((config.task, ways), 5))
     if config.inner_steps is not None:
         opts["inner_steps"] = config.inner_steps
-    # Tasks of a meta-batch: a loop on CPU (one thread, Omniglot 5w1s, meta-batch 8: GEM-BML+ 3.0 vs
-    # 5.8 s per iteration vmapped, MAML 0.7 vs 1.2 s); vmapped on GPUs.
+    # tasks of a meta-batch: looped on CPU, where that is faster than vmap; vmapped on GPUs
     opts.setdefault("vectorize", "auto" if str(config.device).startswith("cuda") else False)
     opts.setdefault("likelihood", CategoricalLikelihood())
     return opts
@@ -127,6 +110,7 @@ class VisionFamily(SupervisedFamily):
 
     tasks = ("omniglot", "tinyimagenet", "miniimagenet")
     flags = ("preset", "ways", "shots", "data_root")
+    preset_names = tuple(PRESETS)  # "5w1s" first: the default
     eval_batch = 10  # meta-test episodes adapted together
     eval_outputs = ("reliability.json", "reliability.png")
 
@@ -165,8 +149,13 @@ class VisionFamily(SupervisedFamily):
         settings["meta_batch"] = settings.get("meta_batch") or META_BATCH[settings["task"]]
         return settings
 
+    @classmethod
+    def learner_options_for(cls, config) -> dict[str, Any]:
+        """`learner_options` at the run's ways and shots (its preset, or --ways / --shots)."""
+        return learner_options(config, *ways_shots(config))
+
     def build_learner(self) -> MetaLearner:
-        opts = learner_options(self.config, self.ways, self.shots)
+        opts = self.learner_options_for(self.config)
         learner = algorithms.create(self.config.algo, make_backbone(self.task, self.ways), seed=self.config.seed,
                                     **opts)
         return learner.to(self.config.device)

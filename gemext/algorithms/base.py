@@ -7,7 +7,8 @@ The contract (`MetaLearner`, checked over every registered learner by python_tes
 - `meta_backward(tasks, task_range=None)` accumulates the meta-gradient of a meta-batch into .grad
   (a mean over its tasks) and returns float statistics; `task_range=(first, total)` says where these
   tasks sit in a larger meta-batch sharded across processes, so their inner-loop noise is the
-  full batch's;
+  full batch's; the supervised learners refuse a non-finite meta-gradient (FloatingPointError),
+  leaving .grad as it was;
 - `after_step()` runs after every optimizer step (the ρ₀ clamp of the Gaussian-prior learners) and
   returns extra statistics;
 - `adapt(support, steps)` / `adapt_path(support, steps)` give predictors whose `predict(x)`
@@ -24,8 +25,9 @@ import abc
 import contextlib
 import inspect
 import itertools
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -280,6 +282,8 @@ def point_ranks(layer: nn.Module | None) -> tuple[int, int | None] | None:
         return len(layer.kernel_size) + 1, len(layer.kernel_size) + 1
     if isinstance(layer, nn.Linear):  # [..., in_features]
         return 1, None
+    if isinstance(layer, nn.Embedding):  # indices of any shape, a scalar one included
+        return 0, None
     return None
 
 
@@ -305,6 +309,60 @@ def _is_inplace_capture_error(e: RuntimeError) -> bool:
     return "During a grad" in msg and "in-place operation" in msg and "captured Tensor" in msg
 
 
+class _FirstLayerReached(BaseException):
+    """Ends `FunctionalNet.check_forward`'s forward where the first checked layer is called (a
+    BaseException: a forward's own `except Exception` must not swallow it)."""
+
+    def __init__(self, name: str, layer: nn.Module, args: tuple) -> None:
+        super().__init__(name)
+        self.name, self.layer, self.args = name, layer, args
+
+
+# Layers whose input `_layer_input_problem` knows how to check: the first of them that a forward calls
+# ends `check_forward`'s trial forward (other modules run, a custom module's own weights included).
+_CHECKED_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.RNNBase, nn.modules.batchnorm._BatchNorm,
+                   nn.LayerNorm, nn.GroupNorm)
+
+# What a failing forward raises that `check_forward` re-raises naming the input (same class, chained).
+_FORWARD_ERRORS = (TypeError, ValueError, IndexError, RuntimeError)
+
+
+def _layer_input_problem(layer: nn.Module, inp: torch.Tensor) -> tuple[type[Exception], str] | None:
+    """Why `layer` (one of _CHECKED_LAYERS) cannot read `inp`: (exception class, what it expects and what
+    `inp` has), or None."""
+    if isinstance(layer, nn.Embedding):
+        if inp.is_floating_point() or inp.is_complex() or inp.dtype == torch.bool:
+            return TypeError, f"needs integer indices (torch.long), its input has dtype {inp.dtype}"
+        return None  # (not the indices' range: the check is made once per shape and dtype, not per value)
+    wdtype = next((t.dtype for t in itertools.chain(layer.parameters(False), layer.buffers(False))
+                   if t.is_floating_point()), None)
+    if wdtype is not None and inp.dtype != wdtype:
+        return TypeError, f"needs {wdtype}, its input has dtype {inp.dtype}: convert x with .to({wdtype})"
+    got = inp.shape[-1] if inp.dim() else "no"  # features: the last dimension
+    if isinstance(layer, nn.Linear):
+        if got != layer.in_features:
+            return ValueError, f"takes {layer.in_features} features per point, its input has {got}"
+    elif isinstance(layer, nn.modules.conv._ConvNd):
+        k = len(layer.kernel_size)
+        if inp.dim() not in (k + 1, k + 2):
+            return ValueError, (f"reads points of {k + 1} dimensions ([C, *spatial], {k + 2} with the batch), "
+                                f"its input has shape {tuple(inp.shape)}")
+        if inp.shape[-k - 1] != layer.in_channels:
+            return ValueError, f"takes {layer.in_channels} channels, its input has {inp.shape[-k - 1]}"
+    elif isinstance(layer, nn.RNNBase):
+        if got != layer.input_size:
+            return ValueError, f"takes {layer.input_size} features per step, its input has {got}"
+    elif isinstance(layer, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        want = layer.num_features if isinstance(layer, nn.modules.batchnorm._BatchNorm) else layer.num_channels
+        if inp.dim() < 2 or inp.shape[1] != want:
+            return ValueError, f"takes {want} channels in dimension 1, its input has shape {tuple(inp.shape)}"
+    elif isinstance(layer, nn.LayerNorm):
+        shape = tuple(layer.normalized_shape)
+        if tuple(inp.shape[inp.dim() - len(shape):]) != shape:
+            return ValueError, f"normalises trailing dimensions {shape}, its input has shape {tuple(inp.shape)}"
+    return None
+
+
 class FunctionalNet:
     """Calls `module` with parameters that carry a leading task dimension: one vmapped call for
     all tasks (`vectorize=True`), or a loop over tasks (needed when the forward mutates buffers,
@@ -327,6 +385,7 @@ class FunctionalNet:
         self.held_stats = held_stats and not self.pointwise and not self.forward_kwargs
         self.mlp = mlp if not self.forward_kwargs else None
         self.input_layer = input_layer
+        self._checked: set[tuple] = set()  # (point shape, dtype, device) that check_forward passed
         self._build()
 
     @property
@@ -347,6 +406,54 @@ class FunctionalNet:
             raise TypeError(f"{what} has dtype {x.dtype} but the model's first layer ({layer}) needs "
                             f"{self.dtype}: convert it with .to({self.dtype})")
 
+    def check_forward(self, what: str, x: torch.Tensor, tasks: bool) -> None:
+        """Refuse, naming it, an input `x` (`tasks`: with a leading task dimension) that the model's
+        forward cannot read: a trial forward on one task (no gradient, the model's buffers and the
+        random stream left untouched) stops where the first weight layer it calls (Linear,
+        convolution, Embedding, recurrent or normalisation layer) is about to run, and that layer's
+        input is checked against the layer (dtype, features or channels); an error the forward raises
+        before is re-raised naming the input, the original chained. A custom forward may reshape or
+        convert x, so this is where a wrong input shows, not at x itself. Done once per point shape
+        and dtype."""
+        one = x[0] if tasks and x.dim() > 0 else x
+        key = (tuple(one.shape[1:]), one.dtype, one.device)
+        if one.dim() == 0 or one.shape[0] == 0 or key in self._checked:  # (no point: left to the caller)
+            return
+        names = set(self.names)
+        hooks = []
+
+        def make(name: str) -> Callable:
+            def stop(layer: nn.Module, args: tuple) -> None:
+                raise _FirstLayerReached(name, layer, args)
+            return stop
+        for name, m in self.module.named_modules():
+            if isinstance(m, _CHECKED_LAYERS):
+                hooks.append(m.register_forward_pre_hook(make(name.removeprefix("model."))))
+        # buffers a forward may update (running statistics, counters) are copies here
+        state = {n: b.clone() for n, b in self.module.named_buffers() if n not in names}
+        devices = [one.device] if one.device.type == "cuda" else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                functional_call(self.module, state, (one,), self.forward_kwargs)
+        except _FirstLayerReached as reached:
+            inp = reached.args[0] if reached.args and isinstance(reached.args[0], torch.Tensor) else None
+            problem = None if inp is None else _layer_input_problem(reached.layer, inp)
+            if problem is not None:
+                kind, why = problem
+                layer = type(reached.layer).__name__ + (f" '{reached.name}'" if reached.name else "")
+                raise kind(f"{what} (shape {tuple(x.shape)}, dtype {x.dtype}): the model's first layer ({layer}) "
+                           f"{why}") from None
+        except _FORWARD_ERRORS as e:
+            if isinstance(e, torch.OutOfMemoryError):  # not the input's fault
+                raise
+            kind = next(k for k in _FORWARD_ERRORS if isinstance(e, k))
+            raise kind(f"{what} (shape {tuple(x.shape)}, dtype {x.dtype}): the model's forward cannot read it: "
+                       f"{e}") from e
+        finally:
+            for h in hooks:
+                h.remove()
+        self._checked.add(key)
+
     def _build(self) -> None:
         self._vmapped = vmap(self._one, in_dims=(0, 0), randomness="different")
 
@@ -355,6 +462,7 @@ class FunctionalNet:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_checked", set())  # saved before check_forward existed
         self._build()
 
     def _one(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
@@ -434,7 +542,9 @@ class MetaLearner(nn.Module, abc.ABC):
 
 class SupervisedLearner(MetaLearner):
     """A learner of (x, y) tasks: meta-batches are `gemext.tasks.Task`s and it tells one task from
-    a stacked batch by the rank of its model's inputs (learned from the first data, saved)."""
+    a stacked batch by the rank of its model's inputs (learned from the first data, saved), by the
+    same rule in meta_backward and adapt. Subclasses implement `_meta_backward` on a checked,
+    stacked batch; `meta_backward` guards it (a non-finite meta-gradient never reaches .grad)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -448,19 +558,105 @@ class SupervisedLearner(MetaLearner):
         if int(self.input_rank) < 0:
             self.input_rank.fill_(rank)
 
+    @abc.abstractmethod
+    def _meta_backward(self, batch: Task, task_range: tuple[int, int] | None) -> dict[str, float]:
+        """meta_backward on a checked, stacked batch on the learner's device: accumulate its
+        meta-gradient into .grad, return float statistics."""
+
+    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
+        """Accumulate the meta-gradient of `tasks` (a stacked Task, one unstacked Task, or a list of
+        Tasks) into .grad, a mean over the tasks. A meta-gradient that is not finite (NaN or Inf in
+        any entry, or an infinite loss), or an inner loop that diverges (FloatingPointError), is
+        refused with a FloatingPointError, .grad left exactly as it was before the call."""
+        batch = self._batch(tasks)
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        # this call's meta-gradient is formed in .grad on its own, what was there set aside, so a bad
+        # one is dropped without touching what the caller accumulated before
+        saved = [p.grad for _, p in params]
+        for _, p in params:
+            p.grad = None
+
+        def restore() -> None:
+            for (_, p), g in zip(params, saved):
+                p.grad = g
+        try:
+            with torch.enable_grad():  # a gradient is what it computes, also under the caller's torch.no_grad()
+                stats = self._meta_backward(batch, task_range)
+        except FloatingPointError as e:
+            restore()
+            raise self._non_finite(batch, f"an inner loop diverged: {e}") from e
+        except BaseException:
+            restore()
+            raise
+        new = [(n, p.grad) for n, p in params if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for _, g in new]).all()) if new else True
+        # an infinite loss has no meaningful gradient even where autograd's is finite (the training
+        # loop skips such steps too); a NaN statistic with a finite gradient is one left unmeasured
+        # (the last step's loss of an inner loop of zero steps)
+        overflow = [k for k, v in stats.items() if math.isinf(v)]
+        if not finite or overflow:
+            restore()
+            bad = [n for n, g in new if not bool(torch.isfinite(g).all())]
+            listed = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            what = (f"NaN or Inf in the gradient of {listed}" if bad else
+                    f"the loss {', '.join(f'{k}={stats[k]}' for k in overflow)}")
+            raise self._non_finite(batch, what)
+        for (_, p), g in zip(params, saved):  # this call's contribution added to what was there
+            if g is not None:
+                p.grad = g if p.grad is None else g.add_(p.grad)
+        return stats
+
+    def _non_finite(self, batch: Task, problem: str) -> FloatingPointError:
+        """The refusal of a non-finite meta-gradient, with the data's scale (the usual cause)."""
+        scale = [f"|{n}| up to {float(torch.cat([a.flatten(), b.flatten()]).abs().max()):.3g}"
+                 for n, a, b in (("x", batch.x_support, batch.x_query), ("y", batch.y_support, batch.y_query))
+                 if a.is_floating_point() and a.numel() + b.numel() > 0]
+        return FloatingPointError(
+            f"{self.name}: non-finite meta-gradient ({problem}); refused, .grad is left as it was before this call. "
+            f"Likely cause: data too large for {self.forward_net.dtype} arithmetic (this batch has "
+            f"{', '.join(scale) or 'no floating data'}: the likelihood's squared errors or the inner steps overflow) "
+            "or an inner step size (lr) too large for the data; standardise x and y, or lower lr")
+
+    def _reads_one_task(self, x: Any, caller: str) -> bool:
+        """The one rule by which meta_backward (`caller` "tasks") and adapt ("support") read a Task
+        from its x_support: one unstacked task when it has one dimension fewer than the learner's
+        batches, a stacked batch when it has as many; the rank of a point is the one the learner
+        recorded, or, before it has seen data, what the model's first layer reads (`_task_rank`)."""
+        what = f"{caller}.x_support" if caller == "tasks" else f"{caller}: x_support"
+        self.forward_net.check_input(what, x)
+        rank = int(self.input_rank)
+        if rank < 0:  # not recorded: a later call may still show the points differently
+            rank = self._task_rank(x, caller)
+        if x.dim() not in (rank + 1, rank + 2):
+            raise ValueError(f"{caller}: x_support has shape {tuple(x.shape)}, but this learner's inputs have "
+                             f"{rank} dimension(s) per point: expected [N, ...] for one task or [T, N, ...] for "
+                             "a batch")
+        return x.dim() == rank + 1
+
     def _batch(self, tasks: Task | list[Task]) -> Task:
-        """A meta-batch for meta_backward, checked: sizes and values (as_batch), inputs the model can
-        read, and query points (the meta-loss is measured on them)."""
+        """A meta-batch for meta_backward, checked: one unstacked Task made a batch of one (the rule
+        of `_reads_one_task`), sizes and values (as_batch), inputs the model can read, and query
+        points (the meta-loss is measured on them)."""
+        if isinstance(tasks, Task) and self._reads_one_task(tasks.x_support, "tasks"):
+            tasks = Task(*(expect_tensor(f"tasks.{f.name}", getattr(tasks, f.name)).unsqueeze(0)
+                           for f in fields(Task)))
         batch = as_batch(tasks)
         for name in ("x_support", "x_query"):
             self.forward_net.check_input(f"tasks.{name}", getattr(batch, name))
+        rank = int(self.input_rank)
+        if rank >= 0 and batch.x_support.dim() != rank + 2:  # a list of tasks stacked into a batch
+            raise ValueError(f"tasks: x_support stacks to shape {tuple(batch.x_support.shape)}, but this learner's "
+                             f"inputs have {rank} dimension(s) per point: expected [T, N, ...]")
         if batch.x_query.shape[1] == 0:
             raise ValueError(f"tasks: the query set is empty (x_query has shape {tuple(batch.x_query.shape)}); "
                              f"{self.name}'s meta-gradient is measured on the query points")
+        batch = batch.to(self.device)
+        for name in ("x_support", "x_query"):
+            self.forward_net.check_forward(f"tasks.{name}", getattr(batch, name), tasks=True)
         self._note_input_rank(batch.x_support.dim() - 2)
-        return batch.to(self.device)
+        return batch
 
-    def _task_rank(self, x: torch.Tensor) -> int:
+    def _task_rank(self, x: torch.Tensor, caller: str) -> int:
         """The rank of one point that a Task's x_support implies while the learner has not seen data:
         a stacked batch (x.dim() - 2) unless the model's first layer cannot read such points but can
         read one task's (x.dim() - 1). Refused when the model cannot tell and a batch would mean scalar
@@ -469,17 +665,19 @@ class SupervisedLearner(MetaLearner):
         ranks = point_ranks(self.forward_net.input_layer)
         if ranks is None:
             if batch == 0:
+                how = ("Pass a list of Tasks, one per task ([task] for a single one)" if caller == "tasks" else
+                       "Pass one task as an (x, y) pair")
                 raise ValueError(
-                    f"support: a Task whose x_support has shape {tuple(x.shape)} is ambiguous before this learner "
+                    f"{caller}: a Task whose x_support has shape {tuple(x.shape)} is ambiguous before this learner "
                     f"has seen data: {x.shape[0]} tasks of scalar points, or one task of {x.shape[0]} points of "
-                    f"shape {tuple(x.shape[1:])}? Pass one task as an (x, y) pair; a stacked Task is read as a batch "
-                    "once the learner knows its points (from meta_backward or an (x, y) pair)")
+                    f"shape {tuple(x.shape[1:])}? {how}; a stacked Task is read as a batch once the learner "
+                    "knows its points (from meta_backward or an (x, y) pair)")
             return batch
         lo, hi = ranks
         for rank in (batch, single):
             if rank >= lo and (hi is None or rank <= hi):
                 return rank
-        raise ValueError(f"support: x_support has shape {tuple(x.shape)}, but the model's first layer "
+        raise ValueError(f"{caller}: x_support has shape {tuple(x.shape)}, but the model's first layer "
                          f"({type(self.forward_net.input_layer).__name__}) reads points of "
                          f"{lo if hi == lo else f'at least {lo}'} dimension(s): expected [N, ...] for one task or "
                          "[T, N, ...] for a batch")
@@ -488,25 +686,17 @@ class SupervisedLearner(MetaLearner):
         """Batch (x, y) of a support and whether predictions are squeezed back to one task.
 
         The rule: an (x, y) pair is ONE task; a Task is a stacked batch [T, N, ...], or one task
-        when it has one dimension fewer than the learner's batches (the learner knows the rank of
-        its model's inputs once it has seen data, and saves it; before, `_task_rank` reads it from
-        the model where it can). Anything else is refused."""
-        rank = int(self.input_rank)
+        when it has one dimension fewer than the learner's batches (`_reads_one_task`, the rule of
+        meta_backward too). Anything else is refused."""
         if isinstance(support, Task):
-            x, y = support.x_support, support.y_support
-            self.forward_net.check_input("support: x_support", x)
-            if rank < 0:  # not recorded: a later call may still show the points differently
-                rank = self._task_rank(x)
-            if x.dim() == rank + 1:  # one unstacked task
-                return self._support_batch((x, y))
-            if x.dim() != rank + 2:
-                raise ValueError(f"support: x_support has shape {tuple(x.shape)}, but this learner's inputs have "
-                                 f"{rank} dimension(s) per point: expected [N, ...] for one task or [T, N, ...] for "
-                                 "a batch")
+            if self._reads_one_task(support.x_support, "support"):  # one unstacked task
+                return self._support_batch((support.x_support, support.y_support))
             batch = as_batch(support)
+            self.forward_net.check_forward("support: x_support", batch.x_support.to(self.device), tasks=True)
             return batch.x_support, batch.y_support, False
         if not (isinstance(support, (tuple, list)) and len(support) == 2):
             raise TypeError("support must be an (x, y) pair of tensors or a gemext.tasks.Task")
+        rank = int(self.input_rank)
         x, y = support
         self.forward_net.check_input("support: x", x)
         expect_tensor("support: y", y)
@@ -523,6 +713,7 @@ class SupervisedLearner(MetaLearner):
             raise ValueError("support: x contains NaN or Inf")
         if y.is_floating_point() and not torch.isfinite(y).all():
             raise ValueError("support: y contains NaN or Inf")
+        self.forward_net.check_forward("support: x", x.to(self.device), tasks=False)
         self._note_input_rank(x.dim() - 1)
         return x.unsqueeze(0), y.unsqueeze(0), True
 
@@ -551,6 +742,7 @@ class BayesianPredictor:
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> Prediction:
         self.net.check_input("predict: x", x)
+        self.net.check_forward("predict: x", x, tasks=not self.squeeze)
         xb = x.unsqueeze(0) if self.squeeze else x
         outs, lik_params = [], []
         for theta in self._draws():

@@ -80,8 +80,7 @@ class KLChaserLearner(VILearner):
         leader = self._fit(b.x_query, b.y_query, tr, tr, self.query_steps, task_range=task_range).posterior
         return mu_tr, rho_tr, leader
 
-    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
-        b = self._batch(tasks)
+    def _meta_backward(self, b: Task, task_range: tuple[int, int] | None) -> dict[str, float]:
         T = len(b)
         mu_tr, rho_tr, lead = self.posteriors(b, task_range)
         mu_d, rho_d = [m.detach() for m in mu_tr], [r.detach() for r in rho_tr]
@@ -207,9 +206,8 @@ class BMAMLLearner(FunctionalLearner):
         ps = [p if graph else p.detach() for p in self.particles]
         return [p.unsqueeze(0).expand(T, *p.shape) for p in ps]
 
-    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
+    def _meta_backward(self, b: Task, task_range: tuple[int, int] | None) -> dict[str, float]:
         """(SVGD draws no noise: task_range changes nothing.)"""
-        b = self._batch(tasks)
         T = len(b)
         chaser = self._svgd(self._start(T, True), b.x_support, b.y_support, self.inner_steps,
                             create_graph=not self.first_order)

@@ -168,8 +168,7 @@ class ELBOLearner(VILearner):
         self.name = self.variant = variant
         super().__init__(model, **options)
 
-    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
-        b = self._batch(tasks)
+    def _meta_backward(self, b: Task, task_range: tuple[int, int] | None) -> dict[str, float]:
         T = len(b)
         mu0, rho0 = list(self.prior.mu0), list(self.prior.rho0)
         mu, rho, nll_s = self._vi(b.x_support, b.y_support, mu0, rho0, self.inner.steps, create_graph=True,

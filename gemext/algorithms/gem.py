@@ -119,8 +119,7 @@ class GEMLearner(PriorLearner):
                       all_.mu, all_.rho, tr.mu if plus else None, tr.rho if plus else None, weight=-1.0 / T)
 
     # -- meta-training ----------------------------------------------------------------------
-    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
-        b = self._batch(tasks)
+    def _meta_backward(self, b: Task, task_range: tuple[int, int] | None) -> dict[str, float]:
         T = len(b)
         prior = self.prior.expand(T)
         tr = self._fit(b.x_support, b.y_support, prior, self.start(prior), self.inner.steps, task_range=task_range)

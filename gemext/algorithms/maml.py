@@ -98,9 +98,8 @@ class MAMLLearner(FunctionalLearner):
         return self._nll_one(phi, xq, yq)
 
     # -- meta-training -------------------------------------------------------------------------
-    def meta_backward(self, tasks: Task | list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
+    def _meta_backward(self, b: Task, task_range: tuple[int, int] | None) -> dict[str, float]:
         """(No inner-loop noise: task_range changes nothing.)"""
-        b = self._batch(tasks)
         T = len(b)
         if self.variant == "maml":
             grads, loss = self._maml_grads(b)

@@ -122,9 +122,10 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
     for step in range(config.steps):
         index, scale = _minibatch(n_data, config, generator, mu[0].device)
         if delta:
-            theta = [m.detach().requires_grad_(True) for m in mu]
-            loss = nll(theta, index) * scale
-            grads = torch.autograd.grad(loss, theta)
+            with torch.enable_grad():  # the data gradient, also when the caller runs under torch.no_grad()
+                theta = [m.detach().requires_grad_(True) for m in mu]
+                loss = nll(theta, index) * scale
+                grads = torch.autograd.grad(loss, theta)
             for m, g, m0, r0 in zip(mu, grads, prior.mu, prior.rho):
                 m.grad.copy_(g)
                 if beta > 0:
@@ -136,9 +137,10 @@ def fit(nll: NLL, n_data: int, prior: Posterior, init: Posterior, config: VIConf
             for s in range(S):
                 with torch.no_grad():
                     theta = ops.sample(mu, rho, seed, s, starts)
-                theta = [t.requires_grad_(True) for t in theta]
-                loss = nll(theta, index) * (scale / S)
-                grads = [g.contiguous() for g in torch.autograd.grad(loss, theta)]
+                with torch.enable_grad():  # as in the delta case
+                    theta = [t.requires_grad_(True) for t in theta]
+                    loss = nll(theta, index) * (scale / S)
+                    grads = [g.contiguous() for g in torch.autograd.grad(loss, theta)]
                 out = [v.grad for v in variables] if s == 0 else scratch
                 ops.elbo_backward_(out[: len(mu)], out[len(mu):], grads, mu, rho, prior.mu, prior.rho,
                                    seed, s, beta / S, starts)

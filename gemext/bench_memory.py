@@ -11,9 +11,9 @@ Peers: `higher-maml` is second-order MAML written with the `higher` package (one
 as its examples do); it is skipped with a printed reason when `higher` does not import.
 `plain-maml` is the same algorithm as a plain per-task PyTorch loop (functional_call and
 autograd.grad with create_graph), what a user without a meta-learning library writes.
-`presets=True` in a point's spec builds gemext learners with the task family's training defaults
-(gemext.families.sinusoid.SINUSOID_DEFAULTS, gemext.families.vision.learner_options) instead of the bare
-class defaults.
+`"presets": true` in a point's spec (what `run` and `gemext bench memory` set unless told
+`presets=False` / `--no-presets`) builds gemext learners with the options `gemext train` gives them
+on the task (`preset_options`), as they are trained; without it, with the bare class defaults.
 
 Command line (what `gemext bench memory` calls): `run(task, algos, inner_steps, out_dir, device)`.
 """
@@ -137,21 +137,11 @@ class _PlainMAML(_HigherMAML):
 
 
 def preset_options(task: str, algo: str, inner_steps: int) -> dict[str, Any]:
-    """The options `gemext train` gives `algo` on `task` (objects included, e.g. the likelihood)."""
-    if task == "sinusoid":
-        from .families.sinusoid import SINUSOID_DEFAULTS
-        from .vi import GaussianLikelihood
+    """The options `gemext train` gives `algo` on `task` at its default preset (objects included, e.g.
+    the likelihood): `gemext.presets`."""
+    from .families.presets import presets
 
-        opts = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SINUSOID_DEFAULTS.get(algo, {}).items()}
-        sigma = opts.pop("sigma", None)
-        if sigma is not None:
-            opts["likelihood"] = GaussianLikelihood(sigma)
-        opts["inner_steps"] = inner_steps
-        return opts
-    from .families.vision import learner_options
-    from .train import RunConfig
-
-    return learner_options(RunConfig(task=task, algo=algo, inner_steps=inner_steps), 5, 1)
+    return presets(task, algo, inner_steps=inner_steps)
 
 
 def _make_learner(spec: dict, model, likelihood):
@@ -267,16 +257,17 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
 def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: str | Path,
         device: str = "cpu", repeats: int = 3, meta_batch: int | None = None, ways: int = 5, shots: int = 1,
         query: int = 15, options: dict[str, Any] | None = None, timeout_s: float = 1800.0,
-        presets: bool = False, threads: int | None = None) -> Path:
+        presets: bool = True, threads: int | None = None) -> Path:
     """Measure every (algorithm, inner steps) point in a fresh process; write DIR/memory.csv
     (columns algo,inner_steps,peak_mem_mb,time_per_iter_s) and DIR/memory.png; return the csv path.
 
     Shapes: sinusoid = the finn MLP with meta-batch 25; omniglot = 28×28×1, Conv4(hidden=64);
     miniimagenet / tinyimagenet = 84×84×3, Conv4(hidden=32), meta-batch 4 (synthetic images).
-    `options` go to every `gemext.algorithms.create` call (not to peers); `presets=True` starts each
-    learner from the options `gemext train` would give it (e.g. NGVI for GEM on vision, where the
-    class default `von` takes a minute per Conv4 meta-iteration on a CPU). `threads`: intra-op
-    threads of every measuring process (None: torch's default)."""
+    `options` go to every `gemext.algorithms.create` call (not to peers), on top of the learner's
+    start: with `presets` (the default) the options `gemext train` gives it, so that the figures are
+    those of the learners as trained (e.g. NGVI for GEM on vision, where the class default `von`
+    takes a minute per Conv4 meta-iteration on a CPU); `presets=False` the class defaults.
+    `threads`: intra-op threads of every measuring process (None: torch's default)."""
     from . import algorithms
 
     if task not in TASKS:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import build_info
@@ -46,14 +48,33 @@ def _positive_float(s: str) -> float:
     return v
 
 
-def _int_list(s: str) -> list[int]:
+def _positive_int_list(s: str) -> list[int]:
     try:
         vals = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not vals or min(vals) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {s!r}")
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {s!r}")
     return vals
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """' (did you mean X?)' naming the candidate closest to a mistyped `word` (and any about as
+    close), or '' when none is close."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), reverse=True)
+    close = [c for r, c in scored if r >= max(0.6, scored[0][0] - 0.05)][:3] if scored else []
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _choice(choices: list[str] | tuple[str, ...]) -> Callable[[str], str]:
+    """An argparse type that accepts one of `choices` and refuses anything else as argparse's
+    `choices` does, plus the closest names (argparse checks `choices` only after `type`)."""
+    def parse(s: str) -> str:
+        if s not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: {s!r}{did_you_mean(s, choices)}; "
+                                             f"choose from {', '.join(choices)}")
+        return s
+    return parse
 
 
 def _existing_dir(s: str) -> str:
@@ -72,13 +93,34 @@ def _options(s: str) -> dict:
     return v
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it has none or its help already says it."""
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it has none or its help already says it; descriptions and
+    epilogs (the examples) print as written."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals on one line, `gemext train: error: ...`, exit 2: the usage block
+    argparse prints above it runs to a dozen lines for `train` and buries the line that matters
+    (`-h` shows it), and every other refusal of the command (gemext.cli.main) looks the same."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+TRAIN_EXAMPLES = """\
+examples:
+  # sinusoid regression in MAML's setting (preset finn)
+  gemext train sinusoid --algo gem-bml+ --preset finn --iterations 3000
+  # Omniglot 5-way 1-shot, read from ~/data/omniglot (never downloaded)
+  gemext train omniglot --algo maml --preset 5w1s --data-root ~/data --iterations 1000
+  # 2-D navigation meta-RL (pip install ".[rl]"), 10 tasks per meta-iteration
+  gemext train nav2d --algo gem-bml+ --iterations 30 --meta-batch 10
+"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,15 +129,22 @@ def parser() -> argparse.ArgumentParser:
     from .train import TASKS
 
     fmt = _Help
-    p = argparse.ArgumentParser(prog="gemext", description="Gradient-EM Bayesian meta-learning", formatter_class=fmt)
+    p = _Parser(prog="gemext", description="Gradient-EM Bayesian meta-learning", formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"gemext {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print build information as JSON (cuda: gemext's CUDA kernels are compiled "
-                               "in this build; cuda_available: torch sees a CUDA device now)", formatter_class=fmt)
+    # the parser of the command given, for its help (a command given no subcommand prints it) and
+    # its refusals (main)
+    p.set_defaults(parser_of=p)
+    sub = p.add_subparsers(dest="command", metavar="{info,train,eval,bench}")
+    i = sub.add_parser("info", help="print build information as JSON (cuda: gemext's CUDA kernels are compiled "
+                                    "in this build; cuda_available: torch sees a CUDA device now)", formatter_class=fmt)
+    i.set_defaults(parser_of=i)
 
-    t = sub.add_parser("train", help="meta-train an algorithm on a task family", formatter_class=fmt)
-    t.add_argument("task", choices=TASKS, help="task family")
-    t.add_argument("--algo", required=True, choices=algorithms.names(), help="algorithm")
+    t = sub.add_parser("train", help="meta-train an algorithm on a task family", formatter_class=fmt,
+                       epilog=TRAIN_EXAMPLES)
+    t.set_defaults(parser_of=t)
+    t.add_argument("task", type=_choice(TASKS), choices=TASKS, help="task family")
+    t.add_argument("--algo", required=True, type=_choice(algorithms.names()), choices=algorithms.names(),
+                   help="algorithm")
     t.add_argument("--preset", default=None, help="task preset (sinusoid: finn, bmaml, bmaml-100; "
                                                     "vision: 5w1s, 5w5s, 20w1s, 20w5s)")
     t.add_argument("--iterations", type=_positive_int, default=1000,
@@ -134,6 +183,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
 
     e = sub.add_parser("eval", help="meta-test a trained run", formatter_class=fmt)
+    e.set_defaults(parser_of=e)
     e.add_argument("dir", type=_existing_dir, help="run folder")
     e.add_argument("--tasks", type=_positive_int, default=None, help="meta-test tasks (default: the run's eval_tasks)")
     e.add_argument("--steps", type=_nonneg_int, default=None, help="adaptation steps (default: the run's)")
@@ -145,30 +195,43 @@ def parser() -> argparse.ArgumentParser:
                    help="posterior samples of the predictive (default: the learner's; sampling learners only)")
 
     b = sub.add_parser("bench", help="benchmarks", formatter_class=fmt)
-    bsub = b.add_subparsers(dest="bench", required=True)
+    b.set_defaults(parser_of=b)
+    bsub = b.add_subparsers(dest="bench", metavar="{memory}")
     m = bsub.add_parser("memory", help="peak memory and time per meta-iteration vs inner steps", formatter_class=fmt)
+    m.set_defaults(parser_of=m)
     m.add_argument("--task", default="sinusoid", choices=BENCH_TASKS, help="task shapes")
     m.add_argument("--algos", default="gem-bml+,reptile",
                    help="comma-separated algorithms (or the peers higher-maml, plain-maml)")
-    m.add_argument("--inner-steps", type=_int_list, default="1,5,10,20", help="comma-separated inner steps")
+    m.add_argument("--inner-steps", type=_positive_int_list, default="1,5,10,20", help="comma-separated inner steps")
     m.add_argument("--out", required=True, help="output folder (CSV and plot)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
     m.add_argument("--repeats", type=_positive_int, default=3, help="timed meta-iterations per point")
     m.add_argument("--threads", type=_positive_int, default=None,
                    help="intra-op threads of every measuring process (default: OMP_NUM_THREADS when set, else "
                         "the task family's: 1 for sinusoid, torch's default otherwise)")
-    m.add_argument("--presets", action="store_true", help="the learners with `gemext train`'s options for the task "
-                   "(default: the algorithms' class defaults)")
+    m.add_argument("--presets", dest="presets", action="store_true", default=True,
+                   help="the learners with `gemext train`'s options for the task (the default)")
+    m.add_argument("--no-presets", dest="presets", action="store_false",
+                   help="the learners with the algorithms' class defaults instead")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra:  # refused by the command's own parser, which names it as `gemext train: error: ...`
+        args.parser_of.error("unrecognized arguments: " + " ".join(
+            a + (did_you_mean(a.split("=")[0], _flags(args.parser_of)) if a.startswith("-") else "") for a in extra))
+    if args.command is None or (args.command == "bench" and args.bench is None):
+        # a command without its subcommand: its help (on stdout, where -h prints it), and exit 2 as
+        # for any other missing argument, so that a script that left it out does not pass as done
+        args.parser_of.print_help()
+        return 2
+    prog = " ".join(["gemext", args.command, *([args.bench] if args.command == "bench" else [])])
     # argparse turns `--flag=--` into [] without calling the flag's type; no flag takes an empty list
     empty = [k for k, v in vars(args).items() if isinstance(v, list) and not v]
     if empty:
-        p.error(f"argument --{empty[0].replace('_', '-')}: expected a value")
+        args.parser_of.error(f"argument --{empty[0].replace('_', '-')}: expected a value")
     try:
         if args.command == "info":
             print(json.dumps(build_info(), indent=2))
@@ -185,36 +248,54 @@ def main(argv: list[str] | None = None) -> int:
             from .train import evaluate
             metrics = evaluate(args.dir, tasks=args.tasks, steps=args.steps, data_root=args.data_root,
                                predict_samples=args.predict_samples, split=args.split)
-            print(json.dumps(metrics, indent=2))
+            print(json.dumps(metrics, indent=2), flush=True)
+            print(summary(metrics, args.dir), file=sys.stderr)
             return 0
         if args.command == "bench":
-            from . import algorithms
-            from .bench_memory import run as bench_run
-            algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-            from .bench_memory import PEERS
-            unknown = [a for a in algos if a not in algorithms.names() and a not in PEERS
-                       and not a.startswith("higher-")]
-            if unknown:
-                p.error(f"--algos: unknown algorithm(s) {', '.join(unknown)}; "
-                        f"available: {', '.join(algorithms.names())}")
-            threads = args.threads
-            if threads is None and "OMP_NUM_THREADS" not in os.environ:  # as train would run the task
-                from . import families
-                threads = families.get(args.task).threads
-            csv_path = bench_run(args.task, algos, args.inner_steps, args.out, args.device, repeats=args.repeats,
-                                 presets=args.presets, threads=threads)
-            print(f"wrote {csv_path}")
-            return 0
-    except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
-        print(f"gemext {args.command}: error: {exc}", file=sys.stderr)
+            return _bench(args)
+    except (ValueError, FileNotFoundError, OSError, TypeError) as exc:  # a refused setting, file or folder
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (PeerFailure, FloatingPointError) as exc:  # a dead peer rank, a run that keeps diverging
-        print(f"gemext {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"gemext {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    """A parser's long flags (argparse keeps its actions in `_actions`; no public list exists)."""
+    return [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message as the one line after `gemext CMD: error:` (the API's messages may carry
+    their own context prefix, `bench memory: ...`, which the command's name already gives)."""
+    return " ".join(str(exc).split()).removeprefix("bench memory: ")
+
+
+def _bench(args) -> int:
+    from . import algorithms
+    from .bench_memory import PEERS
+    from .bench_memory import run as bench_run
+
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    known = [*algorithms.names(), *PEERS]
+    unknown = [a for a in algos if a not in known and not a.startswith("higher-")]
+    if unknown:
+        raise ValueError("argument --algos: unknown algorithm(s) "
+                         + ", ".join(a + did_you_mean(a, known) for a in unknown)
+                         + f"; available: {', '.join(known)}")
+    threads = args.threads
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:  # as train would run the task
+        from . import families
+        threads = families.get(args.task).threads
+    csv_path = bench_run(args.task, algos, args.inner_steps, args.out, args.device, repeats=args.repeats,
+                         presets=args.presets, threads=threads)
+    print(f"wrote {csv_path}")
+    return 0
 
 
 def _family_threads(task: str | None) -> None:
@@ -234,6 +315,8 @@ def _family_threads(task: str | None) -> None:
 def _train(args) -> int:
     from .train import Interrupted, RunConfig, evaluate, train
 
+    _check_preset(args.task, args.preset)
+    _check_option_names(args.task, args.algo, args.options)
     out = args.out or f"runs/{args.task}-{args.algo}-s{args.seed}"
     config = RunConfig(task=args.task, algo=args.algo, preset=args.preset, iterations=args.iterations,
                        inner_steps=args.inner_steps, seed=args.seed, device=args.device, out=out,
@@ -250,11 +333,117 @@ def _train(args) -> int:
         return 128 + exc.signum
     if not is_main_process():  # under torchrun rank 0 alone evaluates and reports
         return 0
-    if not args.no_eval:
+    if args.no_eval:
+        try:
+            metrics = json.loads((Path(run) / "metrics.json").read_text())
+        except (OSError, ValueError):  # the run is done all the same: the line names what is known
+            metrics = {"task": args.task, "algo": args.algo}
+    else:
         metrics = evaluate(run)
-        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list) or len(v) <= 12}, indent=2))
-    print(f"run folder: {run}")
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list) or len(v) <= 12}, indent=2),
+              flush=True)
+    print(summary(metrics, run), file=sys.stderr)
     return 0
+
+
+# --------------------------------------------------------------------------- checks before a run
+def _check_preset(task: str, preset: str | None) -> None:
+    """Refuse an unknown --preset with the closest names, before a run folder is made (a family
+    that reads no preset refuses the flag itself, naming it)."""
+    from . import families
+
+    names = families.get(task).preset_names
+    if preset is not None and names and preset not in names:
+        raise ValueError(f"unknown {task} preset {preset!r}{did_you_mean(preset, names)}; "
+                         f"available: {', '.join(names)}")
+
+
+def _check_option_names(task: str, algo: str, options: dict) -> None:
+    """Refuse --options keys that no learner of the task's family takes, when one of them looks like
+    a misspelling of a valid option, naming the likely one. Keys another learner takes, and keys
+    without a likely spelling, are left to the learner's own check (gemext.algorithms), which says
+    which learners use them."""
+    from . import algorithms, families
+    from .config import REFUSED_OPTIONS
+
+    family = families.get(task)
+    if family.domain == "rl":
+        from dataclasses import fields
+
+        from .algorithms.rl import RLSettings
+        valid = anyone = sorted(f.name for f in fields(RLSettings))
+        what = "unknown RL option(s)"
+    else:
+        extra = family.family_options
+        valid = sorted({*algorithms.option_names(algo), *extra} - set(REFUSED_OPTIONS))
+        anyone = {o for a in algorithms.names() for o in algorithms.option_names(a)} | set(extra)
+        what = f"{algo}: unknown option(s)"
+    typos = [k for k in options if k not in anyone and k not in REFUSED_OPTIONS and k != "resolved"]
+    hints = {k: did_you_mean(k, valid) for k in typos}
+    if any(hints.values()):
+        raise ValueError(f"{what} {', '.join(k + hints[k] for k in typos)}; valid: {', '.join(valid)}")
+    sigma = options.get("sigma") if "sigma" in family.family_options else None
+    if sigma is not None and not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0):
+        # the family passes it to the likelihood, whose own check cannot name the option
+        raise ValueError(f"option sigma (the likelihood noise) must be a number > 0, got {sigma!r}")
+
+
+# --------------------------------------------------------------------------- the closing line
+def _pm(value: float, ci: float | None, scale: float = 1.0, fmt: str = ".4g") -> str:
+    """`value ± ci` (a 95% CI half-width) in `fmt`; a trailing % in `fmt` goes after the value."""
+    unit, fmt = ("%", fmt[:-1]) if fmt.endswith("%") else ("", fmt)
+    text = format(scale * value, fmt) + unit
+    return text if ci is None else f"{text} ± {format(scale * ci, fmt)}"
+
+
+def _after(k: int, what: str) -> str:
+    return f"after {k} {what}{'' if k == 1 else 's'}"
+
+
+# how each headline figure reads: metrics dict -> text
+_FIGURES = {
+    "mse_by_step": lambda m: (f"MSE {_after(len(m['mse_by_step']) - 1, 'step')} "
+                              + _pm(m["mse_by_step"][-1], (m.get("mse_ci95_by_step") or [None])[-1])),
+    "nll": lambda m: "NLL " + _pm(m["nll"], m.get("nll_ci95")),
+    "accuracy": lambda m: "accuracy " + _pm(m["accuracy"], m.get("ci95"), 100, ".2f%"),
+    "ece": lambda m: f"ECE {m['ece']:.3f}",
+    "return_by_step": lambda m: (f"return {_after(len(m['return_by_step']) - 1, 'update')} "
+                                 + _pm(m["return_by_step"][-1], (m.get("return_ci95_by_step") or [None])[-1])
+                                 + f" (before: {m['return_by_step'][0]:.4g})"),
+}
+
+
+def _headline(task: str) -> tuple[str, ...]:
+    """The figures the closing line names: the task family's `headline`, else every one known."""
+    from . import families
+
+    try:
+        return families.get(task).headline or tuple(_FIGURES)
+    except ValueError:  # not a task (a hand-edited metrics.json)
+        return tuple(_FIGURES)
+
+
+def summary(metrics: dict, run: str | Path) -> str:
+    """One line closing `gemext train` / `gemext eval`: what ran, its headline figures (95% CI
+    after ±) and where the results and plots are."""
+    what = f"{metrics.get('task', '?')} {metrics.get('algo', '?')}"
+    if "ways" in metrics and "shots" in metrics:
+        what += f" {metrics['ways']}-way {metrics['shots']}-shot"
+    n = metrics.get("iterations", "?")
+    done = f"{n} iteration{'' if n == 1 else 's'}"
+    if metrics.get("stopped_by") == "time_budget":
+        done += " (time budget)"
+    keys = _headline(metrics.get("task", ""))
+    figures = []
+    for key in keys:
+        try:
+            figures.append(_FIGURES[key](metrics))
+        except (KeyError, IndexError, TypeError, ValueError):  # a figure this meta-test did not report
+            continue
+    if not figures:
+        return f"{what}: {done}, not meta-tested (gemext eval {run}); run folder: {run}"
+    tested = f"{metrics['eval_tasks']} {metrics.get('eval_split', 'test')} tasks" if "eval_tasks" in metrics else ""
+    return f"{what}, {done}: {', '.join(figures)}{f' on {tested}' if tested else ''}; results and plots: {run}"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ import torch
 
 FAMILY_FLAGS = ("preset", "ways", "shots", "data_root")
 EVAL_SPLITS = ("test", "validation")  # read only by the families that declare them
+# config.json keys besides the RunConfig fields: what the run resolved its settings to and which
+# gemext ran it, a record for people and scripts (runs are rebuilt from the fields alone)
+RECORD_KEYS = ("resolved", "gemext_version", "git_commit")
 # algo_options keys a run refuses, with what to do instead: settings that have their own flag (the
 # family passes them to the learner itself), and the likelihood, an object the family builds
 REFUSED_OPTIONS = {

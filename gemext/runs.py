@@ -16,10 +16,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import functools
 import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import uuid
 import warnings
 from pathlib import Path
@@ -167,10 +170,11 @@ class RunLock:
         self.release()
 
 
-def open_folder(folder: Path, resume: bool, overwrite: bool) -> RunLock:
+def open_folder(folder: Path, resume: bool, overwrite: bool, outputs: tuple[str, ...] = ()) -> RunLock:
     """Create the folder, check it is writable, lock it, and check that it may receive this run:
     one that already holds a run is refused unless resuming (which needs its checkpoint) or
-    overwriting (which then removes the previous run's files). Returns the held lock."""
+    overwriting (which then sets the previous run's files, and its meta-test `outputs`, aside:
+    `settle_replaced`). Returns the held lock."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: resume continues the run in the folder, "
                          "overwrite replaces it")
@@ -191,12 +195,72 @@ def open_folder(folder: Path, resume: bool, overwrite: bool) -> RunLock:
             raise FileExistsError(f"run folder {folder} already holds a run ({', '.join(present)}): continue it "
                                   "with --resume, choose another --out, or pass --overwrite to replace it")
         elif present:
-            for f in present:
-                (folder / f).unlink()
+            _set_aside(folder, present + [f for f in outputs if (folder / f).exists()])
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+REPLACED = ".replaced"  # the files of the run an --overwrite replaces, until the new one has trained
+
+
+def _written(folder: Path) -> bool:
+    """Whether the run in `folder` has trained (a log row or a checkpoint)."""
+    return (folder / "checkpoint.pt").exists() or (folder / "log.csv").exists()
+
+
+def _set_aside(folder: Path, names: list[str]) -> None:
+    """Move the replaced run's files into folder/.replaced, so that a new run that fails before it
+    trains gives them back (`settle_replaced`) instead of losing them."""
+    aside = folder / REPLACED
+    if aside.is_dir() and not _written(folder):
+        # a replacement that never trained (killed outright): the run set aside is still the one to keep
+        for name in names:
+            (folder / name).unlink()
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for name in names:
+        os.replace(folder / name, aside / name)
+
+
+def settle_replaced(folder: Path) -> None:
+    """Once a new run in `folder` has stopped: if it trained, the replaced run's files go; if it
+    failed before, its own config.json goes and the replaced run's files come back."""
+    aside = folder / REPLACED
+    if _written(folder):
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    (folder / "config.json").unlink(missing_ok=True)  # a retry must not find a half-made run
+    if aside.is_dir():
+        for f in aside.iterdir():
+            os.replace(f, folder / f.name)
+        aside.rmdir()
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The git commit of the gemext source when the package runs from a git checkout (an editable
+    install), for config.json; None otherwise: no git, not a checkout, or a package installed into
+    a folder that merely lies inside some other repository. Never fails. Looked up once per
+    process: a process keeps running the code it loaded, whatever the checkout moves to."""
+    package = Path(__file__).resolve().parent
+    try:
+        proc = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
+                              capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = proc.stdout.split("\n")
+    if proc.returncode != 0 or len(lines) < 2:
+        return None
+    try:
+        top = Path(lines[0]).resolve()
+    except OSError:
+        return None
+    if top != package.parent:
+        return None
+    return lines[1].strip() or None
 
 
 def run_task(folder: str | Path) -> str | None:

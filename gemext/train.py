@@ -5,6 +5,8 @@ entry point `evaluate`."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -22,7 +24,7 @@ import torch
 
 from . import __version__, algorithms, distributed, families, runs
 from .algorithms import MetaLearner
-from .config import RunConfig
+from .config import RECORD_KEYS, RunConfig
 from .families import TASKS, TaskFamily
 from .families.base import EVAL_SEED
 from .progress import Progress
@@ -253,11 +255,11 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
     created = runs.missing_folders(Path(config.out)) if dctx.is_main else []
     # the plots of the run an --overwrite replaces (its family's `eval_outputs`, known from its config)
     replaced = runs.run_task(config.out) if overwrite and dctx.is_main else None
+    outputs = families.get(replaced).eval_outputs if replaced in TASKS else ()
     try:
         # rank 0 owns the folder; its refusal reaches every rank
-        dctx.from_main(lambda: locks.append(runs.open_folder(Path(config.out), resume, overwrite)), "run folder")
-        if replaced in TASKS:  # the plots of the run --overwrite replaced
-            _remove_eval_outputs(Path(config.out), families.get(replaced))
+        dctx.from_main(lambda: locks.append(runs.open_folder(Path(config.out), resume, overwrite, outputs)),
+                       "run folder")
         run = _train(config, dctx, resume, progress, on_iteration)
         clean = True
         return run
@@ -265,6 +267,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool | None = None,
         clean = True  # every rank stopped after the same agreed iteration
         raise
     finally:
+        if locks and not resume:  # a new run in a folder this process owns: keep what it replaced until it trained
+            runs.settle_replaced(Path(config.out))
         for lock in locks:
             lock.release()
         if not clean:  # refused before writing anything: no empty run folder left behind
@@ -279,6 +283,67 @@ def _train(config: RunConfig, dctx: distributed.DistContext, resume: bool, progr
     random.seed(config.seed)
     with open_family(config) as family:
         return _loop(config, family, dctx, resume, progress, on_iteration)
+
+
+def _run_record(config: RunConfig, family: TaskFamily, learner: MetaLearner) -> dict[str, Any]:
+    """config.json: the run's settings as given (what --resume and `gemext eval` rebuild the run
+    from), and, under RECORD_KEYS, what they resolved to (the preset used, the family's default
+    when none was given; meta-batch; inner steps; the learner's options after the family's
+    defaults and the preset's were merged in) and the gemext that ran it (its version, and its git
+    commit when it runs from a checkout)."""
+    cfg = asdict(config)
+    options = family.resolved_options()
+    if options is not None:
+        cfg["algo_options"] = options
+    family_cls = type(family)
+    filled = family_cls.with_defaults(asdict(config))
+    presets = tuple(getattr(family_cls, "preset_names", ()))  # the default first
+    resolved: dict[str, Any] = {"preset": None}  # None: a family without presets (RL)
+    if "preset" in family_cls.flags:
+        resolved["preset"] = config.preset or (presets[0] if presets else filled.get("preset"))
+    resolved.update({k: filled.get(k) for k in ("ways", "shots") if k in family_cls.flags})
+    resolved.update(meta_batch=family.meta_batch, inner_steps=learner.inner_steps,
+                    learner_options=_plain(_learner_options(family)))
+    record = dict(zip(RECORD_KEYS, (resolved, __version__, runs.source_commit())))
+    return {**cfg, **record}
+
+
+def _learner_options(family: TaskFamily) -> dict[str, Any] | None:
+    """The options the family builds its learner with (`learner_options_for`); an RL family's
+    learner is built from its resolved settings (and a rollout sampler) instead."""
+    try:
+        return family.learner_options_for(family.config)
+    except (AttributeError, ValueError):  # a family without options-only learners
+        settings = getattr(family, "settings", None)
+        return asdict(settings) if dataclasses.is_dataclass(settings) else None
+
+
+def _plain(value: Any) -> Any:
+    """An option as JSON data; an object such as the likelihood as its type and scalar settings
+    (a log-scale one also as its value: GaussianLikelihood's sigma)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.nn.Module):
+        out: dict[str, Any] = {"type": type(value).__name__}
+        for name, t in itertools.chain(value.named_parameters(), value.named_buffers()):
+            if t.numel() != 1:
+                continue
+            x = float(t.detach())
+            if name.startswith("log_"):  # as given: its exp, to the tensor's precision
+                out[name[len("log_"):]] = float(f"{math.exp(x):.{7 if t.dtype == torch.float32 else 15}g}")
+            else:
+                out[name] = x
+        learned = [name for name, _ in value.named_parameters()]
+        return {**out, "learned": learned} if learned else out
+    if isinstance(value, type):
+        return value.__name__
+    if dataclasses.is_dataclass(value):
+        return _plain(asdict(value))
+    return repr(value)
 
 
 def _remove_eval_outputs(out: Path, family: type[TaskFamily] | TaskFamily) -> None:
@@ -323,11 +388,7 @@ def _loop(config: RunConfig, family: TaskFamily, dctx: distributed.DistContext, 
         if why and start < config.iterations:
             end, stopped_by = start, "time_budget"
     if dctx.is_main:
-        cfg = asdict(config)
-        resolved = family.resolved_options()
-        if resolved is not None:
-            cfg["algo_options"] = resolved
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        (out / "config.json").write_text(json.dumps(_run_record(config, family, learner), indent=2, default=str))
     log = runs.RunLog(out / "log.csv", start if resume else None, enabled=dctx.is_main)
     t0 = _clock()
 
@@ -403,7 +464,8 @@ def _read_config(run: Path) -> RunConfig:
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run} is not a gemext run folder (no config.json)")
-    return RunConfig(**json.loads(cfg_path.read_text()))
+    cfg = json.loads(cfg_path.read_text())
+    return RunConfig(**{k: v for k, v in cfg.items() if k not in RECORD_KEYS})  # the settings alone
 
 
 def load_run(run_dir: str | Path, data_root: str | None = None, eval_split: str | None = None

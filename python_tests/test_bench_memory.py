@@ -36,6 +36,26 @@ def test_presets_give_the_learners_the_training_options(monkeypatch, tmp_path):
     assert opts["inner"]["optimizer"] == "ngvi" and opts["inner_steps"] == 1
 
 
+def test_the_command_measures_the_learners_as_trained_unless_told_otherwise(monkeypatch, tmp_path, capsys):
+    # `gemext bench memory` starts every learner from `gemext train`'s options for the task; --no-presets
+    # from the class defaults (and `run` defaults to the same)
+    import inspect
+
+    seen = []
+    monkeypatch.setattr(bench_memory, "_run_point", lambda spec, timeout_s: seen.append(spec) or
+                        {"peak_mem_mb": 1.0, "time_per_iter_s": 1.0})
+    from gemext.cli import main
+    args = ["bench", "memory", "--task", "sinusoid", "--algos", "gem-bml+", "--inner-steps", "1",
+            "--out", str(tmp_path)]
+    assert main(args) == 0 and seen[-1]["presets"] is True
+    assert main([*args, "--no-presets"]) == 0 and seen[-1]["presets"] is False
+    assert main([*args, "--presets"]) == 0 and seen[-1]["presets"] is True
+    assert inspect.signature(bench_memory.run).parameters["presets"].default is True
+    with pytest.raises(SystemExit):
+        main(["bench", "memory", "-h"])
+    assert "--no-presets" in capsys.readouterr().out
+
+
 def test_bench_memory_points_run_on_the_familys_threads(monkeypatch, tmp_path):
     # like `gemext train`: sinusoid points on one thread unless OMP_NUM_THREADS or --threads says otherwise
     seen = []

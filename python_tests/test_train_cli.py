@@ -255,9 +255,10 @@ def test_cli_train_and_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = _cli(["train", "sinusoid", "--algo", "reptile", "--iterations", "4", "--inner-steps", "2",
                             "--meta-batch", "3", "--eval-tasks", "20", "--out", str(out), "--no-progress"], capsys)
-    assert code == 0 and "run folder" in stdout
-    code, stdout, _ = _cli(["eval", str(out), "--tasks", "10", "--steps", "2"], capsys)
+    assert code == 0 and json.loads(stdout)["iterations"] == 4
+    code, stdout, err = _cli(["eval", str(out), "--tasks", "10", "--steps", "2"], capsys)
     assert code == 0 and json.loads(stdout)["eval_tasks"] == 10
+    assert err.splitlines()[-1].endswith(f" on 10 test tasks; results and plots: {out}")
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals are POSIX")
@@ -331,7 +332,8 @@ def test_cli_refuses_misuse_with_a_clear_message_before_allocating(tmp_path, cap
     base = ["train", "sinusoid", "--iterations", "1", "--no-eval", "--no-progress"]
     cases = [
         (["--algo", "maml", "--meta-batch", "2000000000"], "needs about .* GiB"),
-        (["--algo", "gem-bml+", "--options", '{"sigm0": 0.1}'], r"unknown option\(s\) sigm0; valid: .*sigma0"),
+        (["--algo", "gem-bml+", "--options", '{"sigm0": 0.1}'],
+         r"unknown option\(s\) sigm0 \(did you mean sigma0\?\); valid: .*sigma0"),
     ]
     for i, (args, message) in enumerate(cases):
         assert cli.main(base + args + ["--out", str(tmp_path / f"r{i}")]) == 2
@@ -566,3 +568,92 @@ def test_a_vision_task_without_validation_classes_refuses_the_validation_split(t
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="eval_split must be one of test, validation"):
         RunConfig(task="sinusoid", algo="maml", eval_split="val").validate()
+
+
+def _git_head() -> str | None:
+    """The commit `gemext.runs.source_commit` must find: HEAD of the checkout the package runs from."""
+    import gemext
+
+    package = Path(gemext.__file__).resolve().parent
+    proc = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                          text=True)
+    lines = proc.stdout.split()
+    return lines[1] if proc.returncode == 0 and Path(lines[0]).resolve() == package.parent else None
+
+
+def test_config_json_records_the_resolved_settings(tmp_path, capsys, monkeypatch):
+    """config.json keeps the settings as given (what --resume compares and eval rebuilds the run
+    from) and records what they resolved to and which gemext ran them."""
+    import gemext
+
+    run = tmp_path / "r"
+    argv = ["train", "sinusoid", "--algo", "gem-bml+", "--iterations", "1", "--inner-steps", "1", "--no-eval",
+            "--no-progress", "--out", str(run)]
+    head = _git_head()
+    runs.source_commit.cache_clear()  # looked up once per process: here, now
+    assert cli.main(argv) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["preset"] is None and cfg["meta_batch"] is None and cfg["inner_steps"] == 1  # as given
+    resolved = cfg["resolved"]
+    assert resolved["preset"] == "finn" and resolved["meta_batch"] == 25 and resolved["inner_steps"] == 1
+    opts = resolved["learner_options"]
+    assert opts["sigma0"] == 0.02 and opts["inner"] == {"optimizer": "von"} and opts["inner_steps"] == 1
+    assert opts["likelihood"] == {"type": "GaussianLikelihood", "sigma": 0.05}
+    assert cfg["gemext_version"] == gemext.__version__
+    assert cfg["git_commit"] in (head, _git_head())  # (a commit may land meanwhile)
+    # the record does not stop a resume, nor an eval, that reads config.json back
+    assert cli.main([*argv, "--iterations", "2", "--resume"]) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
+    assert evaluate(run, tasks=5, steps=1, plots=False)["iterations"] == 2
+    # a preset given: its own settings (bmaml's likelihood noise for GEM-BML+); no git: no commit, no failure
+    runs.source_commit.cache_clear()
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    try:
+        argv = [*argv[:-1], str(tmp_path / "b"), "--preset", "bmaml", "--meta-batch", "2", "--options",
+                '{"learn_noise": true}']
+        assert cli.main(argv) == 0
+    finally:
+        runs.source_commit.cache_clear()
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["git_commit"] is None and cfg["resolved"]["preset"] == "bmaml" and cfg["resolved"]["meta_batch"] == 2
+    assert cfg["resolved"]["learner_options"]["likelihood"] == {"type": "GaussianLikelihood", "sigma": 0.15,
+                                                                "learned": ["log_sigma"]}
+
+
+def test_a_start_that_fails_before_training_leaves_nothing_to_overwrite(tmp_path, capsys):
+    """An option the learner accepts but cannot train with fails in the first meta-iteration: the
+    run folder it made goes (a folder the user made stays, empty of run files), and the retry
+    needs no --overwrite."""
+    base = ["train", "sinusoid", "--algo", "maml", "--iterations", "1", "--inner-steps", "1", "--meta-batch", "2",
+            "--no-eval", "--no-progress"]
+    bad = ["--options", '{"forward_kwargs": {"bogus": 1}}']
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for out in (tmp_path / "new" / "run", kept):
+        assert cli.main([*base, *bad, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gemext train: error: ") and "bogus" in err and "Traceback" not in err, err
+        if out == kept:
+            assert kept.is_dir() and not any((kept / f).exists() for f in runs.RUN_FILES)
+        else:
+            assert not (tmp_path / "new").exists()
+        code, err = cli.main([*base, "--out", str(out)]), capsys.readouterr().err
+        assert code == 0 and load_checkpoint(out / "checkpoint.pt")["iteration"] == 1, err
+
+
+def test_an_overwrite_that_fails_before_training_gives_the_replaced_run_back(tmp_path, capsys):
+    """--overwrite sets the previous run aside until the new one trains: a start that fails first
+    leaves the previous run (its files and meta-test plots) as it was; one that trains replaces it."""
+    base = ["train", "sinusoid", "--algo", "maml", "--iterations", "1", "--inner-steps", "1", "--meta-batch", "2",
+            "--no-progress", "--eval-tasks", "4", "--out", str(tmp_path)]
+    assert cli.main(base) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"}
+    assert "checkpoint.pt" in before and "mse_vs_steps.png" in before
+    bad = ["--overwrite", "--no-eval", "--options", '{"forward_kwargs": {"bogus": 1}}']
+    assert cli.main([*base, *bad]) == 2
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before and not (tmp_path / runs.REPLACED).exists()
+    capsys.readouterr()
+    assert cli.main([*base, "--overwrite", "--no-eval", "--seed", "1"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+    assert not (tmp_path / "mse_vs_steps.png").exists() and not (tmp_path / runs.REPLACED).exists()

@@ -40,6 +40,8 @@ class TaskFamily(abc.ABC):
     tasks: tuple[str, ...] = ()  # the task names it serves
     flags: tuple[str, ...] = ()  # the family flags of RunConfig (FAMILY_FLAGS) it reads
     preset_names: tuple[str, ...] = ()  # the --preset values it reads, the default first
+    family_options: tuple[str, ...] = ()  # --options keys it reads itself, besides its learner's
+    headline: tuple[str, ...] = ()  # the metrics.json figures the command's closing line names
     devices: tuple[str, ...] = ("cpu", "cuda")
     distributed: bool = True  # whether torchrun may shard its meta-batches
     # intra-op threads `gemext train` / `eval` use unless OMP_NUM_THREADS is set (None: torch's default)

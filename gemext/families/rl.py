@@ -29,6 +29,7 @@ class RLFamily(TaskFamily):
     devices = ("cpu",)  # rollouts dominate; the policy is small
     distributed = False
     domain = "rl"
+    headline = ("return_by_step",)
     folded = ("inner_steps", "meta_batch")
     eval_outputs = ("return_vs_steps.png", "trajectories.png")
 

@@ -65,6 +65,8 @@ class SinusoidFamily(SupervisedFamily):
     tasks = ("sinusoid",)
     flags = ("preset",)
     preset_names = tuple(SINUSOID_PRESETS)  # "finn" first: the default
+    family_options = ("sigma", "learn_noise")
+    headline = ("mse_by_step", "nll")
     eval_batch = 100  # meta-test tasks adapted together
     # a 1.7k-weight MLP gains little from a second thread and loses badly to any other load
     threads = 1

@@ -111,6 +111,7 @@ class VisionFamily(SupervisedFamily):
     tasks = ("omniglot", "tinyimagenet", "miniimagenet")
     flags = ("preset", "ways", "shots", "data_root")
     preset_names = tuple(PRESETS)  # "5w1s" first: the default
+    headline = ("accuracy", "ece")
     eval_batch = 10  # meta-test episodes adapted together
     eval_outputs = ("reliability.json", "reliability.png")
 

@@ -1,6 +1,7 @@
 """Distributed meta-training throughput: meta-iterations per second with 1 and 2 gloo processes (one
-thread each) for the sinusoid MLP and the Omniglot Conv4 (synthetic 28×28 episodes), bytes
-all-reduced per meta-step vs model size, and Θ agreement between world sizes.
+thread each) for the sinusoid MLP and the Omniglot Conv4 (one synthetic meta-batch of 28×28 episodes,
+gemext.bench_memory's shapes; the learners with `gemext train`'s options), bytes all-reduced per
+meta-step vs model size, and Θ agreement between world sizes.
 
     python benchmarks/bench_distributed.py [--iterations 5] [--write benchmarks/RESULTS.md]
 
@@ -12,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import command_line, stamp
 
 CASES = {
     # name: (task, algo, meta-batch, inner steps)
@@ -29,41 +29,22 @@ CASES = {
 }
 
 
-def _build(case: str):
-    task, algo, T, steps = CASES[case]
-    from gemext import algorithms
-    if task == "sinusoid":
-        from gemext.train import RunConfig, build
-        family, learner, _ = build(RunConfig(task=task, algo=algo, inner_steps=steps, meta_batch=T, out="-"))
-        return learner, lambda g: family.sample(T, g), T
-    from gemext.families.vision import VISION_DEFAULTS
-    from gemext.tasks import Task
-    from gemext.tasks.vision import make_backbone
-    from gemext.vi import CategoricalLikelihood
-    opts = {**VISION_DEFAULTS.get(algo, {}), "inner_steps": steps, "likelihood": CategoricalLikelihood()}
-    learner = algorithms.create(algo, make_backbone("omniglot", 5), **opts)
-
-    def episodes(g):  # 5-way 1-shot, 15 queries per class, random pixels
-        x = lambda n: torch.rand(T, n, 1, 28, 28, generator=g)  # noqa: E731
-        y = lambda n: torch.arange(5).repeat(n // 5).expand(T, n).contiguous()  # noqa: E731
-        return Task(x(5), y(5), x(75), y(75))
-    return learner, episodes, T
-
-
 def _worker(rank: int, world: int, port: int, case: str, iterations: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from gemext import distributed
+    from gemext.bench_memory import make_point
     from gemext.train import meta_step
     ctx = distributed.setup("cpu")
     torch.manual_seed(0)
-    learner, sample, T = _build(case)
+    task, algo, T, steps = CASES[case]
+    learner, batch = make_point({"task": task, "algo": algo, "inner_steps": steps, "meta_batch": T, "device": "cpu",
+                                 "ways": 5, "shots": 1, "query": 15, "presets": True})
     opt = learner.meta_optimizer(1e-3)
-    g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(iterations + 2):  # two warm-up iterations
         t0 = time.perf_counter()
-        meta_step(learner, opt, sample(g), ctx)  # the training loop's own meta-step
+        meta_step(learner, opt, batch, ctx)  # the training loop's own meta-step
         times.append(time.perf_counter() - t0)
     if ctx.is_main:
         prior = getattr(learner, "prior", None)  # GEM: Θ = (μ₀, ρ₀) is twice the model
@@ -112,10 +93,6 @@ def main() -> None:
 
 
 def _write(path: Path, rows: list[dict], args) -> None:
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")),
-                 platform.processor())
-    cores = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("CPU(s)")), "?")
     table = ["| case | processes | meta-it/s | scaling efficiency | bytes all-reduced / step | model bytes (fp32) "
              "| Θ bytes (μ₀, ρ₀) | max abs ΔΘ vs 1 process |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -123,10 +100,9 @@ def _write(path: Path, rows: list[dict], args) -> None:
                      f"| {r['model_bytes']} | {r['meta_param_bytes']} | {r['max_dtheta_vs_1']:.2e} |")
     text = path.read_text()
     marker = "\n<!-- bench_distributed -->\n"
-    block = (f"{marker}Measured 2026-11-26 on {model} ({cores} CPUs, shared with other engineers and loaded; "
-             f"torch {torch.__version__}, gloo, 1 thread per process, median of {args.iterations} iterations "
-             f"after 2 warm-up):\n`python benchmarks/bench_distributed.py --iterations {args.iterations} "
-             f"--write benchmarks/RESULTS.md`\n\n" + "\n".join(table) + marker)
+    rerun = command_line(__file__, ["--iterations", str(args.iterations), "--write", args.write])
+    block = (f"{marker}Measured {stamp()} (gloo, 1 thread per process, median of {args.iterations} iterations "
+             f"after 2 warm-up):\n`{rerun}`\n\n" + "\n".join(table) + marker)
     if marker in text:
         head, _, rest = text.partition(marker)
         _, _, tail = rest.partition(marker)

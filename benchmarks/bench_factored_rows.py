@@ -3,17 +3,18 @@
 For an `nn.Sequential` MLP a weight block of a GGN row is the outer product of the point's cotangent
 at the layer's output and its input, so the products a `von` step needs — the Gram matrix RΛ⁻¹Rᵀ,
 R v (twice: the right-hand side and the control variate) and Rᵀz — can be formed from the per-layer
-factors without writing R [T, M, D]. This times both on the sinusoid joint fit's shapes (one thread)
-and checks they agree.
+factors without writing R [T, M, D]. This times both on the sinusoid joint fit's shapes (one thread,
+calls alternated; median and fastest call) and checks they agree.
 
     python benchmarks/bench_factored_rows.py [--tasks 25 --points 20 --repeats 200]
 """
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 
 import torch
+from common import interleaved
 
 LAYERS = [(40, 1), (40, 40), (1, 40)]  # (out, in) of the sinusoid MLP's Linear layers
 
@@ -58,12 +59,10 @@ def main() -> None:
 
     for a, b in zip(dense(), factored()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
-    for f in (dense, factored, dense, factored):
-        t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            f()
-        print(f"{f.__name__:9s} {(time.perf_counter() - t0) / args.repeats * 1e3:.2f} ms  "
-              f"(T {T}, M {N}, D {R.shape[-1]}, one thread)")
+    times = interleaved({"dense": dense, "factored": factored}, args.repeats)
+    for name, ts in times.items():
+        print(f"{name:9s} {statistics.median(ts) * 1e3:.2f} ms (fastest {min(ts) * 1e3:.2f})  "
+              f"(T {T}, M {N}, D {R.shape[-1]}, one thread, calls alternated)")
 
 
 if __name__ == "__main__":

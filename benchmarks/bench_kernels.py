@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from collections.abc import Callable
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
+from common import machine  # noqa: E402
 
 from gemext import ops  # noqa: E402
 from gemext import reference as R  # noqa: E402
@@ -285,16 +284,6 @@ def run(sizes: list[int], tensors: list[int], device: str, op_names: list[str],
             "torch": torch.__version__, bw_name + "_gb_s": statistics.median(ref_gbs),
             bw_name + "_range_gb_s": [ref_gbs[len(ref_gbs) // 20], ref_gbs[-1 - len(ref_gbs) // 20]],
             "bandwidth_kind": bw_name, "rows": rows}
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def markdown(res: dict) -> str:

@@ -23,7 +23,6 @@ were meta-tested already (with the same budget); --dry-run prints the commands.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -35,9 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_table import _ci  # noqa: E402  (Student-t 95% half-width over seeds)
-from vision_study import parse_run  # noqa: E402  ('LABEL=ALGO:{json}' → (label, algo, options))
+from common import ci95, command_line, commit, machine, parse_run, write_csv
 
 FAMILIES = {"finn": ("sinusoid", "finn", 3000), "bmaml": ("sinusoid", "bmaml", 10000),  # task, preset, N
             "omniglot": ("omniglot", "5w1s", 1000), "tinyimagenet": ("tinyimagenet", "5w1s", 300)}
@@ -130,7 +127,7 @@ def record(family: str, label: str, algo: str, options: dict, seed: int, metrics
 def summary(rows: list[dict], column: str, scale: float = 1) -> tuple[float, float] | None:
     """Mean and 95% Student-t half-width over the runs' values of `column` (None when none has it)."""
     vals = [scale * float(r[column]) for r in rows if r.get(column) not in (None, "")]
-    return (statistics.mean(vals), _ci(vals)) if vals else None
+    return (statistics.mean(vals), ci95(vals)) if vals else None
 
 
 def _cell(s: tuple[float, float] | None, digits: int = 3) -> str:
@@ -192,19 +189,13 @@ def plot(family: str, rows: list[dict], path: Path) -> None:
 def header(args, argv: list[str]) -> str:
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    repo = Path(__file__).resolve().parents[1]
-    git = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
     return "\n".join([
         "# Equal-compute comparison", "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {cpu} ({os.cpu_count()} logical CPUs), device {args.device}, {args.threads} torch thread(s) "
-        "per run (OMP_NUM_THREADS), one run of this sweep at a time (other load on the machine is not controlled)",
-        f"- torch {torch.__version__}, commit {git or 'unknown'}{' (with uncommitted changes)' if dirty else ''}",
-        f"- command: `{shlex.join(['python', *argv])}`",
+        f"- machine: {machine()}, device {args.device}, {args.threads} torch thread(s) per run (OMP_NUM_THREADS), "
+        "one run of this sweep at a time (other load on the machine is not controlled)",
+        f"- torch {torch.__version__}, commit {commit()}",
+        f"- command: `{command_line(__file__, argv)}`",
         "- each learner's --time-budget is the wall_s of MAML's run of the same seed; mean ± 95% Student-t CI "
         "over seeds; meta-test on the family's fixed tasks", ""])
 
@@ -268,10 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(row: dict) -> None:
         rows.append(row)
-        with open(out / "runs.csv", "w", newline="") as f:  # after every run: partial results survive
-            w = csv.DictWriter(f, fieldnames=COLUMNS + quality, restval="")
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(out / "runs.csv", rows, COLUMNS + quality)  # after every run: partial results survive
 
     sections = []
     for family in families:
@@ -290,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             plot(family, rows, out / f"{family}.png")
     if args.dry_run:
         return 0
-    text = header(args, [sys.argv[0] if Path(sys.argv[0]).name == Path(__file__).name else __file__, *argv]) + \
-        "\n" + "\n".join(sections)
+    text = header(args, argv) + "\n" + "\n".join(sections)
     (out / "table.md").write_text(text)
     print(text)
     return 0

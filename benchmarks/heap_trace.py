@@ -11,9 +11,10 @@ touched before. Writes heap.csv (one row per inner step) and prints a summary.""
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 from pathlib import Path
+
+from common import write_csv
 
 MB = 2**20
 
@@ -41,13 +42,12 @@ def main() -> None:
     libc.mallinfo2.restype = _MallInfo2
 
     def rss_mb() -> float:
-        return bench_memory._current_rss_bytes() / MB
+        return bench_memory.current_rss_bytes() / MB
 
     torch.set_num_threads(1)
-    spec = {"task": "omniglot", "algo": "gem-bml+", "inner_steps": args.inner_steps, "device": "cpu", "ways": 5,
-            "shots": 1, "query": 15, "meta_batch": 4, "presets": True}
-    model, batch, likelihood = bench_memory._make_problem(spec)
-    learner = bench_memory._make_learner(spec, model, likelihood)
+    learner, batch = bench_memory.make_point({"task": "omniglot", "algo": "gem-bml+", "inner_steps": args.inner_steps,
+                                              "device": "cpu", "ways": 5, "shots": 1, "query": 15, "meta_batch": 4,
+                                              "presets": True})
     opt = torch.optim.Adam(list(learner.parameters()), lr=1e-3)
     rows: list[dict] = []
     base = rss_mb()
@@ -68,10 +68,7 @@ def main() -> None:
         opt.step()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "heap.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "heap.csv", rows)
     for it in range(args.iterations):
         r = [x for x in rows if x["iteration"] == it]
         print(f"meta-iteration {it}: heap {max(x['heap_mb'] for x in r):.0f} MB, in use after a step "

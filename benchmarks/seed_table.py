@@ -12,13 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
-STEPS = (0, 1, 2, 5, 10)
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95% Student-t quantiles by sample size
-
-
-def _ci(values: list[float]) -> float:
-    n = len(values)
-    return T95.get(n, 1.96) * statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+from common import STEPS, ci95, plot_mse_vs_steps, write_csv
 
 
 def main() -> None:
@@ -52,38 +46,18 @@ def main() -> None:
                 row[c], row[c + "_ci95"] = math.inf, math.nan
                 cells.append(f"diverged ({sum(not math.isfinite(v) for v in vals)}/{len(vals)} seeds)")
                 continue
-            m, ci = statistics.mean(vals), _ci(vals)
+            m, ci = statistics.mean(vals), ci95(vals)
             row[c], row[c + "_ci95"] = m, ci
             cells.append(f"{m:.3g} ± {ci:.2g}" if math.isfinite(ci) else f"{m:.3g}")
         rows.append(row)
         lines.append(f"| {preset} | {algo} | {len(rs)} | " + " | ".join(cells) + " |")
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
-    with open(out / "seeds.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "seeds.csv", rows)
     print("\n".join(lines))
-    _plot(rows, out / "mse_vs_steps.png")
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    from gemext.plots import new_figure
-
-    fig = new_figure((5.5, 4))
-    ax = fig.subplots()
-    for r in rows:
-        ys = [r.get(f"mse_{k}") for k in STEPS]
-        if not all(y is not None and math.isfinite(y) for y in ys):
-            continue  # diverged: nothing to draw
-        cis = [r.get(f"mse_{k}_ci95", 0.0) for k in STEPS]
-        ax.errorbar(list(STEPS), ys, yerr=[c if math.isfinite(c) else 0.0 for c in cis], marker="o", capsize=3,
-                    label=f"{r['algo']} ({r['seeds']} seeds)")
-    ax.set(xlabel="gradient steps at meta-test", ylabel="MSE", yscale="log",
-           title=f"sinusoid {rows[0]['preset'] if rows else ''}: mean over seeds ± 95% CI")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finite = [r for r in rows if all(math.isfinite(r.get(f"mse_{k}", math.nan)) for k in STEPS)]  # diverged: not drawn
+    plot_mse_vs_steps({f"sinusoid {rows[0]['preset'] if rows else ''}: mean over seeds ± 95% CI": [
+        (f"{r['algo']} ({r['seeds']} seeds)", [r[f"mse_{k}"] for k in STEPS], [r[f"mse_{k}_ci95"] for k in STEPS])
+        for r in finite]}, out / "mse_vs_steps.png", steps=list(STEPS))
 
 
 if __name__ == "__main__":

@@ -18,43 +18,16 @@ log.csv, checkpoint, metrics.json, reliability.png), results.csv, results.md and
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import platform
-import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import command_line, machine, parse_run, write_csv
+
 COLUMNS = ["label", "algo", "options", "iterations", "train_min", "s_per_iter", "accuracy", "ci95", "ece", "mce",
            "nll", "brier", "eval_tasks", "eval_steps", "skipped_steps"]
-
-
-def parse_run(spec: str) -> tuple[str, str, dict]:
-    """'LABEL=ALGO' or 'LABEL=ALGO:{json}' or plain 'ALGO' → (label, algo, options)."""
-    label, _, rest = spec.partition("=")
-    if not rest:
-        label, rest = spec, spec
-    algo, _, opts = rest.partition(":")
-    try:
-        options = json.loads(opts) if opts else {}
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--run {spec!r}: options are not JSON ({exc.msg})") from None
-    if not isinstance(options, dict):
-        raise SystemExit(f"--run {spec!r}: options must be a JSON object")
-    return label.strip(), algo.strip(), options
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
-    except (OSError, subprocess.SubprocessError):
-        name = ""
-    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
 def train_one(args, label: str, algo: str, options: dict) -> dict:
@@ -98,48 +71,40 @@ def train_one(args, label: str, algo: str, options: dict) -> dict:
 
 
 def plot_all(out: Path, labels: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gemext.plots import new_figure
 
     data = [(lb, json.loads((out / lb / "reliability.json").read_text())) for lb in labels
             if (out / lb / "reliability.json").exists()]
     if not data:
         return
-    fig, axes = plt.subplots(1, len(data), figsize=(3.6 * len(data), 3.6), squeeze=False)
-    try:
-        for ax, (lb, d) in zip(axes[0], data):
-            edges = d["edges"]
-            width = [b - a for a, b in zip(edges[:-1], edges[1:])]
-            ax.bar(edges[:-1], d["accuracy"], width=width, align="edge", edgecolor="k", label="accuracy")
-            gap = [c - a if n else 0.0 for c, a, n in zip(d["confidence"], d["accuracy"], d["count"])]
-            ax.bar(edges[:-1], gap, bottom=d["accuracy"], width=width, align="edge", color="tab:red", alpha=0.3,
-                   label="gap to confidence")
-            ax.plot([0, 1], [0, 1], "k--", lw=1)
-            m = json.loads((out / lb / "metrics.json").read_text())
-            ax.set(title=f"{lb}\nacc {100 * m['accuracy']:.1f}%, ECE {m['ece']:.3f}", xlabel="confidence",
-                   xlim=(0, 1), ylim=(0, 1))
-        axes[0][0].set_ylabel("accuracy")
-        axes[0][0].legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "reliability.png", dpi=110)
-    finally:
-        plt.close(fig)
+    fig = new_figure((3.6 * len(data), 3.6))
+    axes = fig.subplots(1, len(data), squeeze=False)
+    for ax, (lb, d) in zip(axes[0], data):
+        edges = d["edges"]
+        width = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        ax.bar(edges[:-1], d["accuracy"], width=width, align="edge", edgecolor="k", label="accuracy")
+        gap = [c - a if n else 0.0 for c, a, n in zip(d["confidence"], d["accuracy"], d["count"])]
+        ax.bar(edges[:-1], gap, bottom=d["accuracy"], width=width, align="edge", color="tab:red", alpha=0.3,
+               label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        m = json.loads((out / lb / "metrics.json").read_text())
+        ax.set(title=f"{lb}\nacc {100 * m['accuracy']:.1f}%, ECE {m['ece']:.3f}", xlabel="confidence",
+               xlim=(0, 1), ylim=(0, 1))
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110)
 
 
 def write_tables(args, out: Path, rows: list[dict], argv: list[str]) -> None:
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows({c: r.get(c, "") for c in COLUMNS} for r in rows)
+    write_csv(out / "results.csv", rows, COLUMNS)
     import torch
 
     budget = f"{args.minutes} min of meta-training wall clock per run" if args.minutes else \
         f"{args.iterations} meta-iterations per run"
     lines = [f"{args.task} {args.preset}, equal budget: {budget}; device {args.device}, {args.threads} thread(s), "
              f"torch {torch.__version__}, {machine()}; meta-test on {args.eval_tasks} fixed episodes.",
-             "", "Command: `" + " ".join(shlex.quote(a) for a in ["python", *argv]) + "`", "",
+             "", f"Command: `{command_line(__file__, argv)}`", "",
              "| run | algo | options | iterations | train min | s/iter | accuracy (%) | ECE | MCE | NLL | Brier |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -191,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                      "s_per_iter": m["wall_s"] / max(m["iterations"], 1),
                      **{k: m.get(k, "") for k in ("accuracy", "ci95", "ece", "mce", "nll", "brier", "eval_tasks",
                                                   "eval_steps", "skipped_steps")}})
-        write_tables(args, out, rows, [sys.argv[0], *argv])  # after every run: partial results survive
+        write_tables(args, out, rows, argv)  # after every run: partial results survive
         plot_all(out, [r["label"] for r in rows])
     print((out / "results.md").read_text())
     return 0

@@ -20,60 +20,47 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import command_line, fresh_processes, run_worker, stamp
 
 VARIANTS = ("ngvi", "von exact", "von held")
 
 
-def worker(variant: str, iterations: int, meta_batch: int) -> dict:
+def worker(spec: dict) -> dict:
     import torch
 
     from gemext.allocator import keep_freed_memory
     keep_freed_memory()
     torch.set_num_threads(1)
-    import gemext.vi.loop as loop
-    from gemext.bench_memory import _current_rss_bytes, _make_learner, _make_problem, _peak_rss_bytes
+    from gemext.bench_memory import make_point, time_and_memory
+    from gemext.vi import VonFit
 
+    variant = spec["variant"]
     options = {} if variant == "ngvi" else {"inner": {"optimizer": "von", "beta": 1.0}}
-    spec = dict(task="omniglot", algo="gem-bml+", inner_steps=5, meta_batch=meta_batch, ways=5, shots=1, query=5,
-                presets=True, options=options)
-    model, batch, likelihood = _make_problem(spec)
-    learner = _make_learner(spec, model, likelihood)
+    learner, batch = make_point(dict(task="omniglot", algo="gem-bml+", inner_steps=5, meta_batch=spec["meta_batch"],
+                                     ways=5, shots=1, query=5, device="cpu", presets=True, options=options))
     if variant == "von held":
         learner.forward_net.held_stats = True
     fractions: collections.Counter = collections.Counter()
-    search = loop._backtrack_
+    search = VonFit.line_search
 
-    def counted(*args, **kwargs):
-        merit, frac = search(*args, **kwargs)
+    def counted(self, *args, **kwargs):  # the line-search phase returns each task's accepted fraction
+        frac = search(self, *args, **kwargs)
         fractions.update(round(float(f), 4) for f in frac)
-        return merit, frac
+        return frac
 
-    loop._backtrack_ = counted
-    opt = torch.optim.Adam(list(learner.parameters()), lr=1e-3)
-    base = _current_rss_bytes()
-    times = []
-    for _ in range(iterations + 1):  # the first is a warm-up: its memory counts, its time does not
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        learner.meta_backward(batch)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    peak = _peak_rss_bytes() - base
+    VonFit.line_search = counted
+    res = time_and_memory(learner, batch, "cpu", spec["iterations"])
     ratios = {}  # the support posterior's variances against the prior's, per weight tensor
     if variant != "ngvi":
         post = learner.adapt(batch).posterior
         for name, rho, rho0 in zip(learner.names, post.rho, learner.prior.rho0):
             r = torch.exp(2 * (rho - rho0.detach())).flatten().double()
             ratios[name] = [round(float(v), 4) for v in torch.quantile(r, torch.tensor([0.1, 0.5, 0.9]).double())]
-    steady = sorted(times[1:])
-    return {"variant": variant, "s_per_iter": steady[len(steady) // 2], "peak_mb": peak / 2**20,
+    return {"variant": variant, "s_per_iter": res["time_per_iter_s"], "peak_mb": res["peak_mem_mb"],
             "fractions": dict(sorted(fractions.items(), reverse=True)), "sigma2_ratio_q10_50_90": ratios}
 
 
@@ -83,25 +70,20 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=2, help="timed meta-iterations per variant (after a warm-up)")
     ap.add_argument("--meta-batch", type=int, default=8)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.iterations, args.meta_batch)))
-        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for variant in args.variants.split(","):
-        res = subprocess.run([sys.executable, __file__, "--worker", variant, "--iterations", str(args.iterations),
-                              "--meta-batch", str(args.meta_batch)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    specs = [{"variant": v, "iterations": args.iterations, "meta_batch": args.meta_batch}
+             for v in args.variants.split(",")]
+    for spec, res in fresh_processes(__file__, specs):
+        if "error" in res:
+            raise SystemExit(f"{spec['variant']}: {res['error']}")
+        rows.append(res)
+        print(res, flush=True)
     ref = next((r for r in rows if r["variant"] == "ngvi"), rows[0])
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    lines = [f"# von on a Conv4 with BatchNorm vs NGVI ({datetime.date.today()}, {cpu}, one thread)", "",
-             f"`python benchmarks/von_convnet.py --out {args.out} --iterations {args.iterations} "
-             f"--meta-batch {args.meta_batch}`", "",
+    lines = [f"# von on a Conv4 with BatchNorm vs NGVI ({stamp()}, one thread)", "",
+             f"`{command_line(__file__, sys.argv[1:])}`", "",
              "| variant | s / meta-iteration | × ngvi | peak RSS added (MB) | × ngvi | line search: fraction → steps |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -118,5 +100,5 @@ def main() -> None:
     print("\n".join(lines))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not run_worker(worker):
     main()

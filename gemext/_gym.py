@@ -17,7 +17,7 @@ GYM_IDS: dict[str, tuple[str, int]] = {
 }
 
 
-def _register() -> None:
+def register() -> None:
     """Register the ids with gymnasium (idempotent). gymnasium must be imported (or importing)."""
     gym = sys.modules["gymnasium"]
     for env_id, (cls, horizon) in GYM_IDS.items():
@@ -38,13 +38,13 @@ class _OnGymnasiumImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            _register()
+            register()
         loader.exec_module = exec_module
         return spec
 
 
 def install() -> None:
     if "gymnasium" in sys.modules:
-        _register()
+        register()
     elif importlib.util.find_spec("gymnasium") is not None:
         sys.meta_path.insert(0, _OnGymnasiumImport())

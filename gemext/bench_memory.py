@@ -16,6 +16,9 @@ autograd.grad with create_graph), what a user without a meta-learning library wr
 on the task (`preset_options`), as they are trained; without it, with the bare class defaults.
 
 Command line (what `gemext bench memory` calls): `run(task, algos, inner_steps, out_dir, device)`.
+The pieces of one point, for scripts that measure their own variants (benchmarks/): `make_point`
+(learner and meta-batch of a spec), `time_and_memory` (the timed loop and peak above the baseline),
+`run_point` (a spec in a fresh process), `peer_unavailable`, `current_rss_bytes`, `peak_rss_bytes`.
 """
 from __future__ import annotations
 
@@ -37,16 +40,16 @@ _MAML_LR = 0.01  # inner SGD step of the higher peer (Finn et al.: sinusoid and 
 
 
 # ----------------------------------------------------------------------------- in the worker
-def _current_rss_bytes() -> int:
+def current_rss_bytes() -> int:
     """Resident set size now (not the peak): /proc on Linux, else the peak so far as a bound."""
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        return _peak_rss_bytes()
+        return peak_rss_bytes()
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -136,12 +139,13 @@ class _PlainMAML(_HigherMAML):
         return {"loss_query": total}
 
 
-def preset_options(task: str, algo: str, inner_steps: int) -> dict[str, Any]:
+def preset_options(task: str, algo: str, inner_steps: int,
+                   options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The options `gemext train` gives `algo` on `task` at its default preset (objects included, e.g.
-    the likelihood): `gemext.presets`."""
+    the likelihood), with `options` merged in as `--options` would be: `gemext.presets`."""
     from .families.presets import presets
 
-    return presets(task, algo, inner_steps=inner_steps)
+    return presets(task, algo, inner_steps=inner_steps, options=options)
 
 
 def _make_learner(spec: dict, model, likelihood):
@@ -150,32 +154,36 @@ def _make_learner(spec: dict, model, likelihood):
         return (_HigherMAML if algo == "higher-maml" else _PlainMAML)(model, k, likelihood is not None)
     from . import algorithms
 
-    options = preset_options(spec["task"], algo, k) if spec.get("presets") else {}
-    options.update(spec.get("options") or {})
-    options.setdefault("inner_steps", k)
-    if likelihood is not None:
-        options.setdefault("likelihood", likelihood)
+    if spec.get("presets"):
+        options = preset_options(spec["task"], algo, k, spec.get("options"))
+    else:
+        options = {"inner_steps": k, **(spec.get("options") or {})}
+        if likelihood is not None:
+            options.setdefault("likelihood", likelihood)
     return algorithms.create(algo, model, **options)
 
 
-def measure(spec: dict) -> dict[str, float]:
-    """Run one point in this process (call it in a fresh one): spec holds task, algo, inner_steps,
-    device, repeats, meta_batch, ways, shots, query, optional learner options and
-    keep_freed_memory (glibc keeps freed memory, as `gemext train` does; default False) and
-    threads (intra-op threads; default torch's)."""
-    if spec.get("keep_freed_memory"):
-        from .allocator import keep_freed_memory
-        keep_freed_memory()
+def make_point(spec: dict):
+    """(learner, meta-batch) of one point, on spec["device"]: the task's model and synthetic
+    meta-batch (spec: task, algo, inner_steps, device, meta_batch, ways, shots, query), the learner
+    with `gemext train`'s options when spec["presets"], updated with spec["options"]."""
     import torch
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     model, batch, likelihood = _make_problem(spec)
     learner = _make_learner(spec, model.to(device), likelihood)
     if hasattr(learner, "to"):
         learner = learner.to(device)
-    batch = batch.to(device)
+    return learner, batch.to(device)
+
+
+def time_and_memory(learner, batch, device: str, repeats: int) -> dict[str, float]:
+    """Median seconds per meta-iteration (Adam on the learner's parameters) over `repeats` after a
+    warm-up, and the peak memory the iterations add above what exists now (the warm-up's included):
+    peak RSS on CPU, `max_memory_allocated` on CUDA."""
+    import torch
+
+    device = torch.device(device)
     opt = torch.optim.Adam(list(learner.parameters()), lr=1e-3)
     cuda = device.type == "cuda"
 
@@ -195,15 +203,31 @@ def measure(spec: dict) -> dict[str, float]:
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        base = _current_rss_bytes()
+        base = current_rss_bytes()
     iteration()  # warm-up (allocator pools, lazy init): its memory counts, its time does not
-    times = sorted(iteration() for _ in range(spec["repeats"]))
-    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
+    times = sorted(iteration() for _ in range(repeats))
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
     return {"peak_mem_mb": max(peak - base, 0) / 2**20, "time_per_iter_s": times[len(times) // 2]}
 
 
+def measure(spec: dict) -> dict[str, float]:
+    """Run one point in this process (call it in a fresh one): spec holds task, algo, inner_steps,
+    device, repeats, meta_batch, ways, shots, query, optional learner options and
+    keep_freed_memory (glibc keeps freed memory, as `gemext train` does; default False) and
+    threads (intra-op threads; default torch's)."""
+    if spec.get("keep_freed_memory"):
+        from .allocator import keep_freed_memory
+        keep_freed_memory()
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    learner, batch = make_point(spec)
+    return time_and_memory(learner, batch, spec["device"], spec["repeats"])
+
+
 # ----------------------------------------------------------------------------- in the parent
-def _peer_unavailable(algo: str) -> str | None:
+def peer_unavailable(algo: str) -> str | None:
     """Why a peer cannot run (None when it can)."""
     if algo not in PEERS:
         return f"unknown peer {algo!r} (available: {', '.join(PEERS)})"
@@ -216,7 +240,9 @@ def _peer_unavailable(algo: str) -> str | None:
     return None
 
 
-def _run_point(spec: dict, timeout_s: float) -> dict[str, float]:
+def run_point(spec: dict, timeout_s: float = 1800.0) -> dict[str, float]:
+    """`measure(spec)` in a fresh process; NaN figures when it runs out of memory or time (a real
+    outcome at large step counts), an error for any other failure."""
     cmd = [sys.executable, "-m", "gemext.bench_memory", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -263,8 +289,8 @@ def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: st
 
     Shapes: sinusoid = the finn MLP with meta-batch 25; omniglot = 28×28×1, Conv4(hidden=64);
     miniimagenet / tinyimagenet = 84×84×3, Conv4(hidden=32), meta-batch 4 (synthetic images).
-    `options` go to every `gemext.algorithms.create` call (not to peers), on top of the learner's
-    start: with `presets` (the default) the options `gemext train` gives it, so that the figures are
+    `options` (not the peers') update every learner's start, as `gemext train --options` does: with
+    `presets` (the default) the start is the options `gemext train` gives it, so that the figures are
     those of the learners as trained (e.g. NGVI for GEM on vision, where the class default `von`
     takes a minute per Conv4 meta-iteration on a CPU); `presets=False` the class defaults.
     `threads`: intra-op threads of every measuring process (None: torch's default)."""
@@ -294,12 +320,12 @@ def run(task: str, algos: Sequence[str], inner_steps: Sequence[int], out_dir: st
             "presets": presets, "threads": threads}
     rows: list[dict] = []
     for algo in algos:
-        reason = _peer_unavailable(algo) if algo in PEERS or algo.startswith("higher-") else None
+        reason = peer_unavailable(algo) if algo in PEERS or algo.startswith("higher-") else None
         if reason:
             print(f"bench memory: skipping {algo}: {reason}")
             continue
         for k in inner_steps:
-            res = _run_point({**base, "algo": algo, "inner_steps": int(k)}, timeout_s)
+            res = run_point({**base, "algo": algo, "inner_steps": int(k)}, timeout_s)
             rows.append({"algo": algo, "inner_steps": int(k), **res})
             print(f"{algo:>12} {int(k):>3} steps: {res['peak_mem_mb']:9.1f} MB  {res['time_per_iter_s']:.4f} s/iter")
     if not rows:

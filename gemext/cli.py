@@ -1,116 +1,30 @@
-"""The `gemext` command: info, train, eval, bench."""
+"""The `gemext` command: info, train, eval, bench (argument types in gemext.cli_args, the closing line
+in gemext.cli_summary)."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
-import math
 import os
 import sys
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import build_info
+from .cli_args import (
+    HelpFormatter,
+    Parser,
+    choice,
+    did_you_mean,
+    existing_dir,
+    nonneg_int,
+    options_json,
+    positive_float,
+    positive_int,
+    positive_int_list,
+    seed_arg,
+)
+from .cli_summary import summary
 from .config import EVAL_SPLITS
 from .distributed import PeerFailure, is_main_process
-
-
-def _int_at_least(lo: int, what: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
-
-
-def _seed(s: str) -> int:
-    v = _nonneg_int(s)
-    if v >= 2**63:
-        raise argparse.ArgumentTypeError(f"expected a seed below 2**63, got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {v}")
-    return v
-
-
-def _positive_int_list(s: str) -> list[int]:
-    try:
-        vals = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {s!r}")
-    return vals
-
-
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """' (did you mean X?)' naming the candidate closest to a mistyped `word` (and any about as
-    close), or '' when none is close."""
-    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), reverse=True)
-    close = [c for r, c in scored if r >= max(0.6, scored[0][0] - 0.05)][:3] if scored else []
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
-
-
-def _choice(choices: list[str] | tuple[str, ...]) -> Callable[[str], str]:
-    """An argparse type that accepts one of `choices` and refuses anything else as argparse's
-    `choices` does, plus the closest names (argparse checks `choices` only after `type`)."""
-    def parse(s: str) -> str:
-        if s not in choices:
-            raise argparse.ArgumentTypeError(f"invalid choice: {s!r}{did_you_mean(s, choices)}; "
-                                             f"choose from {', '.join(choices)}")
-        return s
-    return parse
-
-
-def _existing_dir(s: str) -> str:
-    if not Path(s).is_dir():
-        raise argparse.ArgumentTypeError(f"no such directory: {s}")
-    return s
-
-
-def _options(s: str) -> dict:
-    try:
-        v = json.loads(s)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} ({exc.msg})") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
-    return v
-
-
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it has none or its help already says it; descriptions and
-    epilogs (the examples) print as written."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with its refusals on one line, `gemext train: error: ...`, exit 2: the usage block
-    argparse prints above it runs to a dozen lines for `train` and buries the line that matters
-    (`-h` shows it), and every other refusal of the command (gemext.cli.main) looks the same."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -128,8 +42,8 @@ def parser() -> argparse.ArgumentParser:
     from .bench_memory import TASKS as BENCH_TASKS
     from .train import TASKS
 
-    fmt = _Help
-    p = _Parser(prog="gemext", description="Gradient-EM Bayesian meta-learning", formatter_class=fmt)
+    fmt = HelpFormatter
+    p = Parser(prog="gemext", description="Gradient-EM Bayesian meta-learning", formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"gemext {__version__}")
     # the parser of the command given, for its help (a command given no subcommand prints it) and
     # its refusals (main)
@@ -142,56 +56,57 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train an algorithm on a task family", formatter_class=fmt,
                        epilog=TRAIN_EXAMPLES)
     t.set_defaults(parser_of=t)
-    t.add_argument("task", type=_choice(TASKS), choices=TASKS, help="task family")
-    t.add_argument("--algo", required=True, type=_choice(algorithms.names()), choices=algorithms.names(),
+    t.add_argument("task", type=choice(TASKS), choices=TASKS, help="task family")
+    t.add_argument("--algo", required=True, type=choice(algorithms.names()), choices=algorithms.names(),
                    help="algorithm")
     t.add_argument("--preset", default=None, help="task preset (sinusoid: finn, bmaml, bmaml-100; "
                                                     "vision: 5w1s, 5w5s, 20w1s, 20w5s)")
-    t.add_argument("--iterations", type=_positive_int, default=1000,
+    t.add_argument("--iterations", type=positive_int, default=1000,
                    help="meta-iterations (in total, also when resuming)")
-    t.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
+    t.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
                    help="stop after the iteration that crosses SECONDS of training wall-clock (counted across "
                         "resumes; --iterations stays the upper bound); then checkpoint and meta-test as usual")
-    t.add_argument("--inner-steps", type=_nonneg_int, default=None, help="inner-loop steps (default: the algorithm's "
+    t.add_argument("--inner-steps", type=nonneg_int, default=None, help="inner-loop steps (default: the algorithm's "
                                                                           "preset for the task)")
-    t.add_argument("--seed", type=_seed, default=0, help="seed of every random stream of the run")
+    t.add_argument("--seed", type=seed_arg, default=0, help="seed of every random stream of the run")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     t.add_argument("--out", default=None, help="run folder (default runs/TASK-ALGO-sSEED)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings; "
                                                           "--iterations may grow, --time-budget change)")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
-    t.add_argument("--data-root", type=_existing_dir, default=None, help="data folder (default $GEMEXT_DATA)")
-    t.add_argument("--ways", type=_positive_int, default=None,
+    t.add_argument("--data-root", type=existing_dir, default=None, help="data folder (default $GEMEXT_DATA)")
+    t.add_argument("--ways", type=positive_int, default=None,
                    help="classes per episode (vision; default: the preset's)")
-    t.add_argument("--shots", type=_positive_int, default=None,
+    t.add_argument("--shots", type=positive_int, default=None,
                    help="examples per class (vision; default: the preset's)")
-    t.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="meta-optimizer (Adam) learning rate")
-    t.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-iteration (default: the "
+    t.add_argument("--meta-lr", type=positive_float, default=1e-3, help="meta-optimizer (Adam) learning rate")
+    t.add_argument("--meta-batch", type=positive_int, default=None, help="tasks per meta-iteration (default: the "
                                                                            "task family's)")
-    t.add_argument("--log-every", type=_positive_int, default=10, help="iterations between log.csv rows and progress "
+    t.add_argument("--log-every", type=positive_int, default=10, help="iterations between log.csv rows and progress "
                                                                       "lines")
-    t.add_argument("--checkpoint-every", type=_positive_int, default=100, help="iterations between checkpoints")
-    t.add_argument("--eval-tasks", type=_positive_int, default=None, help="meta-test tasks after training (default: "
+    t.add_argument("--checkpoint-every", type=positive_int, default=100, help="iterations between checkpoints")
+    t.add_argument("--eval-tasks", type=positive_int, default=None, help="meta-test tasks after training (default: "
                                                                           "the task family's, 600; RL 40)")
-    t.add_argument("--eval-steps", type=_nonneg_int, default=None, help="meta-test adaptation steps (default: the "
+    t.add_argument("--eval-steps", type=nonneg_int, default=None, help="meta-test adaptation steps (default: the "
                                                                         "learner's, at least 10 for regression)")
     t.add_argument("--eval-split", choices=EVAL_SPLITS, default="test",
                    help="tasks of the meta-test after training: the reported test tasks, or validation tasks "
                         "for choosing settings (sinusoid and RL: another seed; vision: the validation classes)")
-    t.add_argument("--options", type=_options, default={}, help="algorithm options as JSON, e.g. '{\"sigma0\": 0.1}'")
+    t.add_argument("--options", type=options_json, default={},
+                   help="algorithm options as JSON, e.g. '{\"sigma0\": 0.1}'")
     t.add_argument("--no-eval", action="store_true", help="skip the meta-test after training")
     t.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
 
     e = sub.add_parser("eval", help="meta-test a trained run", formatter_class=fmt)
     e.set_defaults(parser_of=e)
-    e.add_argument("dir", type=_existing_dir, help="run folder")
-    e.add_argument("--tasks", type=_positive_int, default=None, help="meta-test tasks (default: the run's eval_tasks)")
-    e.add_argument("--steps", type=_nonneg_int, default=None, help="adaptation steps (default: the run's)")
-    e.add_argument("--data-root", type=_existing_dir, default=None,
+    e.add_argument("dir", type=existing_dir, help="run folder")
+    e.add_argument("--tasks", type=positive_int, default=None, help="meta-test tasks (default: the run's eval_tasks)")
+    e.add_argument("--steps", type=nonneg_int, default=None, help="adaptation steps (default: the run's)")
+    e.add_argument("--data-root", type=existing_dir, default=None,
                    help="data folder, if not where the run was trained from (vision tasks)")
     e.add_argument("--split", choices=EVAL_SPLITS, default=None,
                    help="meta-test on the test or the validation tasks (default: the run's --eval-split)")
-    e.add_argument("--predict-samples", type=_positive_int, default=None,
+    e.add_argument("--predict-samples", type=positive_int, default=None,
                    help="posterior samples of the predictive (default: the learner's; sampling learners only)")
 
     b = sub.add_parser("bench", help="benchmarks", formatter_class=fmt)
@@ -202,11 +117,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--task", default="sinusoid", choices=BENCH_TASKS, help="task shapes")
     m.add_argument("--algos", default="gem-bml+,reptile",
                    help="comma-separated algorithms (or the peers higher-maml, plain-maml)")
-    m.add_argument("--inner-steps", type=_positive_int_list, default="1,5,10,20", help="comma-separated inner steps")
+    m.add_argument("--inner-steps", type=positive_int_list, default="1,5,10,20", help="comma-separated inner steps")
     m.add_argument("--out", required=True, help="output folder (CSV and plot)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to measure")
-    m.add_argument("--repeats", type=_positive_int, default=3, help="timed meta-iterations per point")
-    m.add_argument("--threads", type=_positive_int, default=None,
+    m.add_argument("--repeats", type=positive_int, default=3, help="timed meta-iterations per point")
+    m.add_argument("--threads", type=positive_int, default=None,
                    help="intra-op threads of every measuring process (default: OMP_NUM_THREADS when set, else "
                         "the task family's: 1 for sinusoid, torch's default otherwise)")
     m.add_argument("--presets", dest="presets", action="store_true", default=True,
@@ -367,18 +282,11 @@ def _check_option_names(task: str, algo: str, options: dict) -> None:
     from .config import REFUSED_OPTIONS
 
     family = families.get(task)
-    if family.domain == "rl":
-        from dataclasses import fields
-
-        from .algorithms.rl import RLSettings
-        valid = anyone = sorted(f.name for f in fields(RLSettings))
-        what = "unknown RL option(s)"
-    else:
-        extra = family.family_options
-        valid = sorted({*algorithms.option_names(algo), *extra} - set(REFUSED_OPTIONS))
-        anyone = {o for a in algorithms.names() for o in algorithms.option_names(a)} | set(extra)
-        what = f"{algo}: unknown option(s)"
-    typos = [k for k in options if k not in anyone and k not in REFUSED_OPTIONS and k != "resolved"]
+    extra, domain = family.family_options, family.domain
+    valid = sorted({*algorithms.option_names(algo, domain), *extra} - set(REFUSED_OPTIONS))
+    anyone = {o for a in algorithms.names(domain) for o in algorithms.option_names(a, domain)} | set(extra)
+    what = "unknown RL option(s)" if domain == "rl" else f"{algo}: unknown option(s)"
+    typos = [k for k in options if k not in anyone and k not in REFUSED_OPTIONS]
     hints = {k: did_you_mean(k, valid) for k in typos}
     if any(hints.values()):
         raise ValueError(f"{what} {', '.join(k + hints[k] for k in typos)}; valid: {', '.join(valid)}")
@@ -386,64 +294,6 @@ def _check_option_names(task: str, algo: str, options: dict) -> None:
     if sigma is not None and not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma > 0):
         # the family passes it to the likelihood, whose own check cannot name the option
         raise ValueError(f"option sigma (the likelihood noise) must be a number > 0, got {sigma!r}")
-
-
-# --------------------------------------------------------------------------- the closing line
-def _pm(value: float, ci: float | None, scale: float = 1.0, fmt: str = ".4g") -> str:
-    """`value ± ci` (a 95% CI half-width) in `fmt`; a trailing % in `fmt` goes after the value."""
-    unit, fmt = ("%", fmt[:-1]) if fmt.endswith("%") else ("", fmt)
-    text = format(scale * value, fmt) + unit
-    return text if ci is None else f"{text} ± {format(scale * ci, fmt)}"
-
-
-def _after(k: int, what: str) -> str:
-    return f"after {k} {what}{'' if k == 1 else 's'}"
-
-
-# how each headline figure reads: metrics dict -> text
-_FIGURES = {
-    "mse_by_step": lambda m: (f"MSE {_after(len(m['mse_by_step']) - 1, 'step')} "
-                              + _pm(m["mse_by_step"][-1], (m.get("mse_ci95_by_step") or [None])[-1])),
-    "nll": lambda m: "NLL " + _pm(m["nll"], m.get("nll_ci95")),
-    "accuracy": lambda m: "accuracy " + _pm(m["accuracy"], m.get("ci95"), 100, ".2f%"),
-    "ece": lambda m: f"ECE {m['ece']:.3f}",
-    "return_by_step": lambda m: (f"return {_after(len(m['return_by_step']) - 1, 'update')} "
-                                 + _pm(m["return_by_step"][-1], (m.get("return_ci95_by_step") or [None])[-1])
-                                 + f" (before: {m['return_by_step'][0]:.4g})"),
-}
-
-
-def _headline(task: str) -> tuple[str, ...]:
-    """The figures the closing line names: the task family's `headline`, else every one known."""
-    from . import families
-
-    try:
-        return families.get(task).headline or tuple(_FIGURES)
-    except ValueError:  # not a task (a hand-edited metrics.json)
-        return tuple(_FIGURES)
-
-
-def summary(metrics: dict, run: str | Path) -> str:
-    """One line closing `gemext train` / `gemext eval`: what ran, its headline figures (95% CI
-    after ±) and where the results and plots are."""
-    what = f"{metrics.get('task', '?')} {metrics.get('algo', '?')}"
-    if "ways" in metrics and "shots" in metrics:
-        what += f" {metrics['ways']}-way {metrics['shots']}-shot"
-    n = metrics.get("iterations", "?")
-    done = f"{n} iteration{'' if n == 1 else 's'}"
-    if metrics.get("stopped_by") == "time_budget":
-        done += " (time budget)"
-    keys = _headline(metrics.get("task", ""))
-    figures = []
-    for key in keys:
-        try:
-            figures.append(_FIGURES[key](metrics))
-        except (KeyError, IndexError, TypeError, ValueError):  # a figure this meta-test did not report
-            continue
-    if not figures:
-        return f"{what}: {done}, not meta-tested (gemext eval {run}); run folder: {run}"
-    tested = f"{metrics['eval_tasks']} {metrics.get('eval_split', 'test')} tasks" if "eval_tasks" in metrics else ""
-    return f"{what}, {done}: {', '.join(figures)}{f' on {tested}' if tested else ''}; results and plots: {run}"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""Pure-PyTorch versions of every fused op in :mod:`gemext.ops`.
-
-This is the test oracle (call it with float64 tensors) and the "eager" baseline of the
-benchmarks (call it with float32 tensors): it computes in the dtype it is given, with the
-textbook formulas of the Gaussian prior, posterior and Gradient-EM statistic, and is never used
-as a silent fallback for the kernels.
+"""Pure-PyTorch versions of every fused op in :mod:`gemext.ops`: the textbook formulas of the
+Gaussian prior, posterior and Gradient-EM statistic as plain differentiable torch ops, computed in
+the dtype they are given. Three users:
+- the tests, with float64 tensors: the oracle;
+- the benchmarks, with float32 tensors: the "eager" baseline;
+- the package itself, where a differentiable composite is needed and the kernels are first-order:
+  `gem_terms` is the backward of :func:`gemext.ops.gem_grad`, `von_step` the von step the
+  back-propagating learners unroll (`gemext.vi.fit(..., differentiable=True)`), `kl_terms` the
+  KL inside the unrolled inner loop of `abml` / `pmaml-elbo`.
+It is never a silent fallback: a call to a kernel runs the kernel or fails.
 Signatures mirror :mod:`gemext.ops`; a Tensor in gives a Tensor out, a list gives a list.
 
 :func:`normal` reproduces the kernels' noise (Philox-4x32-10 + Box-Muller, see

@@ -1,4 +1,5 @@
-"""Small generated data sets in the layouts the loaders read."""
+"""Shared test helpers: small generated data sets in the layouts the loaders read, and the command
+run in-process."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,3 +26,15 @@ def write_miniimagenet(root: Path, per_class: int = 4) -> Path:
                 rows.append(f"{name},{w}")
         (d / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return d
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`gemext ARGV` in-process: its exit status (argparse's exits included), stdout and stderr."""
+    from gemext import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -26,7 +26,7 @@ def test_presets_give_the_learners_the_training_options(monkeypatch, tmp_path):
     # `gemext bench memory --presets`: GEM-BML+ on vision shapes with the vision presets (NGVI), not
     # its class default (von)
     seen = []
-    monkeypatch.setattr(bench_memory, "_run_point", lambda spec, timeout_s: seen.append(spec) or
+    monkeypatch.setattr(bench_memory, "run_point", lambda spec, timeout_s: seen.append(spec) or
                         {"peak_mem_mb": 1.0, "time_per_iter_s": 1.0})
     from gemext.cli import main
     assert main(["bench", "memory", "--task", "omniglot", "--algos", "gem-bml+", "--inner-steps", "1",
@@ -42,7 +42,7 @@ def test_the_command_measures_the_learners_as_trained_unless_told_otherwise(monk
     import inspect
 
     seen = []
-    monkeypatch.setattr(bench_memory, "_run_point", lambda spec, timeout_s: seen.append(spec) or
+    monkeypatch.setattr(bench_memory, "run_point", lambda spec, timeout_s: seen.append(spec) or
                         {"peak_mem_mb": 1.0, "time_per_iter_s": 1.0})
     from gemext.cli import main
     args = ["bench", "memory", "--task", "sinusoid", "--algos", "gem-bml+", "--inner-steps", "1",
@@ -59,7 +59,7 @@ def test_the_command_measures_the_learners_as_trained_unless_told_otherwise(monk
 def test_bench_memory_points_run_on_the_familys_threads(monkeypatch, tmp_path):
     # like `gemext train`: sinusoid points on one thread unless OMP_NUM_THREADS or --threads says otherwise
     seen = []
-    monkeypatch.setattr(bench_memory, "_run_point", lambda spec, timeout_s: seen.append(spec) or
+    monkeypatch.setattr(bench_memory, "run_point", lambda spec, timeout_s: seen.append(spec) or
                         {"peak_mem_mb": 1.0, "time_per_iter_s": 1.0})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     from gemext.cli import main
@@ -73,7 +73,7 @@ def test_bench_memory_points_run_on_the_familys_threads(monkeypatch, tmp_path):
 
 def test_the_command_line_takes_every_task_shape_the_benchmark_has(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(bench_memory, "_run_point", lambda spec, timeout_s: seen.append(spec) or
+    monkeypatch.setattr(bench_memory, "run_point", lambda spec, timeout_s: seen.append(spec) or
                         {"peak_mem_mb": 1.0, "time_per_iter_s": 1.0})
     from gemext.cli import main
     for task in bench_memory.TASKS:

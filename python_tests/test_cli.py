@@ -9,19 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from fixtures import run_cli
 
 from gemext import cli
 
 QUICK = ["--iterations", "2", "--inner-steps", "1", "--meta-batch", "2", "--no-progress"]
-
-
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_bare_commands_print_their_help():
@@ -70,7 +62,7 @@ def test_train_help_ends_with_examples_that_run_as_written(capsys, tmp_path):
      "argument --algos: unknown algorithm(s) mamll (did you mean maml?)"),
 ])
 def test_misspelt_names_are_refused_with_the_closest_ones(argv, line, capsys, tmp_path):
-    code, out, err = _cli([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])], capsys)
+    code, out, err = run_cli([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])], capsys)
     prog = "gemext bench memory" if argv[0] == "bench" else "gemext train"
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and line in err, err
@@ -81,7 +73,7 @@ def test_a_name_another_learner_takes_is_not_taken_for_a_misspelling(capsys, tmp
     # sigma0 is GEM's, reg is iMAML's: the learner's own check says so, with no guess
     for options, line in (('{"sigma0": 0.1}', "maml: unknown option(s) sigma0; valid: "),
                           ('{"reg": 2}', "maml: option reg is used only by imaml")):
-        code, _, err = _cli(["train", "sinusoid", "--algo", "maml", "--options", options, *QUICK,
+        code, _, err = run_cli(["train", "sinusoid", "--algo", "maml", "--options", options, *QUICK,
                              "--out", str(tmp_path / "r")], capsys)
         assert code == 2 and line in err and "did you mean" not in err, err
 
@@ -102,7 +94,7 @@ def test_a_name_another_learner_takes_is_not_taken_for_a_misspelling(capsys, tmp
 ])
 def test_every_refusal_is_one_line_and_exit_2(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _cli([*argv, *(["--out", "run", *QUICK[-1:]] if argv[0] == "train" else [])], capsys)
+    code, out, err = run_cli([*argv, *(["--out", "run", *QUICK[-1:]] if argv[0] == "train" else [])], capsys)
     prog = {"train": "gemext train", "eval": "gemext eval", "bench": "gemext bench memory"}[argv[0]]
     assert code == 2 and out == "", err
     assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
@@ -117,17 +109,17 @@ def test_train_and_eval_close_with_a_summary_line(tmp_path, capsys):
     run = tmp_path / "run"
     base = ["train", "sinusoid", "--algo", "reptile", *QUICK, "--eval-tasks", "10", "--eval-steps", "2",
             "--out", str(run)]
-    code, out, err = _cli([*base, "--no-eval"], capsys)
+    code, out, err = run_cli([*base, "--no-eval"], capsys)
     assert code == 0 and out == ""
     assert err.splitlines()[-1] == (f"sinusoid reptile: 2 iterations, not meta-tested (gemext eval {run}); "
                                     f"run folder: {run}")
-    code, out, err = _cli([*base, "--iterations", "3", "--resume"], capsys)
+    code, out, err = run_cli([*base, "--iterations", "3", "--resume"], capsys)
     metrics = json.loads(out)
     mse, ci = metrics["mse_by_step"][-1], metrics["mse_ci95_by_step"][-1]
     assert code == 0 and re.fullmatch(
         rf"sinusoid reptile, 3 iterations: MSE after 2 steps {mse:.4g} ± {ci:.4g}, NLL {metrics['nll']:.4g} ± "
         rf"\S+ on 10 test tasks; results and plots: {re.escape(str(run))}", err.splitlines()[-1]), err
-    code, out, err = _cli(["eval", str(run), "--tasks", "5", "--split", "validation"], capsys)
+    code, out, err = run_cli(["eval", str(run), "--tasks", "5", "--split", "validation"], capsys)
     assert code == 0 and json.loads(out)["eval_tasks"] == 5
     assert err.splitlines()[-1].startswith("sinusoid reptile, 3 iterations: MSE after 2 steps ")
     assert err.splitlines()[-1].endswith(f" on 5 validation tasks; results and plots: {run}")

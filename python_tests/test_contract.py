@@ -1,5 +1,6 @@
 """The learner contract (gemext/algorithms/base.py) over every registered learner, and the layering
-of the package (each layer imports only layers below it; no import cycle)."""
+of the package (each layer imports only layers below it; no import cycle; no module takes another's
+private names)."""
 from __future__ import annotations
 
 import ast
@@ -175,13 +176,13 @@ PACKAGE = Path(algorithms.__file__).resolve().parents[1]
 # lower number = lower layer; a module may import its own layer and the ones below
 LAYERS = {
     "_C": 0, "_gym": 0, "ops": 0, "reference": 0, "gaussian": 0, "linalg": 0, "metrics": 0, "plots": 0,
-    "progress": 0, "config": 0, "runs": 0, "allocator": 0,
+    "progress": 0, "config": 0, "runs": 0, "allocator": 0, "introspect": 0,
     "vi": 1, "distributed": 1,
-    "tasks": 2,
+    "tasks": 2, "functional_net": 2,
     "algorithms": 3,
     "families": 4,
-    "train": 5, "bench_memory": 5,
-    "cli": 6, "__main__": 7,
+    "train": 5, "record": 5, "bench_memory": 5,
+    "cli": 6, "cli_args": 6, "cli_summary": 6, "__main__": 7,
 }
 
 
@@ -196,18 +197,33 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
-def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """gemext modules imported by a module, anywhere in it (function-level imports included)."""
+def _from_target(name: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module of a `from ... import` in module `name` (at `path`)."""
+    if not node.level:
+        return node.module or ""
     pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    base = pkg.split(".")
+    return ".".join(base[:len(base) - (node.level - 1)] + ([node.module] if node.module else []))
+
+
+def _nodes(tree: ast.AST, typing_only: bool):
+    """The nodes of `tree`, those under `if TYPE_CHECKING:` only when `typing_only` (type-only
+    imports never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if not typing_only and isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in (child, *_nodes(child, typing_only)))
+            continue
+        yield node
+        yield from _nodes(node, typing_only)
+
+
+def _imports(name: str, path: Path, known: dict[str, Path], typing_only: bool = True) -> set[str]:
+    """gemext modules imported by a module, anywhere in it (function-level imports included; those
+    under `if TYPE_CHECKING:` unless `typing_only` is False)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _nodes(ast.parse(path.read_text()), typing_only):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = pkg.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = _from_target(name, path, node)
             for alias in node.names:
                 sub = f"{target}.{alias.name}"
                 found.add(sub if sub in known else target)
@@ -235,7 +251,8 @@ def test_every_module_has_a_layer_and_imports_only_lower_layers():
 
 def test_no_import_cycle():
     known = _modules()
-    graph = {n: _imports(n, p, known) - {"gemext"} for n, p in known.items() if n != "gemext"}
+    # what runs at import: a type-only import cannot close a cycle
+    graph = {n: _imports(n, p, known, typing_only=False) - {"gemext"} for n, p in known.items() if n != "gemext"}
     # a package's __init__ importing its own submodules is how packages are built, not a cycle
     edges = {n: {t for t in ts if not t.startswith(n + ".")} for n, ts in graph.items()}
     state: dict[str, int] = {}
@@ -253,6 +270,64 @@ def test_no_import_cycle():
         return False
 
     assert not any(visit(n, [n]) for n in sorted(edges) if state.get(n) is None), " -> ".join(cycle)
+
+
+# Private (leading underscore) gemext names other modules may use: the compiled extension and the
+# gymnasium hook `import gemext` installs, modules private to the package rather than to one module.
+PRIVATE_ALLOWED = {"gemext._C", "gemext._gym"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_uses(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The private gemext names, outside PRIVATE_ALLOWED, that a module takes from another: imported
+    (`from x import _y`, `import x._y`) or read off an imported gemext module (`x._y`)."""
+    modules = set(known) | {"gemext._C"}
+    bound: dict[str, str] = {}  # local name -> the gemext module it names
+    used: set[str] = set()
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _from_target(name, path, node)
+            if target.split(".")[0] != "gemext":
+                continue
+            for alias in node.names:
+                used.add(f"{target}.{alias.name}")
+                if f"{target}.{alias.name}" in modules:
+                    bound[alias.asname or alias.name] = f"{target}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "gemext":
+                    used.add(alias.name)
+                    bound[alias.asname or "gemext"] = alias.name if alias.asname else "gemext"
+    for node in ast.walk(tree):
+        chain: list[str] = []
+        while isinstance(node, ast.Attribute):
+            chain.insert(0, node.attr)
+            node = node.value
+        if not (isinstance(node, ast.Name) and node.id in bound and chain):
+            continue
+        module = bound[node.id]
+        for attr in chain:  # down the submodules to the first attribute that is not one
+            if f"{module}.{attr}" not in modules:
+                used.add(f"{module}.{attr}")
+                break
+            module = f"{module}.{attr}"
+
+    def private(full: str) -> bool:
+        parts = full.split(".")
+        return any(_private(p) and ".".join(parts[:i + 1]) not in PRIVATE_ALLOWED for i, p in enumerate(parts))
+    return {u for u in used if private(u)}
+
+
+def test_no_private_name_is_used_across_modules():
+    """A module's private names stay its own: no other gemext module imports them or reads them off
+    the module (PRIVATE_ALLOWED lists the intended exceptions)."""
+    known = _modules()
+    found = sorted(f"{name} uses {use}" for name, path in known.items() for use in _private_uses(name, path, known))
+    assert not found, "\n".join(found)
 
 
 def test_the_training_loop_never_tests_a_task_name():

@@ -626,7 +626,9 @@ def test_von_on_a_model_without_cheap_curvature_rows_says_so_before_it_runs():
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             algorithms.create(name, model, likelihood=CategoricalLikelihood(), **kw)
-        return [str(w.message) for w in seen if "Gauss-Newton rows" in str(w.message)]
+        ours = [w for w in seen if "Gauss-Newton rows" in str(w.message)]
+        assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]  # names the caller's line
+        return [str(w.message) for w in ours]
 
     conv = lambda: Conv4(1, 3, hidden=4, image_size=16)
     for name in ("gem-bml+", "gem-bml"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 
@@ -278,6 +279,46 @@ def test_async_collector_matches_sync():
     torch.testing.assert_close(out[0].rewards, out[1].rewards)
 
 
+def test_policy_from_a_generator_starts_as_nn_linear_does_and_leaves_the_global_stream():
+    torch.manual_seed(5)
+    expect = [p.detach().clone() for p in rl.GaussianMLPPolicy(2, 3, hidden=(8, 4)).parameters()]
+    before = torch.get_rng_state()
+    pol = rl.GaussianMLPPolicy(2, 3, hidden=(8, 4), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), before)
+    for a, b in zip(expect, pol.parameters()):
+        assert torch.equal(a, b)
+
+
+def _sampler(seed, **kw):
+    col = rl.RolloutCollector("nav2d", num_envs=2, horizon=10, seed=seed)
+    pol = col.make_policy((8,), generator=torch.Generator().manual_seed(seed))
+    return rl.Sampler(col, pol, torch.Generator().manual_seed(seed + 1), episodes=3, **kw)
+
+
+def test_sampler_rollouts_are_fixed_by_its_streams_alone():
+    """Two samplers with alike streams roll out alike, whatever the global stream does; the rollouts
+    advance the sampler's streams, never torch's global one; reseed and set_rng_state restart them."""
+    task = rl.sample_tasks("nav2d", 1, 0)[0]
+    a, b = _sampler(3), _sampler(3)
+    state = a.rng_state()
+    before = torch.get_rng_state()
+    first = a.rollouts(a.policy.params(), task)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(123)
+    torch.testing.assert_close(b.rollouts(b.policy.params(), task).actions, first.actions, rtol=0, atol=0)
+    second = a.rollouts(a.policy.params(), task)
+    assert not torch.equal(second.actions, first.actions)  # the streams moved on
+    a.set_rng_state(state)
+    torch.testing.assert_close(a.rollouts(a.policy.params(), task).rewards, first.rewards, rtol=0, atol=0)
+    a.reseed(9)
+    b.reseed(9)
+    torch.testing.assert_close(a.rollouts(a.policy.params(), task, 2).actions,
+                               b.rollouts(b.policy.params(), task, 2).actions, rtol=0, atol=0)
+    assert a.collector.total_steps == 3 * 10 + 2 * 10 and a.horizon == 10  # counted from the restored state
+    for s in (a, b):
+        s.collector.close()
+
+
 @needs_mujoco
 def test_mujoco_smoke_collect_process_update():
     with rl.RolloutCollector("ant-dir", num_envs=2, horizon=15, seed=0) as col:
@@ -339,9 +380,10 @@ def test_an_inner_sgd_step_that_overshoots_the_prior_is_refused(tmp_path, algo):
     with pytest.raises(ValueError, match=r"= 27.8 per step, which must stay below 1.*raise episodes"):
         train(_run(tmp_path, algo, sigma0=0.01), progress=False)
     assert not (tmp_path / algo).exists()  # refused before the run folder was kept
-    from gemext.algorithms.rl import RLSettings
-    s = RLSettings()
-    assert s.inner_lr / s.scale(100) * s.beta / s.sigma0 ** 2 == pytest.approx(0.5)
+    from gemext.families.rl import RLFamily, RLRunSettings
+    from gemext.train import RunConfig
+    d = RLFamily.learner_options_for(RunConfig(task="nav2d", algo=algo))
+    assert d["inner_lr"] / (RLRunSettings().episodes * 100) * d["beta"] / d["sigma0"] ** 2 == pytest.approx(0.5)
 
 
 def test_resume_compares_the_resolved_rl_settings(tmp_path):
@@ -376,24 +418,24 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def _build_rl(algo, options, meta_lr=1e-2):
-    """(settings, sampler, learner, family) of a small nav2d run (close the family when done)."""
+    """(learner options, sampler, learner, family) of a small nav2d run (close the family when done)."""
     from gemext.train import RunConfig, open_family
 
     family = open_family(RunConfig(task="nav2d", algo=algo, out="unused", meta_lr=meta_lr, algo_options=options))
-    return family.settings, family.sampler, family.build_learner(), family
+    return family.learner_options_for(family.config), family.sampler, family.build_learner(), family
 
 
 def test_point_posterior_vi_step_equals_policy_gradient_step():
     # Reptile's inner fit (core VI loop, delta posterior, SGD lr = inner_lr / s on s·L_PG) must move
     # μ exactly like one REINFORCE step of size inner_lr, task by task (vmapped likelihood).
-    settings, sampler, learner, family = _build_rl("reptile", dict(TINY))
+    opts, sampler, learner, family = _build_rl("reptile", dict(TINY))
     tasks = rl.sample_tasks("nav2d", 2, 1)
     mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
     batches = [sampler.rollouts(mu0, t) for t in tasks]
     prior = learner.core.prior.expand(2)
     fitted = learner._fit(batches, prior, learner.core.start(prior), 1).posterior
     for i, b in enumerate(batches):
-        expect = rl.reinforce_step(sampler.policy, mu0, b, settings.inner_lr)
+        expect = rl.reinforce_step(sampler.policy, mu0, b, opts["inner_lr"])
         for n, m in zip(learner.names, fitted.task(i).mu):
             torch.testing.assert_close(m, expect[n], rtol=1e-5, atol=1e-6)
     family.close()
@@ -404,21 +446,21 @@ def test_gem_rl_learned_prior_std_stays_in_its_range(sigma0_range):
     """The RL meta-step clamps σ₀ into its range after each update (a large meta step would leave it)."""
     from gemext.train import meta_step
 
-    settings, sampler, learner, family = _build_rl("gem-bml+", dict(TINY, **TINY_GEM, sigma0_range=sigma0_range), 0.5)
+    opts, sampler, learner, family = _build_rl("gem-bml+", dict(TINY, **TINY_GEM, sigma0_range=sigma0_range), 0.5)
     opt = learner.meta_optimizer(0.5)
     for it in range(2):
         assert meta_step(learner, opt, rl.sample_tasks("nav2d", 2, it)).stepped
     s0 = torch.cat([r.detach().exp().flatten() for r in learner.core.prior.rho0])
     family.close()
     if sigma0_range == "shrink":
-        assert float(s0.max()) <= settings.sigma0 * (1 + 1e-6) and float(s0.min()) >= settings.sigma0 / 10 * (1 - 1e-6)
+        assert float(s0.max()) <= opts["sigma0"] * (1 + 1e-6) and float(s0.min()) >= opts["sigma0"] / 10 * (1 - 1e-6)
     else:  # unbounded: the same steps leave (σ₀/10, σ₀)
-        assert float(s0.max()) > settings.sigma0 * 1.1 or float(s0.min()) < settings.sigma0 / 10
+        assert float(s0.max()) > opts["sigma0"] * 1.1 or float(s0.min()) < opts["sigma0"] / 10
 
 
 def test_gem_rl_von_inner_fit_moves_mean_and_variance():
-    opts = dict(TINY, inner_optimizer="von", inner_lr=1.0, inner_options={"curvature": "reparam", "coupling": "diag"})
-    settings, sampler, learner, family = _build_rl("gem-bml+", opts)
+    von = dict(TINY, inner_optimizer="von", inner_lr=1.0, inner_options={"curvature": "reparam", "coupling": "diag"})
+    _, sampler, learner, family = _build_rl("gem-bml+", von)
     tasks = rl.sample_tasks("nav2d", 2, 1)
     mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
     batches = [sampler.rollouts(mu0, t) for t in tasks]
@@ -455,29 +497,74 @@ def test_maml_inner_step_is_differentiable_like_finite_differences():
 def test_rl_options_are_validated(tmp_path):
     from gemext.train import train
 
-    with pytest.raises(ValueError, match="unknown RL option"):
+    with pytest.raises(ValueError, match="maml: unknown option.s. episodez; valid: .*episodes.*max_kl"):
         train(_run(tmp_path, "maml", episodez=3), progress=False)
     with pytest.raises(ValueError, match="not available for nav2d"):
         train(_run(tmp_path, "abml"), progress=False)
-    from gemext.algorithms.rl import RLSettings
-    with pytest.raises(TypeError, match="RL option episodes must be int, got str 'x'"):
-        RLSettings.from_options({"episodes": "x"})
-    with pytest.raises(TypeError, match="RL option first_order must be bool"):
-        RLSettings.from_options({"first_order": 1})
-    with pytest.raises(ValueError, match="horizon must be >= 1"):
-        RLSettings.from_options({"horizon": 0})
-    # options the run's learner would ignore
-    with pytest.raises(ValueError, match="RL option max_kl is read by maml, not by gem-bml"):
-        RLSettings.from_options({"max_kl": 0.5}, "gem-bml+")
-    with pytest.raises(ValueError, match="RL option sigma0 is read by gem-bml, gem-bml\\+, reptile, not by maml"):
-        RLSettings.from_options({"sigma0": 0.5}, "maml")
-    with pytest.raises(ValueError, match="beta is read by gem-bml, gem-bml\\+, not by reptile"):
-        RLSettings.from_options({"beta": 0.5}, "reptile")
+    with pytest.raises(ValueError, match="RL option episodes must be an integer >= 1, got 'x'"):
+        train(_run(tmp_path, "maml", episodes="x"), progress=False)
+    with pytest.raises(ValueError, match="RL option horizon must be an integer >= 1 or null"):
+        train(_run(tmp_path, "maml", horizon=0), progress=False)
+    with pytest.raises(ValueError, match="RL option vector must be 'sync' or 'async'"):
+        train(_run(tmp_path, "maml", vector="threads"), progress=False)
+    # a learner's option: typed by the registry; another learner's: refused naming who takes it
+    with pytest.raises(TypeError, match="maml: option first_order must be bool, got int 1"):
+        train(_run(tmp_path, "maml", first_order=1), progress=False)
+    for algo, option, users in (("gem-bml+", "max_kl", "maml"), ("maml", "sigma0", "gem-bml, gem-bml+, reptile"),
+                                ("reptile", "beta", "gem-bml, gem-bml+")):
+        line = f"{algo}: option {option} is used only by {users}, not by {algo}; valid: "
+        with pytest.raises(ValueError, match=re.escape(line)):
+            train(_run(tmp_path, algo, **{option: 0.5}), progress=False)
+    with pytest.raises(ValueError, match="option sampler is set by the task family"):
+        train(_run(tmp_path, "maml", sampler=None), progress=False)
     with pytest.raises(ValueError, match="one policy-gradient step; inner_steps 2"):
         train(_run(tmp_path, "maml", inner_steps=2), progress=False)
-    assert RLSettings.from_options({"inner_steps": 1, "max_kl": 0.02}, "maml").max_kl == 0.02
-    ok = RLSettings.from_options({"hidden": [8, 8], "horizon": None, "sigma0_range": [1e-3, 1e-2], "sigma0": 1})
-    assert ok.hidden == (8, 8) and ok.sigma0_range == (1e-3, 1e-2) and ok.sigma0 == 1
+    with pytest.raises(ValueError, match="gem-bml: option inner_lr must be > 0, got 0"):
+        train(_run(tmp_path, "gem-bml", inner_lr=0), progress=False)
+    assert not list(tmp_path.iterdir())  # every refusal came before a run folder was kept
+
+
+def test_rl_learner_options_go_through_the_registry():
+    """The RL learners' options are their keyword parameters, checked by the registry as every
+    learner's are (before the learner is built: no sampler needed to be refused)."""
+    from torch import nn
+
+    from gemext import algorithms
+
+    assert algorithms.option_names("maml", "rl") == [
+        "cg_damping", "cg_iters", "first_order", "inner_lr", "inner_steps", "ls_backtrack_ratio", "ls_max_steps",
+        "max_kl", "sampler", "seed"]
+    assert set(algorithms.option_names("gem-bml+", "rl")) - set(algorithms.option_names("reptile", "rl")) == {
+        "beta", "learn_sigma", "mc_samples", "sigma0_range"}
+    with pytest.raises(ValueError, match="reptile: option mc_samples is used only by gem-bml, gem-bml\\+"):
+        algorithms.create("reptile", nn.Linear(2, 2), domain="rl", mc_samples=2)
+    with pytest.raises(ValueError, match="gem-bml: unknown option.s. max_kl; valid: beta"):
+        algorithms.create("gem-bml", nn.Linear(2, 2), domain="rl", max_kl=0.1)
+    with pytest.raises(TypeError, match="gem-bml: option sigma0 must be float, got str"):
+        algorithms.create("gem-bml", nn.Linear(2, 2), domain="rl", sigma0="big")
+
+
+def test_rl_family_splits_its_settings_from_the_learner_options(tmp_path):
+    """learner_options_for gives every option of the run's learner (its defaults, the run's options
+    and --inner-steps), the rest of --options (and --meta-batch) are the family's; config.json keeps
+    the options as given and records the learner's under resolved."""
+    import json
+
+    from gemext.families.rl import RLFamily
+    from gemext.train import RunConfig, train
+
+    config = RunConfig(task="nav2d", algo="reptile", inner_steps=2, meta_batch=3,
+                       algo_options={"episodes": 4, "sigma0": 0.5, "hidden": [8]})
+    opts = RLFamily.learner_options_for(config)
+    assert opts == {"inner_lr": 0.1, "inner_steps": 2, "query_steps": 1, "sigma0": 0.5, "inner_optimizer": "sgd",
+                    "inner_options": None, "likelihood_scale": None}
+    config = _run(tmp_path, "gem-bml+", iterations=1, inner_lr=0.05)
+    config.meta_batch = 1  # the flag over the option
+    cfg = json.loads((train(config, progress=False) / "config.json").read_text())
+    assert cfg["algo_options"] == {**TINY, **TINY_GEM, "inner_lr": 0.05} and cfg["meta_batch"] == 1
+    assert cfg["resolved"]["learner_options"] == {**RLFamily.learner_options_for(_run(tmp_path, "gem-bml+")),
+                                                  "inner_lr": 0.05}
+    assert cfg["resolved"]["meta_batch"] == 1
 
 
 @needs_mujoco

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import run_cli
 
 from gemext import _C, cli, runs
 from gemext.train import RunConfig, evaluate, load_checkpoint, train
@@ -207,17 +208,8 @@ def test_short_gem_bml_plus_run_beats_untrained_model(tmp_path):
     assert after < 0.75 * before, (before, after)
 
 
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cli_info(capsys):
-    code, out, _ = _cli(["info"], capsys)
+    code, out, _ = run_cli(["info"], capsys)
     info = json.loads(out)
     assert code == 0
     assert {"version", "cuda", "cuda_available", "openmp", "torch", "threads"} <= set(info)
@@ -236,27 +228,27 @@ def test_cli_info(capsys):
     (["eval", "/no/such/run"], "no such directory"),
 ])
 def test_cli_bad_input_exits_2_with_one_clear_line(argv, needle, capsys):
-    code, _, err = _cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and needle in err
 
 
 def test_cli_unknown_preset_and_unwritable_out(tmp_path, capsys):
-    code, _, err = _cli(["train", "sinusoid", "--algo", "gem-bml+", "--preset", "nope", "--iterations", "1",
+    code, _, err = run_cli(["train", "sinusoid", "--algo", "gem-bml+", "--preset", "nope", "--iterations", "1",
                          "--out", str(tmp_path / "x"), "--no-progress"], capsys)
     assert code == 2 and "unknown sinusoid preset 'nope'" in err
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, _, err = _cli(["train", "sinusoid", "--algo", "gem-bml+", "--iterations", "1",
+    code, _, err = run_cli(["train", "sinusoid", "--algo", "gem-bml+", "--iterations", "1",
                          "--out", str(blocker / "sub"), "--no-progress"], capsys)
     assert code == 2 and "cannot write into the output folder" in err
 
 
 def test_cli_train_and_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, _ = _cli(["train", "sinusoid", "--algo", "reptile", "--iterations", "4", "--inner-steps", "2",
+    code, stdout, _ = run_cli(["train", "sinusoid", "--algo", "reptile", "--iterations", "4", "--inner-steps", "2",
                             "--meta-batch", "3", "--eval-tasks", "20", "--out", str(out), "--no-progress"], capsys)
     assert code == 0 and json.loads(stdout)["iterations"] == 4
-    code, stdout, err = _cli(["eval", str(out), "--tasks", "10", "--steps", "2"], capsys)
+    code, stdout, err = run_cli(["eval", str(out), "--tasks", "10", "--steps", "2"], capsys)
     assert code == 0 and json.loads(stdout)["eval_tasks"] == 10
     assert err.splitlines()[-1].endswith(f" on 10 test tasks; results and plots: {out}")
 
@@ -406,13 +398,13 @@ def test_cli_eval_predict_samples(tmp_path, capsys):
     gem = train(_config(tmp_path / "g", iterations=3), progress=False)
     runs = {}
     for n in (2, 50):
-        code, stdout, _ = _cli(["eval", str(gem), "--tasks", "20", "--predict-samples", str(n)], capsys)
+        code, stdout, _ = run_cli(["eval", str(gem), "--tasks", "20", "--predict-samples", str(n)], capsys)
         assert code == 0
         runs[n] = json.loads(stdout)
         assert runs[n]["predict_samples"] == n
     assert runs[2]["nll"] != runs[50]["nll"]  # the predictive mixture changed
     maml = train(_config(tmp_path / "m", algo="maml", iterations=2), progress=False)
-    code, _, err = _cli(["eval", str(maml), "--tasks", "20", "--predict-samples", "10"], capsys)
+    code, _, err = run_cli(["eval", str(maml), "--tasks", "20", "--predict-samples", "10"], capsys)
     assert code == 2 and "maml does not sample its predictions" in err
 
 
@@ -541,7 +533,7 @@ def test_validation_tasks_are_fixed_and_apart_from_the_test_tasks(tmp_path, caps
     from gemext.families.base import EVAL_SEED, VALIDATION_SEED
     assert VALIDATION_SEED != EVAL_SEED
     run = tmp_path / "r"
-    code, _, err = _cli(["train", "sinusoid", "--algo", "maml", "--iterations", "6", "--eval-tasks", "20",
+    code, _, err = run_cli(["train", "sinusoid", "--algo", "maml", "--iterations", "6", "--eval-tasks", "20",
                          "--eval-split", "validation", "--out", str(run), "--no-progress"], capsys)
     assert code == 0, err
     saved = json.loads((run / "metrics.json").read_text())
@@ -556,13 +548,13 @@ def test_validation_tasks_are_fixed_and_apart_from_the_test_tasks(tmp_path, caps
     assert family.eval_seed == VALIDATION_SEED
     train(RunConfig(task="sinusoid", algo="maml", iterations=8, out=str(run), eval_split="test"), resume=True,
           progress=False)
-    code, _, err = _cli(["eval", str(run), "--split", "nope"], capsys)
+    code, _, err = run_cli(["eval", str(run), "--split", "nope"], capsys)
     assert code == 2 and "--split" in err
 
 
 def test_a_vision_task_without_validation_classes_refuses_the_validation_split(tmp_path, capsys):
     # refused before any data is read or any folder written, naming the task and the way out
-    code, _, err = _cli(["train", "omniglot", "--algo", "maml", "--eval-split", "validation",
+    code, _, err = run_cli(["train", "omniglot", "--algo", "maml", "--eval-split", "validation",
                          "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "omniglot has no validation classes" in err and "--eval-split test" in err
     assert not (tmp_path / "o").exists()

@@ -516,10 +516,15 @@ def test_von_minibatches_samples_and_learned_noise_move_toward_the_posterior():
                                .expand(T).to(torch.float64))
 
 
+def _objective_at_mean(term, mu, prior, beta=1.0):
+    """nll(μ) + β‖μ − μ₀‖²/(2σ₀²) per task: what von's line search keeps from rising."""
+    quad = sum(((m - m0) ** 2 * torch.exp(-2 * r0)).flatten(1).sum(1) for m, m0, r0 in zip(mu, prior.mu, prior.rho))
+    return term.task_nll(mu, None) + 0.5 * beta * quad
+
+
 def test_von_backtracking_never_raises_the_objective_at_the_mean():
     # a wide prior and a sharp likelihood on a tanh net: full Gauss-Newton steps overshoot
     from gemext.algorithms.base import FunctionalNet
-    from gemext.vi import _merit
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).double()
     names = [n for n, _ in model.named_parameters()]
@@ -533,7 +538,7 @@ def test_von_backtracking_never_raises_the_objective_at_the_mean():
     def merits(cfg):
         out = []
         fit(term, N, prior, prior, cfg, torch.Generator().manual_seed(0),
-            callback=lambda k, q: out.append(_merit(term, q.mu, prior, 1.0, None, 1.0)))
+            callback=lambda k, q: out.append(_objective_at_mean(term, q.mu, prior)))
         return torch.stack(out)
     guarded = merits(_von_cfg(5))
     assert bool((guarded[1:] <= guarded[:-1] + 1e-9).all())
@@ -541,69 +546,73 @@ def test_von_backtracking_never_raises_the_objective_at_the_mean():
     assert bool((free[1:] > free[:-1]).any())  # without it some step does overshoot: the check can fail
 
 
-def test_a_von_fit_flattens_its_prior_once(monkeypatch):
-    """The step's Woodbury terms and the line search read one flat copy of the fit's prior (a
-    regression: each made its own); a fit that builds a graph flattens the graph-carrying prior
-    for the step and the detached one for the search, and its result still carries the graph."""
+def _tanh_tasks(T, N, seed, spread=1.0):
     from gemext.algorithms.base import FunctionalNet
-    from gemext.vi import von
-    from gemext.vi.loop import _fit_von
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
     names = [n for n, _ in model.named_parameters()]
-    T, N = 3, 5
-    x = torch.rand(T, N, 1, dtype=torch.float64)
+    x = (torch.rand(T, N, 1, dtype=torch.float64) * 2 - 1) * spread
     term = DataTerm(FunctionalNet(model, names, True), GaussianLikelihood(0.1).double(), x, torch.sin(3 * x), names)
-    mu0 = [p.detach().unsqueeze(0).repeat(T, *[1] * p.dim()).requires_grad_(True) for p in model.parameters()]
-    prior = Posterior(names, mu0, [torch.full_like(m, -1.0) for m in mu0])
-    calls = []
-    real = von.FlatPrior.of.__func__
-    monkeypatch.setattr(von.FlatPrior, "of", classmethod(lambda cls, p: calls.append(p) or real(cls, p)))
-    fit(term, N, prior, prior, _von_cfg(3), torch.Generator().manual_seed(0))
-    assert len(calls) == 1
-    calls.clear()
-    out = _fit_von(term, N, prior, prior, _von_cfg(3), torch.Generator().manual_seed(0), None, None, create_graph=True)
-    assert len(calls) == 2 and calls[0] is not calls[1]
-    assert out.posterior.mu[0].requires_grad
+    mu0 = [p.detach().unsqueeze(0).repeat(T, *[1] * p.dim()) for p in model.parameters()]
+    return term, Posterior(names, mu0, [torch.full_like(m, -1.0) for m in mu0])
+
+
+def test_a_differentiable_von_fit_is_the_fused_fit_with_a_graph():
+    """differentiable=True builds the same update as a graph (θ = μ + σε and the per-weight update
+    as torch composites, the rows held as data): the fused fit's posterior to rounding, carrying a
+    gradient to the prior; the other optimizers refuse it."""
+    term, prior = _tanh_tasks(3, 5, 0)
+    prior = Posterior(prior.names, [m.requires_grad_(True) for m in prior.mu], prior.rho)
+    fused = fit(term, 5, prior, prior, _von_cfg(3), torch.Generator().manual_seed(0)).posterior
+    graph = fit(term, 5, prior, prior, _von_cfg(3), torch.Generator().manual_seed(0), differentiable=True).posterior
+    for a, b in zip(fused.mu + fused.rho, graph.mu + graph.rho):
+        torch.testing.assert_close(b.detach(), a, rtol=1e-9, atol=1e-10)
+    (g,) = torch.autograd.grad(graph.mu[0].sum(), prior.mu[0])
+    assert bool(g.abs().sum() > 0) and bool(torch.isfinite(g).all())
+    with pytest.raises(ValueError, match="differentiable=True needs optimizer 'von'"):
+        fit(term, 5, prior, prior, VIConfig(steps=1), differentiable=True)
+
+
+def test_von_phases_are_profiler_ranges():
+    term, prior = _tanh_tasks(2, 4, 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fit(term, 4, prior, prior, _von_cfg(2), torch.Generator().manual_seed(0))
+    seen = {e.key: e.count for e in prof.key_averages()}
+    assert all(seen.get(f"von.{phase}") == 2 for phase in ("sample_terms", "solve", "update", "line_search"))
 
 
 def test_backtracking_picks_what_a_halving_loop_picks():
     """The batched search (full step, then every halving of the failed tasks in one forward) takes,
     per task, the first fraction 1, 1/2, 1/4, ... whose objective does not rise, or undoes the step:
     checked against a plain halving loop on tasks that accept, halve to different depths and undo."""
-    from gemext.algorithms.base import FunctionalNet
-    from gemext.vi import _backtrack_, _flat, _merit
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
-    names = [n for n, _ in model.named_parameters()]
-    T, N, H = 12, 6, 3
-    x = torch.rand(T, N, 1, dtype=torch.float64) * 4 - 2
-    y = torch.sin(3 * x)
-    term = DataTerm(FunctionalNet(model, names, True), GaussianLikelihood(0.1).double(), x, y, names)
-    old = [p.detach().unsqueeze(0).repeat(T, *[1] * p.dim()) for p in model.parameters()]
-    prior = Posterior(names, old, [torch.full_like(m, -1.0) for m in old])
+    from gemext.vi import VonFit
+    T, H = 12, 3
+    term, prior = _tanh_tasks(T, 6, 1, spread=2.0)
+    old = prior.mu
     # descent steps of growing length: short ones are accepted, long ones halved or undone
     theta = [m.clone().requires_grad_(True) for m in old]
     grads = torch.autograd.grad(term(theta, None), theta)
     scale = torch.logspace(-3, 1.5, T, dtype=torch.float64)
     step = [-g * scale.reshape(-1, *[1] * (g.dim() - 1)) for g in grads]
-    merit_old = _merit(term, old, prior, 1.0, None, 1.0)
-    mu = [m + d for m, d in zip(old, step)]
-    merit, frac = _backtrack_(term, mu, _flat(old), merit_old, prior, 1.0, None, 1.0, H)
+    search = VonFit(term, prior, prior, _von_cfg(1, backtrack=H))
+    search.mu = [m + d for m, d in zip(old, step)]
+    frac = search.line_search(old, None, 1.0)
+    merit_old = _objective_at_mean(term, old, prior)
     want = torch.zeros(T, dtype=torch.float64)
     for t in range(T):  # the reference: one task at a time, one fraction at a time
-        one = Posterior(names, [m[t:t + 1] for m in old], [r[t:t + 1] for r in prior.rho])
+        one = Posterior(prior.names, [m[t:t + 1] for m in old], [r[t:t + 1] for r in prior.rho])
         for f in [0.5 ** k for k in range(H + 1)]:
             trial = [m[t:t + 1] + f * d[t:t + 1] for m, d in zip(old, step)]
-            value = float(_merit(term.tasks(torch.tensor([t])), trial, one, 1.0, None, 1.0))
+            value = float(_objective_at_mean(term.tasks(torch.tensor([t])), trial, one))
             if value <= float(merit_old[t]) + 1e-5 * abs(float(merit_old[t])):
                 want[t] = f
                 break
     torch.testing.assert_close(frac, want)
     assert {0.0, 1.0} < set(want.tolist()) and len(set(want.tolist())) >= 4  # every branch taken
-    for m, m0, d in zip(mu, old, step):
+    for m, m0, d in zip(search.mu, old, step):
         torch.testing.assert_close(m, m0 + want.reshape(-1, *[1] * (m.dim() - 1)) * d)
-    torch.testing.assert_close(merit, torch.where(want > 0, _merit(term, mu, prior, 1.0, None, 1.0), merit_old))
+    torch.testing.assert_close(search.merit,
+                               torch.where(want > 0, _objective_at_mean(term, search.mu, prior), merit_old))
 
 
 def test_per_task_nll_splits_the_summed_nll_by_task():
@@ -642,8 +651,6 @@ def test_rows_products_are_exact_and_do_not_depend_on_memory_alignment():
         for t in range(T):  # task t alone, at another alignment
             assert torch.equal(rows_times(moved(R[t:t + 1], k), moved(v[t:t + 1], k))[0], rv[t])
             assert torch.equal(rows_t_times(moved(R[t:t + 1], k), moved(z[t:t + 1], k))[0], rz[t])
-    vg = v.clone().requires_grad_(True)  # differentiable (the unrolled learners' graph mode)
-    buf.zero_()
-    (gv,) = torch.autograd.grad(rows_times(R, vg, buf).sum(), vg)
-    assert not buf.any()  # with a graph the buffer is left alone (autograd keeps the inputs)
+    vg = v.clone().requires_grad_(True)  # differentiable without a buffer (the unrolled learners' graph mode)
+    (gv,) = torch.autograd.grad(rows_times(R, vg).sum(), vg)
     torch.testing.assert_close(gv, R.sum(1))

@@ -6,22 +6,17 @@ from typing import Any
 
 from torch import nn
 
+from ..functional_net import FunctionalNet
 from . import (
-    base,
     chaser,  # noqa: F401  (registers kl-chaser, bmaml)
     elbo,  # noqa: F401  (registers abml, pmaml-elbo)
     gem,  # noqa: F401  (registers gem-bml, gem-bml+, reptile)
     maml,  # noqa: F401  (registers maml, fomaml, imaml)
+    registry,
 )
-from .base import (
-    BayesianPredictor,
-    FunctionalNet,
-    MetaLearner,
-    Prediction,
-    SupervisedLearner,
-    register_class,
-    register_variants,
-)
+from .base import MetaLearner, SupervisedLearner
+from .predictors import BayesianPredictor, Prediction
+from .registry import register_class, register_variants
 
 __all__ = ["create", "names", "option_names", "check_options", "register_class", "register_variants", "MetaLearner",
            "SupervisedLearner", "BayesianPredictor", "Prediction", "FunctionalNet"]
@@ -35,23 +30,23 @@ def _load(domain: str) -> str:
 
 def names(domain: str = "supervised") -> list[str]:
     """Names accepted by `create` in a domain ("supervised" or "rl")."""
-    return base.names(_load(domain))
+    return registry.names(_load(domain))
 
 
 def create(name: str, model: nn.Module, domain: str = "supervised", **options: Any) -> MetaLearner:
     """A learner of algorithm `name` over `model` (which it takes ownership of); unknown or
     ill-typed options are refused with the list of valid ones."""
-    return base.create(name, model, _load(domain), **options)
+    return registry.create(name, model, _load(domain), **options)
 
 
 def option_names(name: str, domain: str = "supervised") -> list[str]:
     """The options `create(name, model, **options)` accepts."""
-    return base.option_names(name, _load(domain))
+    return registry.option_names(name, _load(domain))
 
 
 def check_options(name: str, options: dict[str, Any], domain: str = "supervised") -> None:
     """Refuse unknown or ill-typed options of `name` with the list of valid ones."""
-    base.check_options(name, options, _load(domain))
+    registry.check_options(name, options, _load(domain))
 
 
 def __getattr__(name: str):

@@ -47,9 +47,10 @@ from torch import nn
 from .. import ops
 from ..gaussian import Posterior, split_parameters
 from ..tasks import Task
-from .base import BayesianPredictor, register_class
 from .elbo import VILearner
 from .functional import FunctionalLearner, Params
+from .predictors import BayesianPredictor
+from .registry import register_class
 
 
 class KLChaserLearner(VILearner):

@@ -7,7 +7,7 @@ Philox stream, the same ε `gemext.vi.fit` draws for the same seed, so meta-test
 fused `fit` follows the same update). The step is plain SGD on (μ, ρ), natural-gradient VI
 (μ ← μ − clip(lr·σ²·∂μ, ±max_step·σ), ρ ← ρ − clip(rho_lr/2·∂ρ, ±max_step/√2): `gemext.vi.ngvi_update`,
 the very rule of `gemext.vi.NaturalGradientVI`, with its resolved defaults) or the von step
-(`VariationalOnlineNewton.step_differentiable`). The fused `sample` and
+(`fit(..., differentiable=True)`: `VonFit` with `reference.von_step`). The fused `sample` and
 `gaussian_kl` have first-order backward formulas only, so inside the unrolled loop (which needs
 the gradient of a gradient) θ = μ + σ·ε and the KL are written as differentiable torch
 composites; the meta-loss at λ_K uses the fused ops.
@@ -30,9 +30,9 @@ from torch import nn
 from .. import ops, reference
 from ..gaussian import Posterior
 from ..tasks import Task
-from ..vi import DataTerm, NaturalGradientVI, VIConfig, _fit_von, fit, ngvi_update, task_starts
-from .base import register_variants
+from ..vi import DataTerm, NaturalGradientVI, VIConfig, fit, ngvi_update, task_starts
 from .functional import Params, PriorLearner, vi_config
+from .registry import register_variants
 
 _DIFFERENTIABLE_VI = ("sgd", "ngvi", "von")
 
@@ -123,8 +123,8 @@ class VILearner(PriorLearner):
                 create_graph: bool, task_range: tuple[int, int] | None) -> tuple[Params, Params, float]:
         """`_vi` with the variational online Newton step: `gemext.vi`'s own von loop, in its
         differentiable mode when the graph is wanted."""
-        res = _fit_von(term, term.x.shape[1], Posterior(self.names, pm, pr), Posterior(self.names, mu, rho),
-                       replace(self.inner, steps=steps), self.generator, None, task_range, create_graph=create_graph)
+        res = fit(term, term.x.shape[1], Posterior(self.names, pm, pr), Posterior(self.names, mu, rho),
+                  replace(self.inner, steps=steps), self.generator, task_range=task_range, differentiable=create_graph)
         return res.posterior.mu, res.posterior.rho, res.nll
 
     def _term(self, x: torch.Tensor, y: torch.Tensor) -> DataTerm:

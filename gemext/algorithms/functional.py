@@ -1,31 +1,38 @@
 """What the supervised learners share: the take-over of a user's model (model and likelihood as
-one module whose parameters become buffers fed back through `functional_call`) and the
-Gaussian-prior learners' common parts."""
+one module whose parameters become buffers fed back through `functional_call`, with the rule of the
+`vectorize` option) and the Gaussian-prior learners' common parts."""
 from __future__ import annotations
 
 import abc
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..functional_net import FunctionalNet
 from ..gaussian import GaussianPrior, Posterior, detach_parameters
+from ..introspect import input_layer, is_pointwise, mlp_plan, task_loop_reason
 from ..vi import CategoricalLikelihood, GaussianLikelihood, VIConfig
 from ..vi.von import VariationalOnlineNewton
-from .base import (
-    BayesianPredictor,
-    FunctionalNet,
-    SupervisedLearner,
-    input_layer,
-    is_pointwise,
-    mlp_plan,
-    resolve_vectorize,
-)
+from .base import SupervisedLearner
+from .predictors import BayesianPredictor
 
 Params = list[torch.Tensor]
+
+
+def _caller_level() -> int:
+    """The `stacklevel` of the first frame outside gemext, for a warning raised from the frame that
+    calls this: it names the user's line whatever the depth of the learner's constructors."""
+    package = str(Path(__file__).resolve().parents[1])
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 class ModelAndLikelihood(nn.Module):
@@ -66,6 +73,20 @@ def vi_config(name: str, inner: VIConfig | dict[str, Any] | None, **overrides: A
         for field_name in overrides:
             msg = msg.replace(f"VIConfig.{field_name}", f"option {_VI_OPTIONS.get(field_name, field_name)}")
         raise ValueError(f"{name}: {msg}") from None
+
+
+def resolve_vectorize(name: str, model: nn.Module, vectorize: bool | str) -> bool:
+    """The learners' one rule for `vectorize`: "auto" vmaps the tasks unless the model needs the
+    loop over tasks; True on such a model is refused with the reason."""
+    if not (vectorize is True or vectorize is False or vectorize == "auto"):
+        raise ValueError(f"{name}: option vectorize must be True, False or 'auto', got {vectorize!r}")
+    reason = task_loop_reason(model)
+    if vectorize == "auto":
+        return reason is None
+    if vectorize and reason is not None:
+        raise ValueError(f"{name}: vectorize=True is impossible here ({reason} inside torch.func transforms); "
+                         "use vectorize='auto' or False (a loop over tasks)")
+    return bool(vectorize)
 
 
 class FunctionalLearner(SupervisedLearner):
@@ -117,7 +138,7 @@ class FunctionalLearner(SupervisedLearner):
             "natural-gradient VI costs one (a Conv4 with BatchNorm on Omniglot 5w1s: 9.4x NGVI's time and 4x its "
             "memory per meta-iteration). inner=dict(optimizer='ngvi', ...) is the affordable choice on such models "
             "(the vision presets use it); a custom module that maps each point on its own can say so with the class "
-            "attribute gemext_pointwise = True", stacklevel=5)
+            "attribute gemext_pointwise = True", stacklevel=_caller_level())
 
     @property
     def vectorize(self) -> bool:
@@ -126,7 +147,7 @@ class FunctionalLearner(SupervisedLearner):
     # -- data terms (summed negative log-likelihood) ---------------------------------------------
     def _nll_one(self, theta: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One task: θ without a task dimension."""
-        out = self.forward_net._one(tuple(theta), x)
+        out = self.forward_net.one_task(tuple(theta), x)
         return self.net.likelihood.nll(out, y, {self.names[i]: theta[i] for i in self._lik_idx})
 
     def _nll(self, theta: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

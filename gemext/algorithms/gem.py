@@ -17,8 +17,8 @@ from .. import ops
 from ..gaussian import Posterior
 from ..tasks import Task
 from ..vi import DataTerm, FitResult, NaturalGradientVI, VariationalOnlineNewton, VIConfig, fit
-from .base import register_variants
 from .functional import PriorLearner, vi_config
+from .registry import register_variants
 
 
 class GEMLearner(PriorLearner):

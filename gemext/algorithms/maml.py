@@ -28,8 +28,9 @@ from torch.func import grad, grad_and_value, jvp, vmap
 from ..gaussian import split_parameters
 from ..linalg import conjugate_gradient
 from ..tasks import Task
-from .base import BayesianPredictor, register_variants
 from .functional import FunctionalLearner, Params
+from .predictors import BayesianPredictor
+from .registry import register_variants
 
 
 class MAMLLearner(FunctionalLearner):

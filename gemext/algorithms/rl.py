@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -32,146 +31,18 @@ from torch.func import vmap
 
 from ..tasks.rl.envs import Task
 from ..tasks.rl.optim import mean_kl, pg_surrogate, reinforce_step, trpo_step, trpo_surrogate
-from ..tasks.rl.rollouts import EpisodeBatch, RolloutCollector, mean_returns, process, stack
+from ..tasks.rl.rollouts import EpisodeBatch, Sampler, mean_returns, stack
 from ..vi import VIConfig
-from .base import MetaLearner, register_class, register_variants
+from .base import MetaLearner
 from .gem import GEMLearner
-
-RL_ALGOS = ("gem-bml", "gem-bml+", "reptile", "maml")
-
-
-@dataclass
-class RLSettings:
-    """Hyper-parameters of a meta-RL run (defaults follow pytorch-maml-rl where it has one)."""
-
-    episodes: int = 20  # K: rollouts per task for the support and for the query (fast-batch-size)
-    meta_batch: int = 20  # tasks per meta-iteration
-    horizon: int | None = None  # None: the environment's (nav2d 100, MuJoCo 200)
-    hidden: tuple[int, ...] = (100, 100)
-    init_log_std: float = 0.0
-    gamma: float = 0.99
-    gae_lambda: float = 1.0
-    inner_lr: float = 0.1  # policy-gradient step on the mean surrogate (MAML-RL fast-lr)
-    inner_steps: int = 1
-    query_steps: int = 1
-    # GEM-BML(+) and Reptile
-    sigma0: float = 0.01  # prior std (Reptile: the fixed C₀)
-    # the prior std is meta-learned by GEM-BML(+) within (σ₀/10, σ₀) ("shrink", as the sinusoid and
-    # vision presets: measured in benchmarks/HISTORY.md, "nav2d: learned prior std and the von inner VI");
-    # None: unbounded
-    learn_sigma: bool = True
-    sigma0_range: str | tuple[float, float] | None = "shrink"
-    # the inner VI: "sgd" (a policy-gradient step of inner_lr on the surrogate), or "von" with
-    # inner_options {"curvature": "reparam", "coupling": "diag"} (the surrogate is not a likelihood:
-    # there is no Gauss-Newton factor for the coupled step); lr is then inner_lr unscaled
-    inner_optimizer: str = "sgd"
-    inner_options: dict[str, Any] = field(default_factory=dict)
-    beta: float = 1.0
-    mc_samples: int = 1
-    likelihood_scale: float | None = None  # s; None: episodes × horizon
-    # MAML-TRPO (MAML-RL values)
-    first_order: bool = False
-    max_kl: float = 1e-2
-    cg_damping: float = 1e-5
-    cg_iters: int = 10
-    ls_max_steps: int = 15
-    ls_backtrack_ratio: float = 0.8
-    # rollouts and meta-test
-    num_envs: int = 20
-    vector: str = "sync"
-    eval_tasks: int = 40
-    eval_episodes: int = 40
-    eval_steps: int = 3
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
-        for name in ("episodes", "meta_batch", "num_envs", "eval_tasks", "eval_episodes", "mc_samples",
-                     "cg_iters", "ls_max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RL option {name} must be >= 1, got {getattr(self, name)}")
-        if self.horizon is not None and self.horizon < 1:
-            raise ValueError(f"RL option horizon must be >= 1 (or null: the environment's), got {self.horizon}")
-        for name in ("inner_steps", "query_steps", "eval_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"RL option {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("inner_lr", "sigma0", "max_kl"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"RL option {name} must be > 0, got {getattr(self, name)}")
-        if isinstance(self.sigma0_range, list):  # from JSON
-            self.sigma0_range = tuple(self.sigma0_range)
-        if self.inner_optimizer not in ("sgd", "von"):
-            raise ValueError(f"RL option inner_optimizer must be 'sgd' or 'von', got {self.inner_optimizer!r}")
-        if self.vector not in ("sync", "async"):
-            raise ValueError(f"RL option vector must be 'sync' or 'async', got {self.vector!r}")
-
-    def scale(self, horizon: int) -> float:
-        return float(self.likelihood_scale or self.episodes * horizon)
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any], algo: str | None = None) -> RLSettings:
-        """Settings from a run's options (JSON values): unknown keys, values of the wrong type and,
-        given the run's `algo`, options that learner would ignore are refused, naming the option."""
-        types = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(options) - set(types))
-        if unknown:
-            raise ValueError(f"unknown RL option(s) {unknown}; known: {sorted(types)}")
-        for name, value in options.items():
-            if not _accepts(str(types[name]), value):
-                raise TypeError(f"RL option {name} must be {types[name]}, got {type(value).__name__} {value!r}")
-        if algo is not None:
-            for name in options:
-                users = _USED_BY.get(name)
-                if users is not None and algo not in users:
-                    raise ValueError(f"RL option {name} is read by {', '.join(users)}, not by {algo}")
-            if algo == "maml" and options.get("inner_steps", 1) != 1:
-                raise ValueError(f"maml (MAML-TRPO) adapts with one policy-gradient step; inner_steps "
-                                 f"{options['inner_steps']} is not available")
-        return cls(**options)
+from .registry import register_class, register_variants
 
 
-_GEM, _ALL_GEM = ("gem-bml", "gem-bml+"), ("gem-bml", "gem-bml+", "reptile")
-# options read by some RL learners only (the others are shared by all): what each learner reads
-_USED_BY: dict[str, tuple[str, ...]] = {
-    **{k: ("maml",) for k in ("first_order", "max_kl", "cg_damping", "cg_iters", "ls_max_steps", "ls_backtrack_ratio")},
-    **{k: _GEM for k in ("learn_sigma", "sigma0_range", "beta", "mc_samples")},
-    **{k: _ALL_GEM for k in ("sigma0", "inner_optimizer", "inner_options", "likelihood_scale", "query_steps")},
-}
-
-
-def _accepts(annotation: str, value: Any) -> bool:
-    """Whether a JSON value fits a field annotation such as "int", "float | None", "tuple[int, ...]"."""
-    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
-              "tuple": lambda v: isinstance(v, (list, tuple)), "dict": lambda v: isinstance(v, dict),
-              "None": lambda v: v is None}
-    return any(checks.get(alt.split("[")[0].strip(), lambda v: True)(value) for alt in annotation.split("|"))
-
-
-class Sampler:
-    """The rollout collector, the policy and the action-noise generator of a run."""
-
-    def __init__(self, task: str, settings: RLSettings, seed: int) -> None:
-        self.task, self.settings = task, settings
-        self.collector = RolloutCollector(task, num_envs=min(settings.num_envs, settings.eval_episodes),
-                                          mode=settings.vector, horizon=settings.horizon, seed=seed)
-        self.horizon = self.collector.horizon
-        torch.manual_seed(seed)  # the policy's initial weights
-        self.policy = self.collector.make_policy(settings.hidden, init_log_std=settings.init_log_std)
-        self.generator = torch.Generator().manual_seed(seed + 1)
-
-    def rollouts(self, params: dict[str, Tensor], task: Task, episodes: int | None = None) -> EpisodeBatch:
-        batch = self.collector.collect(self.policy, params, task, episodes or self.settings.episodes, self.generator)
-        return process(batch, self.settings.gamma, self.settings.gae_lambda)
-
-    def rng_state(self) -> dict:
-        return {"actions": self.generator.get_state(), "resets": self.collector._rng.bit_generator.state,
-                "env_steps": self.collector.total_steps}
-
-    def set_rng_state(self, state: dict) -> None:
-        self.generator.set_state(state["actions"])
-        self.collector._rng.bit_generator.state = state["resets"]
-        self.collector.total_steps = state["env_steps"]
+def _check_range(name: str, least: float, strict: bool = False, **values: float) -> None:
+    """Refuse option values below `least` (at it too when `strict`), naming the learner and option."""
+    for option, value in values.items():
+        if value < least or (strict and value == least):
+            raise ValueError(f"{name}: option {option} must be {'>' if strict else '>='} {least:g}, got {value}")
 
 
 def _no_shard(name: str, task_range: tuple[int, int] | None, n: int) -> None:
@@ -232,35 +103,52 @@ class RLLearner(MetaLearner):
 class GEMRL(RLLearner):
     """GEM-BML / GEM-BML+ / Reptile on RL tasks: a core `GEMLearner` (`self.core`) holds the prior
     (μ₀, ρ₀ over every policy weight, log-std included); the VI fits are the core's `vi.fit`, the
-    meta-gradient the core's `ops.gem_grad_`. `model` is the sampler's policy."""
+    meta-gradient the core's `ops.gem_grad_`. `model` is the sampler's policy.
 
-    def __init__(self, model: nn.Module, variant: str = "gem-bml+", sampler: Sampler | None = None,
-                 settings: RLSettings | None = None, seed: int = 0) -> None:
+    Options (defaults after pytorch-maml-rl where it has one): inner_lr (a policy-gradient step on the
+    mean surrogate, MAML-RL's fast-lr), inner_steps / query_steps (VI steps on support / on query),
+    sigma0 (the prior std; Reptile: the fixed C₀), learn_sigma and sigma0_range (GEM-BML(+) meta-learn
+    the prior std within (σ₀/10, σ₀), "shrink", as the sinusoid and vision presets: measured in
+    benchmarks/HISTORY.md, "nav2d: learned prior std and the von inner VI"; None: unbounded),
+    inner_optimizer ("sgd": a policy-gradient step of inner_lr; "von" with inner_options
+    {"curvature": "reparam", "coupling": "diag"}, lr inner_lr unscaled: the surrogate is not a
+    likelihood, so there is no Gauss-Newton factor for the coupled step), beta, mc_samples and
+    likelihood_scale (s; None: the sampler's episodes × horizon). Reptile has point posteriors:
+    learn_sigma, sigma0_range, beta and mc_samples are GEM-BML(+) options only."""
+
+    variant_options = {k: ("gem-bml", "gem-bml+") for k in ("learn_sigma", "sigma0_range", "beta", "mc_samples")}
+
+    def __init__(self, model: nn.Module, variant: str = "gem-bml+", sampler: Sampler | None = None, seed: int = 0,
+                 inner_lr: float = 0.1, inner_steps: int = 1, query_steps: int = 1, sigma0: float = 0.01,
+                 learn_sigma: bool = True, sigma0_range: tuple[float, float] | str | None = "shrink",
+                 inner_optimizer: str = "sgd", inner_options: dict | None = None, beta: float = 1.0,
+                 mc_samples: int = 1, likelihood_scale: float | None = None) -> None:
         super().__init__()
         if sampler is None or model is not sampler.policy:
             raise ValueError(f"{variant} (RL): pass the Sampler whose policy is the model (sampler=...)")
-        settings = settings or RLSettings()
         self.name = self.variant = variant
-        self.sampler, self.settings = sampler, settings
-        self.scale = settings.scale(sampler.horizon)
-        von = settings.inner_optimizer == "von"
-        pull = settings.inner_lr / self.scale * settings.beta / settings.sigma0 ** 2
+        _check_range(variant, 0, strict=True, inner_lr=inner_lr, sigma0=sigma0)
+        _check_range(variant, 0, inner_steps=inner_steps, query_steps=query_steps)
+        _check_range(variant, 1, mc_samples=mc_samples)
+        if inner_optimizer not in ("sgd", "von"):
+            raise ValueError(f"{variant}: option inner_optimizer must be 'sgd' or 'von', got {inner_optimizer!r}")
+        self.sampler = sampler
+        self.scale = float(likelihood_scale or sampler.episodes * sampler.horizon)
+        von = inner_optimizer == "von"
+        pull = inner_lr / self.scale * beta / sigma0 ** 2
         if not von and variant != "reptile" and pull >= 1:
             # the SGD step of the KL term moves μ − μ₀ by the factor 1 − pull: at 1 it undoes all
             # adaptation, above it overshoots the prior mean (oscillating), at 2 and above it diverges
             raise ValueError(
                 f"{variant} (RL): the inner SGD step pulls the policy back to the prior by "
-                f"inner_lr/(episodes·horizon)·beta/sigma0² = {settings.inner_lr:g}/{self.scale:g}·{settings.beta:g}/"
-                f"{settings.sigma0:g}² = {pull:.3g} per step, which must stay below 1 (it undoes or overshoots the "
+                f"inner_lr/(episodes·horizon)·beta/sigma0² = {inner_lr:g}/{self.scale:g}·{beta:g}/"
+                f"{sigma0:g}² = {pull:.3g} per step, which must stay below 1 (it undoes or overshoots the "
                 "adaptation); raise episodes, sigma0 or likelihood_scale, or lower beta or inner_lr")
-        inner = VIConfig(steps=settings.inner_steps, optimizer=settings.inner_optimizer,
-                         lr=settings.inner_lr if von else settings.inner_lr / self.scale,
-                         optimizer_kwargs=dict(settings.inner_options), mc_samples=settings.mc_samples,
-                         beta=settings.beta)
-        bayes = {} if variant == "reptile" else dict(learn_sigma=settings.learn_sigma,
-                                                     sigma0_range=settings.sigma0_range)
-        self.core = GEMLearner(model, variant=variant, sigma0=settings.sigma0, inner=inner,
-                               query_steps=settings.query_steps, vectorize=True, seed=seed, **bayes)
+        inner = VIConfig(steps=inner_steps, optimizer=inner_optimizer, lr=inner_lr if von else inner_lr / self.scale,
+                         optimizer_kwargs=dict(inner_options or {}), mc_samples=mc_samples, beta=beta)
+        bayes = {} if variant == "reptile" else dict(learn_sigma=learn_sigma, sigma0_range=sigma0_range)
+        self.core = GEMLearner(model, variant=variant, sigma0=sigma0, inner=inner, query_steps=query_steps,
+                               vectorize=True, seed=seed, **bayes)
         self.generator = self.core.generator
         self.names = [n.removeprefix("model.") for n in self.core.prior.names]
         policy = sampler.policy
@@ -273,7 +161,7 @@ class GEMRL(RLLearner):
 
     @property
     def inner_steps(self) -> int:
-        return self.settings.inner_steps
+        return self.core.inner_steps
 
     def _params(self, mu: list[Tensor]) -> dict[str, Tensor]:
         return dict(zip(self.names, mu))
@@ -300,9 +188,9 @@ class GEMRL(RLLearner):
         mu0 = [m.detach() for m in prior.mu0]
         support = [self.sampler.rollouts(self._params(mu0), t) for t in tasks]
         expanded = prior.expand(T)
-        tr = self._fit(support, expanded, self.core.start(expanded), self.settings.inner_steps)
+        tr = self._fit(support, expanded, self.core.start(expanded), self.inner_steps)
         query = [self.sampler.rollouts(self._params(tr.posterior.task(i).mu), t) for i, t in enumerate(tasks)]
-        all_ = self._fit(query, tr.posterior, tr.posterior, self.settings.query_steps)
+        all_ = self._fit(query, tr.posterior, tr.posterior, self.core.query_steps)
         self.core.accumulate_meta_grad(tr.posterior, all_.posterior)
         return {"return_pre": mean_returns(support).mean().item(), "return_post": mean_returns(query).mean().item(),
                 "sigma0_mean": float(torch.cat([r.detach().exp().flatten() for r in prior.rho0]).mean())}
@@ -322,7 +210,7 @@ class GEMRL(RLLearner):
 
     def _update(self, state: tuple, batches: list[EpisodeBatch]) -> tuple:
         prior, post = state
-        return prior, self._fit(batches, prior, post, self.settings.inner_steps).posterior
+        return prior, self._fit(batches, prior, post, self.inner_steps).posterior
 
 
 class TRPO(torch.optim.Optimizer):
@@ -342,15 +230,25 @@ class TRPO(torch.optim.Optimizer):
 class MAMLTRPO(RLLearner):
     """MAML for RL (Finn et al. 2017, as pytorch-maml-rl): one inner policy-gradient step of size
     inner_lr (differentiated through unless first_order), meta-update by one TRPO step (`TRPO`,
-    its meta_optimizer). `model` is the sampler's policy."""
+    its meta_optimizer) with the trust region max_kl, conjugate gradient (cg_iters, cg_damping)
+    and backtracking line search (ls_max_steps, ls_backtrack_ratio), MAML-RL's values by default.
+    `model` is the sampler's policy."""
 
-    def __init__(self, model: nn.Module, sampler: Sampler | None = None, settings: RLSettings | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, sampler: Sampler | None = None, seed: int = 0, inner_lr: float = 0.1,
+                 inner_steps: int = 1, first_order: bool = False, max_kl: float = 1e-2, cg_damping: float = 1e-5,
+                 cg_iters: int = 10, ls_max_steps: int = 15, ls_backtrack_ratio: float = 0.8) -> None:
         super().__init__()
         if sampler is None or model is not sampler.policy:
             raise ValueError("maml (RL): pass the Sampler whose policy is the model (sampler=...)")
+        if inner_steps != 1:
+            raise ValueError(f"maml (MAML-TRPO) adapts with one policy-gradient step; inner_steps {inner_steps} "
+                             "is not available")
+        _check_range("maml", 0, strict=True, inner_lr=inner_lr, max_kl=max_kl)
+        _check_range("maml", 1, cg_iters=cg_iters, ls_max_steps=ls_max_steps)
         self.name = self.variant = "maml"
-        self.sampler, self.settings = sampler, settings or RLSettings()
+        self.sampler, self.inner_lr, self.first_order = sampler, inner_lr, first_order
+        self.trpo = dict(max_kl=max_kl, damping=cg_damping, cg_iters=cg_iters, ls_max_steps=ls_max_steps,
+                         ls_backtrack_ratio=ls_backtrack_ratio)
         named = list(model.named_parameters())
         self.names = [n for n, _ in named]
         self.theta = nn.ParameterList([nn.Parameter(p.detach().clone()) for _, p in named])
@@ -370,8 +268,8 @@ class MAMLTRPO(RLLearner):
         return TRPO(self)  # its step size is the KL radius max_kl, not lr
 
     def _adapt(self, params: dict[str, Tensor], batch: EpisodeBatch) -> dict[str, Tensor]:
-        lr, policy = self.settings.inner_lr, self.sampler.policy
-        if not self.settings.first_order:
+        lr, policy = self.inner_lr, self.sampler.policy
+        if not self.first_order:
             return reinforce_step(policy, params, batch, lr, create_graph=True)
         step = reinforce_step(policy, params, batch, lr)  # detached θ'; FOMAML: ∂θ'/∂θ = I
         return {k: params[k] + (step[k] - params[k]).detach() for k in params}
@@ -380,9 +278,9 @@ class MAMLTRPO(RLLearner):
         """Rollouts, the TRPO surrogate of the adapted policies and its gradient (into .grad); the
         trust-region step itself is the meta-optimizer's."""
         _no_shard(self.name, task_range, len(tasks))
-        s, policy, params = self.settings, self.sampler.policy, self.params
+        policy, params = self.sampler.policy, self.params
         support = [self.sampler.rollouts(params, t) for t in tasks]
-        old = [reinforce_step(policy, params, b, s.inner_lr) for b in support]
+        old = [reinforce_step(policy, params, b, self.inner_lr) for b in support]
         query = [self.sampler.rollouts(p, t) for p, t in zip(old, tasks)]
         old_logp = [policy.log_prob(q.observations, q.actions, p).detach() for q, p in zip(query, old)]
         cache: dict[str, Any] = {"key": None}
@@ -413,12 +311,10 @@ class MAMLTRPO(RLLearner):
     def _trpo_step(self) -> None:
         if self._pending is None:
             raise RuntimeError("maml (RL): the TRPO step needs a meta_backward first")
-        s, pending = self.settings, self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
         grad = torch.cat([p.grad.reshape(-1) for p in self.theta])
         with torch.enable_grad():
-            new, info = trpo_step(self.params, pending["loss_fn"], pending["kl_fn"], s.max_kl, s.cg_damping,
-                                  s.cg_iters, s.ls_max_steps, s.ls_backtrack_ratio, grad=grad,
+            new, info = trpo_step(self.params, pending["loss_fn"], pending["kl_fn"], **self.trpo, grad=grad,
                                   loss_before=pending["loss_before"])
         for p, n in zip(self.theta, self.names):
             p.copy_(new[n])
@@ -436,7 +332,7 @@ class MAMLTRPO(RLLearner):
         return state
 
     def _update(self, state: list[dict[str, Tensor]], batches: list[EpisodeBatch]) -> list[dict[str, Tensor]]:
-        return [reinforce_step(self.sampler.policy, p, b, self.settings.inner_lr) for p, b in zip(state, batches)]
+        return [reinforce_step(self.sampler.policy, p, b, self.inner_lr) for p, b in zip(state, batches)]
 
 
 register_variants(GEMRL, "gem-bml", "gem-bml+", "reptile", domain="rl")

@@ -8,7 +8,7 @@ import importlib
 from .base import TaskFamily
 
 # task name -> (module of gemext.families, class)
-_FAMILIES: dict[str, tuple[str, str]] = {
+FAMILIES: dict[str, tuple[str, str]] = {
     "sinusoid": ("sinusoid", "SinusoidFamily"),
     "omniglot": ("vision", "VisionFamily"),
     "tinyimagenet": ("vision", "VisionFamily"),
@@ -19,14 +19,14 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "ant-vel": ("rl", "RLFamily"),
     "ant-dir": ("rl", "RLFamily"),
 }
-TASKS = tuple(_FAMILIES)
+TASKS = tuple(FAMILIES)
 
 __all__ = ["TASKS", "TaskFamily", "get"]
 
 
 def get(task: str) -> type[TaskFamily]:
     """The family class that serves `task`."""
-    if task not in _FAMILIES:
+    if task not in FAMILIES:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    module, cls = _FAMILIES[task]
+    module, cls = FAMILIES[task]
     return getattr(importlib.import_module(f".{module}", __name__), cls)

@@ -125,10 +125,6 @@ class TaskFamily(abc.ABC):
         """Extra columns for log.csv and metrics.json (e.g. environment steps)."""
         return {}
 
-    def resolved_options(self) -> dict[str, Any] | None:
-        """The family's fully resolved options, recorded in config.json (None: nothing to add)."""
-        return None
-
     # -- meta-test ----------------------------------------------------------------------------
     @abc.abstractmethod
     def evaluate(self, learner: MetaLearner, tasks: int | None, steps: int | None, run: Path, plots: bool,

@@ -8,13 +8,13 @@ from dataclasses import asdict
 from typing import Any
 
 from ..config import RunConfig
-from . import _FAMILIES, TASKS, get
+from . import FAMILIES, TASKS, get
 from .base import TaskFamily
 
 __all__ = ["presets", "preset_training", "preset_names"]
 
 # tasks whose learners are built from options alone (the meta-RL learners also need a rollout sampler)
-PRESET_TASKS = tuple(t for t in TASKS if _FAMILIES[t][0] != "rl")
+PRESET_TASKS = tuple(t for t in TASKS if FAMILIES[t][0] != "rl")
 
 
 def _family(task: str) -> type[TaskFamily]:
@@ -22,7 +22,8 @@ def _family(task: str) -> type[TaskFamily]:
         return get(task)
     if task in TASKS:
         raise ValueError(f"{task} is a meta-RL task: its learners need a rollout sampler besides options "
-                         f"(defaults in gemext.algorithms.rl.RLSettings); train it with `gemext train {task}`. "
+                         f"(their options: gemext.algorithms.option_names(ALGO, 'rl'); rollout settings: "
+                         f"gemext.families.rl.RLRunSettings); train it with `gemext train {task}`. "
                          f"Presets exist for {', '.join(PRESET_TASKS)}")
     raise ValueError(f"unknown task {task!r}; presets exist for {', '.join(PRESET_TASKS)}")
 

@@ -1,11 +1,14 @@
-"""Meta-RL runs (nav2d and the MuJoCo velocity/direction tasks): the rollout sampler, the learner
-(gemext.algorithms.rl), training task draws and the meta-test (returns after 0..K policy updates
-on fixed-seed new tasks, with plots). RL options (RLSettings) come in the run's algo_options;
---inner-steps and --meta-batch are shorthands for two of them."""
+"""Meta-RL runs (nav2d and the MuJoCo velocity/direction tasks): the run's settings besides its
+learner's (the policy, rollouts, meta-batch and meta-test: `RLRunSettings`), the rollout sampler,
+the learner (gemext.algorithms.rl, whose options are its keyword parameters), training task draws
+and the meta-test (returns after 0..K policy updates on fixed-seed new tasks, with plots). Both kinds
+of option come in the run's algo_options; --inner-steps and --meta-batch are shorthands for two."""
 from __future__ import annotations
 
+import inspect
 import json
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +17,83 @@ import torch
 
 from .. import algorithms
 from ..algorithms import MetaLearner
-from ..algorithms.rl import RLSettings, Sampler
+from ..algorithms.rl import GEMRL, MAMLTRPO
 from ..metrics import mean_ci95
 from ..progress import Progress
 from ..runs import best_effort
 from ..tasks.rl.envs import Task, sample_tasks
-from ..tasks.rl.rollouts import EpisodeBatch, mean_returns
+from ..tasks.rl.rollouts import EpisodeBatch, RolloutCollector, Sampler, mean_returns
 from .base import TaskFamily
+
+
+def _is_int(v: Any, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# setting -> (what it must be, the test of its JSON value)
+_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{k: ("an integer >= 1", lambda v: _is_int(v, 1))
+       for k in ("episodes", "meta_batch", "num_envs", "eval_tasks", "eval_episodes")},
+    "eval_steps": ("an integer >= 0", lambda v: _is_int(v, 0)),
+    **{k: ("a number", _is_number) for k in ("init_log_std", "gamma", "gae_lambda")},
+    "horizon": ("an integer >= 1 or null (the environment's)", lambda v: v is None or _is_int(v, 1)),
+    "hidden": ("a list of layer widths >= 1", lambda v: isinstance(v, (list, tuple)) and all(_is_int(h, 1) for h in v)),
+    "vector": ("'sync' or 'async'", lambda v: v in ("sync", "async")),
+}
+
+
+@dataclass
+class RLRunSettings:
+    """What an RL run reads besides its learner's options (defaults after pytorch-maml-rl where it
+    has one)."""
+
+    episodes: int = 20  # K: rollouts per task for the support and for the query (fast-batch-size)
+    meta_batch: int = 20  # tasks per meta-iteration
+    horizon: int | None = None  # None: the environment's (nav2d 100, MuJoCo 200)
+    hidden: tuple[int, ...] = (100, 100)  # the policy's hidden layers
+    init_log_std: float = 0.0
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    num_envs: int = 20  # environment copies stepped together
+    vector: str = "sync"  # "async": a worker process per copy
+    # the meta-test
+    eval_tasks: int = 40
+    eval_episodes: int = 40
+    eval_steps: int = 3
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            what, ok = _RULES[f.name]
+            if not ok(getattr(self, f.name)):
+                raise ValueError(f"RL option {f.name} must be {what}, got {getattr(self, f.name)!r}")
+        self.hidden = tuple(self.hidden)
+
+
+# learner options the family passes itself
+_SET_BY_FAMILY = ("sampler", "seed")
+
+
+def _learner_defaults(algo: str | None = None) -> dict[str, Any]:
+    """The defaults of `algo`'s options (its keyword parameters), or of every RL learner's (an option
+    two learners take has one default), less those the family sets."""
+    names = algorithms.option_names(algo, "rl") if algo else None
+    out: dict[str, Any] = {}
+    for cls in (GEMRL, MAMLTRPO):
+        for p in inspect.signature(cls).parameters.values():
+            if p.name in (*_SET_BY_FAMILY, "variant") or p.default is p.empty or (names and p.name not in names):
+                continue
+            out.setdefault(p.name, p.default)
+    return out
 
 
 class RLFamily(TaskFamily):
     tasks = ("nav2d", "halfcheetah-vel", "halfcheetah-dir", "ant-vel", "ant-dir")
     flags = ()
+    family_options = tuple(f.name for f in fields(RLRunSettings))
     devices = ("cpu",)  # rollouts dominate; the policy is small
     distributed = False
     domain = "rl"
@@ -35,33 +103,67 @@ class RLFamily(TaskFamily):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.settings = RLSettings.from_options(self.options(), config.algo)
-        self.default_eval_tasks = self.settings.eval_tasks
-        self.sampler = Sampler(config.task, self.settings, config.seed)
+        self.settings = s = RLRunSettings(**self._split(self._options(config))[0])
+        self.learner_options_for(config)  # its refusals come before the environments open
+        self.default_eval_tasks = s.eval_tasks
+        collector = RolloutCollector(config.task, num_envs=min(s.num_envs, s.eval_episodes), mode=s.vector,
+                                     horizon=s.horizon, seed=config.seed)
+        # the policy's initial weights and the action noise: a stream each, from the run's seed
+        policy = collector.make_policy(s.hidden, init_log_std=s.init_log_std,
+                                       generator=torch.Generator().manual_seed(config.seed))
+        self.sampler = Sampler(collector, policy, torch.Generator().manual_seed(config.seed + 1), s.episodes,
+                               s.gamma, s.gae_lambda)
         self.task_rng = np.random.default_rng(config.seed)
+
+    @staticmethod
+    def _options(config) -> dict[str, Any]:
+        """The run's options with the --inner-steps / --meta-batch shorthands folded in."""
+        opts = dict(config.algo_options)
+        if config.inner_steps is not None:
+            opts["inner_steps"] = config.inner_steps
+        if config.meta_batch is not None:
+            opts["meta_batch"] = config.meta_batch
+        return opts
+
+    @classmethod
+    def _split(cls, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the family's settings, the learner's options) of a run's options."""
+        return ({k: v for k, v in options.items() if k in cls.family_options},
+                {k: v for k, v in options.items() if k not in cls.family_options})
+
+    @classmethod
+    def learner_options_for(cls, config) -> dict[str, Any]:
+        """Every option of the run's learner: its defaults, updated with the run's options and
+        --inner-steps (the sampler and seed are the family's, given by `build_learner`). Options no
+        RL learner takes, or another one does (named), are refused with the run's valid ones (the
+        family's settings included); the registry checks the types."""
+        given = cls._split(cls._options(config))[1]
+        algo, valid = config.algo, algorithms.option_names(config.algo, "rl")
+        listed = ", ".join(sorted({*valid, *cls.family_options} - set(_SET_BY_FAMILY)))
+        for key in given:
+            users = [a for a in algorithms.names("rl") if key in algorithms.option_names(a, "rl")]
+            if key in _SET_BY_FAMILY:
+                raise ValueError(f"{algo}: option {key} is set by the task family; valid: {listed}")
+            if users and key not in valid:
+                raise ValueError(f"{algo}: option {key} is used only by {', '.join(users)}, not by {algo}; "
+                                 f"valid: {listed}")
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ValueError(f"{algo}: unknown option(s) {', '.join(unknown)}; valid: {listed}")
+        algorithms.check_options(algo, given, "rl")
+        return {**_learner_defaults(algo), **given}
 
     @classmethod
     def trajectory_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """Every RL setting resolved (an option spelled out at its default is no change), less the
+        """Every RL option resolved (one spelled out at its default is no change), less the
         meta-test's own (eval_tasks, eval_episodes, eval_steps: the meta-test may change on resume)."""
-        settings = asdict(RLSettings.from_options(options))
-        return {k: v for k, v in settings.items() if not k.startswith("eval_")}
-
-    def options(self) -> dict[str, Any]:
-        """The run's RL options with the --inner-steps / --meta-batch shorthands folded in."""
-        opts = {k: v for k, v in self.config.algo_options.items() if k != "resolved"}
-        if self.config.inner_steps is not None:
-            opts["inner_steps"] = self.config.inner_steps
-        if self.config.meta_batch is not None:
-            opts["meta_batch"] = self.config.meta_batch
-        return opts
-
-    def resolved_options(self) -> dict[str, Any]:
-        return {**self.options(), "resolved": asdict(self.settings)}
+        family, learner = cls._split(options)
+        settings = {k: v for k, v in asdict(RLRunSettings(**family)).items() if not k.startswith("eval_")}
+        return {**settings, **_learner_defaults(), **learner}
 
     def build_learner(self) -> MetaLearner:
         return algorithms.create(self.config.algo, self.sampler.policy, domain="rl", sampler=self.sampler,
-                                 settings=self.settings, seed=self.config.seed)
+                                 seed=self.config.seed, **self.learner_options_for(self.config))
 
     @property
     def meta_batch(self) -> int:
@@ -89,8 +191,7 @@ class RLFamily(TaskFamily):
         config, settings, n = self.config, self.settings, self.eval_tasks(tasks)
         k = steps if steps is not None else (
             config.eval_steps if config.eval_steps is not None else settings.eval_steps)
-        self.sampler.generator.manual_seed(self.eval_seed)
-        self.sampler.collector._rng = np.random.default_rng(self.eval_seed)
+        self.sampler.reseed(self.eval_seed)
         test_tasks = sample_tasks(config.task, n, self.eval_seed)
         bar = Progress(range(k + 1), k + 1, f"meta-test {config.algo} ({n} tasks, {k} updates)", every=1,
                        enabled=progress)

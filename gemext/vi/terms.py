@@ -1,7 +1,12 @@
-"""`DataTerm`: the data term of a fit (summed NLL of a batch of tasks, its gradient and GGN rows)."""
+"""`DataTerm`, the data term of a fit (summed NLL of a batch of tasks, its gradient and GGN rows),
+and the protocols of its partners: `NLL` (what `fit` takes), `CurvatureTerm` (what von's
+curvature and line search take) and `Forward` (the model a DataTerm calls)."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -10,23 +15,67 @@ from torch import nn
 CHUNK = 8  # cotangents per batched backward on the general path of `DataTerm.value_grad_rows`
 
 
+class NLL(Protocol):
+    """The summed negative log-likelihood over tasks and the points `index` (a LongTensor of data
+    indices, or None for all of them) at θ with a leading task dimension."""
+
+    def __call__(self, theta: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class CurvatureTerm(NLL, Protocol):
+    """An `NLL` that also gives von its GGN curvature and its line search's per-task objective
+    (`DataTerm` is one; see there)."""
+
+    def task_nll(self, theta: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor: ...
+    def tasks(self, index: torch.Tensor) -> CurvatureTerm: ...
+    def value_grad_rows(self, theta: list[torch.Tensor], index: torch.Tensor | None,
+                        generator: torch.Generator | None, rows_out: torch.Tensor | None = None
+                        ) -> tuple[float, list[torch.Tensor], torch.Tensor, torch.Tensor]: ...
+    def lik_curvature(self, theta: list[torch.Tensor], index: torch.Tensor | None) -> dict[int, torch.Tensor]: ...
+
+
+@runtime_checkable
+class Forward(Protocol):
+    """The model a `DataTerm` calls: outputs [T, N, ...] for θ and inputs x [T, N, ...] with a leading
+    task dimension. Its traits say how its points depend on each other, which picks the way of
+    `DataTerm.value_grad_rows` (`FunctionalNet` has them); a plain callable forward(θ, x) is taken
+    as vectorised over tasks with coupled points."""
+
+    vectorize: bool  # one call for all tasks, else the tasks are looped
+    pointwise: bool  # each point mapped on its own: `one_point`
+    held_stats: bool  # so too once its BatchNorm statistics are held: `forward_recording`, `one_point_held`
+    mlp: list[tuple] | None  # its `mlp_plan`, differentiated by hand
+
+    def __call__(self, theta: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor: ...
+    def one_point(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor: ...
+    def one_point_held(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor, stats: list) -> torch.Tensor: ...
+    def forward_recording(self, theta: tuple[torch.Tensor, ...], x: torch.Tensor) -> tuple[torch.Tensor, list]: ...
+
+
+_PLAIN = SimpleNamespace(vectorize=True, pointwise=False, held_stats=False, mlp=None)  # a plain callable's traits
+
+
 class DataTerm:
     """The summed negative log-likelihood of a batch of tasks, −Σ log p(y | f(x; θ)), as the
     callable ``nll(theta, index)`` that `fit` takes, plus what curvature-aware VI needs: the rows
     of a square-root factor R of the generalised Gauss-Newton matrix, G = RᵀR = Σ_n J_nᵀ H_n J_n
     (J_n the Jacobian of point n's outputs, H_n the likelihood's Hessian in output space).
 
-    forward(theta, x) -> outputs [T, N, ...] (θ with a leading task dimension); θ entries named
-    ``likelihood.*`` (a learned noise scale) are passed to the likelihood instead of the model."""
+    θ entries named ``likelihood.*`` (a learned noise scale) are passed to the likelihood instead of
+    the model `forward`."""
 
-    def __init__(self, forward: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
+    def __init__(self, forward: Forward | Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
                  likelihood: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> None:
         self.forward, self.likelihood, self.x, self.y, self.names = forward, likelihood, x, y, names
+        self.structure = forward if isinstance(forward, Forward) else _PLAIN
         self.lik_idx = [i for i, n in enumerate(names) if n.startswith("likelihood.")]
 
     def tasks(self, index: torch.Tensor) -> DataTerm:
         """The same data term over the tasks `index` (a LongTensor; repeats allowed)."""
-        return DataTerm(self.forward, self.likelihood, self.x[index], self.y[index], self.names)
+        sub = copy.copy(self)  # not through __init__: its protocol check costs more than the copy
+        sub.x, sub.y = self.x[index], self.y[index]
+        return sub
 
     def _data(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.x, self.y) if index is None else (self.x[:, index], self.y[:, index])
@@ -73,9 +122,9 @@ class DataTerm:
         xs, ys = self._data(index)
         model_idx = [i for i in range(len(theta)) if i not in self.lik_idx]
         full = [t.detach() for t in theta]
-        plan = getattr(self.forward, "mlp", None) if xs.dim() == 3 else None  # points as vectors
-        pointwise = plan is None and getattr(self.forward, "pointwise", False)
-        held = plan is None and not pointwise and getattr(self.forward, "held_stats", False)
+        plan = self.structure.mlp if xs.dim() == 3 else None  # points as vectors
+        pointwise = plan is None and self.structure.pointwise
+        held = plan is None and not pointwise and self.structure.held_stats
         with torch.enable_grad():
             if plan is not None:
                 out, layers = mlp_forward(plan, full, xs, record=True)
@@ -92,7 +141,7 @@ class DataTerm:
                     outs.append(o)
                     stats.append(st)
                 out = torch.stack(outs)
-            elif getattr(self.forward, "vectorize", True):
+            elif self.structure.vectorize:
                 out, vjp = torch.func.vjp(lambda *th: self.forward(self._fill(full, model_idx, th), xs),
                                           *[full[i] for i in model_idx])
                 pullback = torch.func.vmap(vjp)
@@ -165,7 +214,7 @@ class DataTerm:
                 return vm(vjp)(cn)
             return vm(point, in_dims=(None, 0, 1))
 
-        if stats is None and getattr(self.forward, "vectorize", True):
+        if stats is None and self.structure.vectorize:
             return vm(pullback(self.forward.one_point), in_dims=(0, 0, 1))(tuple(full), xs, cot)
         one = [self.forward.one_point] * xs.shape[0] if stats is None else \
             [lambda th, xn, st=st: self.forward.one_point_held(th, xn, st) for st in stats]

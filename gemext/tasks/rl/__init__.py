@@ -21,6 +21,7 @@ from .rollouts import (
                    EpisodeBatch,
                    LinearFeatureBaseline,
                    RolloutCollector,
+                   Sampler,
                    discounted_returns,
                    gae,
                    process,
@@ -33,6 +34,6 @@ __all__ = [
     "ENV_IDS", "AntDirEnv", "AntVelEnv", "HalfCheetahDirEnv", "HalfCheetahVelEnv", "Nav2DEnv", "env_id",
     "register_envs", "sample_tasks", "mean_kl", "pg_surrogate", "reinforce_step",
     "trpo_step", "trpo_surrogate", "GaussianMLPPolicy", "gaussian_kl", "EpisodeBatch",
-    "LinearFeatureBaseline", "RolloutCollector", "discounted_returns", "gae", "process",
+    "LinearFeatureBaseline", "RolloutCollector", "Sampler", "discounted_returns", "gae", "process",
     "weighted_normalize",
 ]

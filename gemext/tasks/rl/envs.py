@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from ..._gym import GYM_IDS, _register
+from ..._gym import GYM_IDS, register
 
 Task = dict[str, Any]
 SeedLike = int | np.random.Generator | torch.Generator | None
@@ -257,7 +257,7 @@ _REGISTRY = {env_id: (globals()[cls], horizon) for env_id, (cls, horizon) in GYM
 
 def register_envs() -> None:
     """Register the `gemext/` environments with gymnasium (idempotent)."""
-    _register()
+    register()
 
 
 def env_id(name: str) -> str:

@@ -1,6 +1,7 @@
 """Gaussian MLP policy used functionally (a dict of tensors per call), as in MAML-RL."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -16,10 +17,11 @@ class GaussianMLPPolicy(nn.Module):
     Every method takes an optional `params` dict (names as in `named_parameters()`); when given,
     the module is evaluated with those tensors through `torch.func.functional_call`, so adapted
     parameters, sampled Bayesian weights θ or batched parameters under `torch.func.vmap` all work.
+    The layers start as nn.Linear's do, drawn from `generator` (None: torch's global stream).
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (100, 100),
-                 init_log_std: float = 0.0) -> None:
+                 init_log_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if obs_dim < 1 or act_dim < 1:
             raise ValueError(f"GaussianMLPPolicy: obs_dim and act_dim must be >= 1, got {obs_dim}, {act_dim}")
@@ -27,9 +29,9 @@ class GaussianMLPPolicy(nn.Module):
         layers: list[nn.Module] = []
         last = self.obs_dim
         for h in self.hidden:
-            layers += [nn.Linear(last, h), nn.ReLU()]
+            layers += [_linear(last, h, generator), nn.ReLU()]
             last = h
-        layers.append(nn.Linear(last, self.act_dim))
+        layers.append(_linear(last, self.act_dim, generator))
         self.mean = nn.Sequential(*layers)
         self.log_std = nn.Parameter(torch.full((self.act_dim,), float(init_log_std)))
 
@@ -69,6 +71,15 @@ class GaussianMLPPolicy(nn.Module):
             return mean
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return mean + torch.exp(log_std) * eps
+
+
+def _linear(n_in: int, n_out: int, generator: torch.Generator | None) -> nn.Linear:
+    """nn.Linear with its own initialisation (weight, then bias) drawn from `generator`: the same
+    numbers nn.Linear draws from the global stream when both are seeded alike."""
+    layer = nn.utils.skip_init(nn.Linear, n_in, n_out)  # allocated without drawing
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    nn.init.uniform_(layer.bias, -1 / math.sqrt(n_in), 1 / math.sqrt(n_in), generator=generator)
+    return layer
 
 
 def gaussian_kl(mean_p: Tensor, log_std_p: Tensor, mean_q: Tensor, log_std_q: Tensor) -> Tensor:

@@ -167,7 +167,8 @@ class RolloutCollector:
     The pool (`num_envs` copies of `env`, `mode` "sync" = SyncVectorEnv in this process,
     "async" = AsyncVectorEnv with one worker process per copy) is built once and reused across
     tasks: `collect` sets the task on every copy, then runs ⌈K/num_envs⌉ waves of episodes.
-    Action noise comes from `generator`; MuJoCo reset noise from a numpy stream seeded by `seed`.
+    Action noise comes from `generator`; MuJoCo reset noise from `rng`, a numpy stream seeded by
+    `seed` (a caller may replace it, e.g. to restart the meta-test's stream).
     """
 
     def __init__(self, env: str, num_envs: int = 20, mode: str = "sync", horizon: int | None = None,
@@ -186,7 +187,7 @@ class RolloutCollector:
         self.envs = cls([make] * self.num_envs, copy=False)
         self.obs_dim = int(np.prod(self.envs.single_observation_space.shape))
         self.act_dim = int(np.prod(self.envs.single_action_space.shape))
-        self._rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)
         self.total_steps = 0
 
     def make_policy(self, hidden: tuple[int, ...] = (100, 100), **kwargs: Any) -> GaussianMLPPolicy:
@@ -224,7 +225,7 @@ class RolloutCollector:
         act_buf = torch.zeros(h, n, self.act_dim)
         rew_buf = torch.zeros(h, n)
         mask = torch.zeros(h, n)
-        obs, _ = self.envs.reset(seed=int(self._rng.integers(2**31 - 1)))
+        obs, _ = self.envs.reset(seed=int(self.rng.integers(2**31 - 1)))
         alive = np.ones(n, dtype=bool)
         for t in range(h):
             o = torch.tensor(np.asarray(obs, dtype=np.float32).reshape(n, -1))  # copy: buffer is reused
@@ -246,6 +247,40 @@ class RolloutCollector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Sampler:
+    """The rollouts of a run: `episodes` episodes per task by default, collected by `collector` with
+    `policy` acting under the action noise of `generator`, and processed (returns and GAE
+    advantages with gamma, gae_lambda). Its random streams (`generator`, the collector's reset seeds)
+    are explicit, so a checkpoint saves them and the meta-test restarts them."""
+
+    def __init__(self, collector: RolloutCollector, policy: GaussianMLPPolicy, generator: torch.Generator,
+                 episodes: int = 20, gamma: float = 0.99, gae_lambda: float = 1.0) -> None:
+        self.collector, self.policy, self.generator = collector, policy, generator
+        self.episodes, self.gamma, self.gae_lambda = episodes, gamma, gae_lambda
+
+    @property
+    def horizon(self) -> int:
+        return self.collector.horizon
+
+    def rollouts(self, params: Params, task: Task, episodes: int | None = None) -> EpisodeBatch:
+        batch = self.collector.collect(self.policy, params, task, episodes or self.episodes, self.generator)
+        return process(batch, self.gamma, self.gae_lambda)
+
+    def reseed(self, seed: int) -> None:
+        """Restart both random streams from `seed` (the meta-test's rollouts are the same for every run)."""
+        self.generator.manual_seed(seed)
+        self.collector.rng = np.random.default_rng(seed)
+
+    def rng_state(self) -> dict:
+        return {"actions": self.generator.get_state(), "resets": self.collector.rng.bit_generator.state,
+                "env_steps": self.collector.total_steps}
+
+    def set_rng_state(self, state: dict) -> None:
+        self.generator.set_state(state["actions"])
+        self.collector.rng.bit_generator.state = state["resets"]
+        self.collector.total_steps = state["env_steps"]
 
 
 def mean_returns(batches: list[EpisodeBatch]) -> Tensor:

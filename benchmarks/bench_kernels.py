@@ -15,7 +15,7 @@ For each op, N weights split over T float32 tensors, rows:
 - compile:  torch.compile(dynamic=True) of the eager per-tensor formula, writing into the
             preallocated outputs (compiled once, called per tensor from Python);
 - fused:    gemext.ops (one call for the whole list).
-Effective GB/s use the minimum bytes per weight (DESIGN §2): sample 12, elbo_backward 28,
+Effective GB/s use the minimum bytes per weight (docs/DESIGN.md §5): sample 12, elbo_backward 28,
 gaussian_kl 16, gem_grad+ in place 40, von_step in place (curvature estimated from ε, no
 correction) 36. The reference bandwidth is STREAM triad a = b + s·c on
 64M float32 (CPU) or tensor.copy_ (CUDA), alternated call by call with each timed op.

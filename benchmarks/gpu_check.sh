@@ -7,7 +7,8 @@
 # Steps, most important first; each gets at most its own limit and what is left of the budget, a
 # failing or skipped step is reported and the next one still runs:
 # 1. build and install gemext (CUDA kernels), print build_info and the device;
-# 2. the CUDA tests: bitwise CPU/CUDA parity of every kernel (test_ops.py, test_von_op.py);
+# 2. the CUDA tests: bitwise CPU/CUDA parity of every kernel (kernels/test_ops.py, kernels/test_von_op.py)
+#    and the learner tests' cuda cases (test_contract.py, algorithms/: the `device` fixture);
 # 3. the kernel table on the GPU at 1e7 and 1e8 weights against a device-to-device copy;
 # 4. a 20-iteration GEM-BML+ sinusoid run on cuda against the same run on cpu (end to end);
 # 5. per meta-iteration against the peers on the GPU (sinusoid, Omniglot shapes; k = 5);
@@ -49,8 +50,9 @@ step build 300 bash -c "pip install --no-build-isolation . 2>&1 | tail -2"
 # from outside the tree, so the installed package (not ./gemext without its _C) is imported
 cd "$WORK"
 step info 60 python -c 'import gemext, json, torch; info = gemext.build_info(); print(json.dumps(info)); assert info["cuda"], "CUDA kernels not compiled"; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name(), torch.__version__)'
-step cuda-tests 150 python -m pytest -q -p no:cacheprovider --rootdir "$ROOT/python_tests" \
-  "$ROOT/python_tests/test_ops.py" "$ROOT/python_tests/test_von_op.py" -k cuda -rs
+step cuda-tests 210 python -m pytest -q -p no:cacheprovider --rootdir "$ROOT/python_tests" \
+  "$ROOT/python_tests/kernels/test_ops.py" "$ROOT/python_tests/kernels/test_von_op.py" \
+  "$ROOT/python_tests/test_contract.py" "$ROOT/python_tests/algorithms" -k cuda -rs
 step kernels 90 python "$ROOT/benchmarks/bench_kernels.py" --device cuda --sizes 1e7,1e8 --tensors 10,200 \
   --out "$WORK/kernels"
 cp "$WORK/kernels/kernels_cuda.md" "$OUT/" 2>/dev/null && cat "$OUT/kernels_cuda.md"

@@ -42,16 +42,16 @@ def _learner(name: str, classify: bool = False, seed: int = 0) -> MetaLearner:
 
 
 @pytest.mark.parametrize("name", SUPERVISED)
-def test_meta_backward_accumulates_a_finite_meta_gradient(name):
-    learner = _learner(name)
+def test_meta_backward_accumulates_a_finite_meta_gradient(name, device):
+    learner = _learner(name).to(device)
     assert isinstance(learner, MetaLearner) and isinstance(learner.generator, torch.Generator)
     assert isinstance(learner.inner_steps, int) and learner.inner_steps == 2
-    stats = learner.meta_backward(_regression())
+    stats = learner.meta_backward(_regression().to(device))
     assert stats and all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
     grads = [p.grad for p in learner.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     first = [g.clone() for g in grads]
-    learner.meta_backward(_regression(seed=1))  # accumulates, as the contract says
+    learner.meta_backward(_regression(seed=1).to(device))  # accumulates, as the contract says
     assert any(not torch.equal(g, f) for g, f in zip((p.grad for p in learner.parameters() if p.requires_grad), first))
 
 
@@ -76,15 +76,15 @@ def test_an_empty_query_set_is_refused(name):
 
 
 @pytest.mark.parametrize("name", SUPERVISED)
-def test_the_loop_can_drive_it(name):
+def test_the_loop_can_drive_it(name, device):
     """meta_optimizer, the step and after_step: what gemext.train.meta_step does with any learner."""
     from gemext.train import meta_step
 
-    learner = _learner(name)
+    learner = _learner(name).to(device)
     opt = learner.meta_optimizer(1e-3)
     assert isinstance(opt, torch.optim.Optimizer)
     before = [p.detach().clone() for p in learner.parameters()]
-    out = meta_step(learner, opt, _regression())
+    out = meta_step(learner, opt, _regression().to(device))
     assert out.stepped and not out.stop
     assert any(not torch.equal(a, p) for a, p in zip(before, learner.parameters()))
     assert isinstance(learner.after_step(), dict)
@@ -92,9 +92,9 @@ def test_the_loop_can_drive_it(name):
 
 @pytest.mark.parametrize("name", SUPERVISED)
 @pytest.mark.parametrize("classify", [False, True], ids=["regression", "classification"])
-def test_every_predictor_returns_one_prediction_type(name, classify):
-    learner = _learner(name, classify)
-    b = _classification() if classify else _regression()
+def test_every_predictor_returns_one_prediction_type(name, classify, device):
+    learner = _learner(name, classify).to(device)
+    b = (_classification() if classify else _regression()).to(device)
     learner.meta_backward(b)
     single = learner.adapt((b.x_support[0], b.y_support[0])).predict(b.x_query[0])
     path = learner.adapt_path(b, 2)
@@ -103,19 +103,19 @@ def test_every_predictor_returns_one_prediction_type(name, classify):
         assert isinstance(out, Prediction)
         if classify:
             assert out.mean is None and out.std is None
-            torch.testing.assert_close(out.probs.sum(-1), torch.ones(out.probs.shape[:-1]))
+            torch.testing.assert_close(out.probs.sum(-1), torch.ones(out.probs.shape[:-1], device=device))
         else:
             assert out.probs is None and out.mean.shape == out.std.shape and (out.std > 0).all()
     assert (single.probs if classify else single.mean).shape[0] == b.x_query.shape[1]  # one task: no task dim
 
 
 @pytest.mark.parametrize("name", SUPERVISED)
-def test_state_dict_reproduces_predictions(name):
-    a = _learner(name, seed=0)
-    b = _regression()
+def test_state_dict_reproduces_predictions(name, device):
+    a = _learner(name, seed=0).to(device)
+    b = _regression().to(device)
     a.meta_backward(b)
     torch.optim.SGD(a.parameters(), lr=1e-3).step()
-    fresh = _learner(name, seed=3)  # another initialisation
+    fresh = _learner(name, seed=3).to(device)  # another initialisation
     fresh.load_state_dict(a.state_dict())
     outs = []
     for learner in (a, fresh):

@@ -13,7 +13,7 @@ from fixtures import write_miniimagenet
 from gemext.families import vision as VT
 from gemext.train import RunConfig, evaluate, train
 
-_DATA = Path(os.environ.get("GEMEXT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+_DATA = Path(os.environ.get("GEMEXT_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
 METRIC_KEYS = {"task", "algo", "seed", "iterations", "wall_s", "accuracy", "ci95", "ece", "mce", "nll"}
 
 

@@ -58,11 +58,11 @@ def _stack1(task: Task) -> Task:
 
 # ------------------------------------------------------------------ one rule for reading a Task
 @pytest.mark.parametrize("name", NAMES)
-def test_meta_backward_reads_an_unstacked_task_as_one_task(name):
+def test_meta_backward_reads_an_unstacked_task_as_one_task(name, device):
     """An unstacked Task ([N, 1] points) used to be read by meta_backward as N one-point tasks;
     it is one task, as in adapt: the meta-gradient of the same task stacked as a batch of one."""
-    b = _batch(2)
-    one, stacked = _learner(name), _learner(name)
+    b = _batch(2).to(device)
+    one, stacked = _learner(name).to(device), _learner(name).to(device)
     # a fresh learner reads it from the model's first layer (a Linear reads points of >= 1 dimension)
     _assert_same([one.meta_backward(b[0])], [stacked.meta_backward(b[0:1])])
     _assert_same(_grads(one), _grads(stacked))
@@ -94,11 +94,11 @@ def test_an_unstacked_task_on_a_custom_forward_is_refused_until_the_points_are_k
 
 # ------------------------------------------------------------------ adaptation under no_grad
 @pytest.mark.parametrize("name", NAMES)
-def test_adapt_and_predict_work_under_no_grad(name):
+def test_adapt_and_predict_work_under_no_grad(name, device):
     """The inner fit turns gradients on where it needs them: the same predictions with and without
     torch.no_grad(), none of which requires grad."""
-    b = _batch(2)
-    learner = _learner(name)
+    b = _batch(2).to(device)
+    learner = _learner(name).to(device)
     learner.meta_backward(b)
 
     def predictions() -> list[torch.Tensor]:
@@ -115,9 +115,9 @@ def test_adapt_and_predict_work_under_no_grad(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_meta_backward_works_under_no_grad(name):
-    b = _batch(2)
-    plain, quiet = _learner(name), _learner(name)
+def test_meta_backward_works_under_no_grad(name, device):
+    b = _batch(2).to(device)
+    plain, quiet = _learner(name).to(device), _learner(name).to(device)
     stats = plain.meta_backward(b)
     with torch.no_grad():
         _assert_same([quiet.meta_backward(b)], [stats])
@@ -201,12 +201,12 @@ def _overflowing(b: Task) -> Task:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_a_non_finite_meta_gradient_is_refused_and_grad_is_kept(name):
+def test_a_non_finite_meta_gradient_is_refused_and_grad_is_kept(name, device):
     """Overflowing targets used to write NaN into .grad (MAML) for the user's optimizer to step;
     meta_backward refuses them, naming the problem and its likely cause, and .grad is exactly what
     it was: the same tensors with the same values, or None."""
-    b = _batch(2)
-    learner, reference = _learner(name), _learner(name)
+    b = _batch(2).to(device)
+    learner, reference = _learner(name).to(device), _learner(name).to(device)
     learner.generator.manual_seed(1)
     learner.meta_backward(b)
     before = [p.grad for p in learner.parameters()]
@@ -232,11 +232,11 @@ def test_a_non_finite_meta_gradient_is_refused_and_grad_is_kept(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_the_training_step_skips_a_refused_meta_gradient(name):
+def test_the_training_step_skips_a_refused_meta_gradient(name, device):
     """gemext.train's meta_step keeps its guard: the refusal is a skipped step, Θ unchanged, the
     reason kept for the log; a good batch then steps."""
-    b = _batch(2)
-    learner = _learner(name)
+    b = _batch(2).to(device)
+    learner = _learner(name).to(device)
     opt = learner.meta_optimizer(1e-3)
     theta = [p.detach().clone() for p in learner.parameters()]
     step = meta_step(learner, opt, _overflowing(b))

@@ -437,17 +437,17 @@ def test_every_algorithm_smoke(name):
 
 
 @pytest.mark.parametrize("name", algorithms.names())
-def test_every_algorithm_with_batchnorm_and_frozen_parameters(name):
+def test_every_algorithm_with_batchnorm_and_frozen_parameters(name, device):
     model = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
     model[0].weight.requires_grad_(False)
     frozen = model[0].weight.detach().clone()
     opts = dict(inner_steps=1, **SMOKE_OPTIONS.get(name, {}))
-    learner = algorithms.create(name, model, **opts)
+    learner = algorithms.create(name, model, **opts).to(device)
     opt = torch.optim.Adam(learner.parameters(), 1e-2)
     opt.zero_grad()
-    learner.meta_backward(_batch(2))
+    learner.meta_backward(_batch(2).to(device))
     assert all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.requires_grad)
     opt.step()
-    b = _batch(2)
+    b = _batch(2).to(device)
     learner.adapt(b).predict(b.x_query)
-    assert torch.equal(learner.net.model[0].weight, frozen)
+    assert torch.equal(learner.net.model[0].weight.cpu(), frozen)

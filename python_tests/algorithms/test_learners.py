@@ -105,14 +105,14 @@ def test_reptile_gradient_is_minus_sgd_displacement():
     assert learner.prior.rho0[0].grad is None  # C₀ is fixed
 
 
-def test_vectorised_and_looped_inner_loops_agree():
-    batch = _sinusoid_batch(4)
+def test_vectorised_and_looped_inner_loops_agree(device):
+    batch = _sinusoid_batch(4).to(device)
     model = SinusoidTasks("finn").make_model()
     grads = []
     for vec in (True, False):
         # SGD, not Adam: Adam's m/√v turns float rounding in near-zero gradients into O(lr) steps
         learner = algorithms.create("gem-bml+", copy.deepcopy(model), vectorize=vec, seed=3,
-                                    inner_steps=3, inner=dict(optimizer="sgd", lr=1e-3))
+                                    inner_steps=3, inner=dict(optimizer="sgd", lr=1e-3)).to(device)
         learner.meta_backward(batch)
         grads.append([p.grad.clone() for p in learner.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 0
@@ -131,16 +131,16 @@ def test_gem_bml_plus_differs_from_gem_bml_by_support_statistic():
     assert not torch.allclose(out["gem-bml"], out["gem-bml+"])
 
 
-def test_adapt_predicts_mean_and_std():
-    learner = algorithms.create("gem-bml+", SinusoidTasks("finn").make_model(), inner_steps=2)
-    b = _sinusoid_batch(1)
+def test_adapt_predicts_mean_and_std(device):
+    learner = algorithms.create("gem-bml+", SinusoidTasks("finn").make_model(), inner_steps=2).to(device)
+    b = _sinusoid_batch(1).to(device)
     pred = learner.adapt((b.x_support[0], b.y_support[0]))
     out = pred.predict(b.x_query[0])
     mean, std = out.mean, out.std
     assert out.probs is None and mean.shape == b.y_query[0].shape and std.shape == mean.shape
     assert (std > 0).all()
     # reptile: a point estimate; std is the likelihood noise only
-    r = algorithms.create("reptile", SinusoidTasks("finn").make_model(), inner_steps=2)
+    r = algorithms.create("reptile", SinusoidTasks("finn").make_model(), inner_steps=2).to(device)
     std = r.adapt((b.x_support[0], b.y_support[0])).predict(b.x_query[0]).std
     torch.testing.assert_close(std, torch.full_like(std, 0.5))
 

@@ -18,7 +18,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from gemext.tasks import Task
 from gemext.tasks import vision as V
 
-_DATA = Path(os.environ.get("GEMEXT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+_DATA = Path(os.environ.get("GEMEXT_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
 
 
 def _need(sub: str) -> Path:

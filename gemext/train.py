@@ -48,7 +48,10 @@ class StepOutcome:
 
 
 def _finite_grads(params) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    """Whether every meta-gradient is finite, with one host sync (not one per tensor: this runs
+    every meta-iteration)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, batch: Any,

@@ -1,6 +1,8 @@
 """Rollout-collector throughput: `python benchmarks/rl_bench.py [--tasks nav2d,halfcheetah-vel]`;
-meta-RL comparison: `python benchmarks/rl_bench.py compare --algos maml,gem-bml+ --iterations 30`.
-Run from the repository root with gemext installed (`pip install ".[rl]"`).
+meta-RL comparison: `python benchmarks/rl_bench.py compare --algos maml,gem-bml+ --iterations 30`;
+equal meta-iterations and equal wall-clock over seeds: `python benchmarks/rl_bench.py equal --out DIR`
+then `python benchmarks/rl_bench.py table --runs DIR` (see `equal`).
+Run with gemext installed (`pip install ".[rl]"`).
 
 Prints environment steps per second (policy sampling included: the 2×100 Gaussian MLP) for
 SyncVectorEnv and AsyncVectorEnv pools of several sizes, collecting `--episodes` full episodes
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import ci95, command_line, parse_run, stamp, write_csv
 
 from gemext.tasks.rl import RolloutCollector, sample_tasks
 from gemext.train import RunConfig, evaluate, train
@@ -63,10 +66,138 @@ def compare(argv: list[str]) -> None:
     plot_return_comparison(runs, Path(args.out) / f"{args.task}_return_vs_steps.png", f"{args.task} meta-test")
 
 
+def equal(argv: list[str]) -> None:
+    """Per seed, MAML-TRPO trains N meta-iterations and is meta-tested; its training wall-clock W
+    (metrics.json wall_s) is that seed's budget. Every other learner trains N iterations and is
+    meta-tested (the equal-iterations result, its run folder copied to <label>-s<seed>-it<N>), then
+    resumes the same run with --time-budget W and is meta-tested again (equal wall-clock, in
+    <label>-s<seed>). Each training is a fresh `python -m gemext train` (OMP_NUM_THREADS=--threads)."""
+    import os
+    import shutil
+    import subprocess
+
+    ap = argparse.ArgumentParser(prog="rl_bench.py equal")
+    ap.add_argument("--task", default="nav2d")
+    ap.add_argument("--algos", default="maml,gem-bml+,gem-bml,reptile")
+    ap.add_argument("--variant", action="append", default=[], help="'LABEL=ALGO:{json options}'")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--meta-batch", type=int, default=10)
+    ap.add_argument("--meta-lr", type=float, default=1e-2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-tasks", type=int, default=None, help="meta-test tasks (default: the family's, 40)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    entries = [parse_run(a) for a in args.algos.split(",") if a] + [parse_run(v) for v in args.variant]
+    if not any(algo == "maml" for _, algo, _ in entries):
+        raise SystemExit("rl_bench.py equal: MAML (--algos maml) sets the wall-clock budget")
+    entries.sort(key=lambda e: e[1] != "maml")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+
+    def gemext_train(label: str, algo: str, options: dict, seed: int, *extra: str) -> dict:
+        run = out / f"{label}-s{seed}"
+        cmd = [sys.executable, "-m", "gemext", "train", args.task, "--algo", algo, "--meta-batch", str(args.meta_batch),
+               "--meta-lr", str(args.meta_lr), "--seed", str(seed), "--out", str(run), "--log-every", "5",
+               "--checkpoint-every", "50", "--options", json.dumps(options), "--no-progress", *extra]
+        if args.eval_tasks is not None:
+            cmd += ["--eval-tasks", str(args.eval_tasks)]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, env=env, check=True)
+        return json.loads((run / "metrics.json").read_text())
+
+    for seed in (int(s) for s in args.seeds.split(",")):
+        budget = None
+        for label, algo, options in entries:
+            m = gemext_train(label, algo, options, seed, "--iterations", str(args.iterations), "--overwrite")
+            shutil.copytree(out / f"{label}-s{seed}", out / f"{label}-s{seed}-it{args.iterations}", dirs_exist_ok=True)
+            if algo == "maml":
+                budget = m["wall_s"]
+                continue
+            gemext_train(label, algo, options, seed, "--iterations", str(100 * args.iterations), "--time-budget",
+                         str(budget), "--resume")
+
+
+def table(argv: list[str]) -> None:
+    """The runs of `equal` in --runs: per learner mean ± 95% Student-t CI over seeds of the meta-test
+    return after 0..K updates at equal iterations and at equal wall-clock (table.md, runs.csv) and
+    the training return after one update against iterations and against seconds (curves.png)."""
+    import re
+
+    import numpy as np
+
+    from gemext.plots import new_figure
+
+    ap = argparse.ArgumentParser(prog="rl_bench.py table")
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--iterations", type=int, default=200)
+    args = ap.parse_args(argv)
+    root = Path(args.runs)
+    rows, logs = [], {}
+    for metrics in sorted(root.glob("*/metrics.json")):
+        match = re.fullmatch(rf"(.+)-s(\d+)(-it{args.iterations})?", metrics.parent.name)
+        if not match:
+            continue
+        label, seed, equal_its = match.group(1), int(match.group(2)), bool(match.group(3))
+        if label == "maml" and not equal_its:
+            continue  # MAML's equal-time run is its N-iteration run
+        m = json.loads(metrics.read_text())
+        row = {"label": label, "seed": seed, "view": "iterations" if equal_its else "wall-clock",
+               "iterations": m["iterations"], "wall_s": round(m["wall_s"], 1)}
+        row.update({f"return{k}": r for k, r in enumerate(m["return_by_step"])})
+        row.update({f"spread{k}": r for k, r in enumerate(m.get("return_spread_by_step", []))})
+        rows.append(row)
+        if not equal_its or label == "maml":
+            logs.setdefault(label, []).append(np.genfromtxt(metrics.parent / "log.csv", delimiter=",", names=True))
+    write_csv(root / "runs.csv", rows)
+    steps = sorted({int(k[6:]) for r in rows for k in r if k.startswith("return")})
+    lines = [stamp(), "", command_line("rl_bench.py", ["table"] + argv), ""]
+    for view in ("iterations", "wall-clock"):
+        lines += [f"At equal {view} (mean ± 95% CI over seeds; MAML's {args.iterations}-iteration time as the budget):",
+                  "", "| learner | seeds | iterations | train s | " + " | ".join(f"return after {k}" for k in steps)
+                  + " | spread over posterior draws after 0 / " + str(steps[-1]) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(steps) + "---|"]
+        for label in dict.fromkeys(r["label"] for r in rows):
+            rs = [r for r in rows if r["label"] == label and (r["view"] == view or label == "maml")]
+            if not rs:
+                continue
+
+            def cell(key: str, digits: int = 1, rs: list[dict] = rs) -> str:
+                v = [r[key] for r in rs if key in r]
+                return f"{np.mean(v):.{digits}f} ± {ci95(v):.{digits}f}" if len(v) > 1 else \
+                    (f"{v[0]:.{digits}f}" if v else "—")
+            spread = f"{cell('spread0')} / {cell(f'spread{steps[-1]}')}" if "spread0" in rs[0] else "—"
+            lines.append(f"| {label} | {len(rs)} | {np.mean([r['iterations'] for r in rs]):.0f} | "
+                         f"{np.mean([r['wall_s'] for r in rs]):.0f} | " + " | ".join(cell(f"return{k}") for k in steps)
+                         + f" | {spread} |")
+        lines.append("")
+    (root / "table.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    fig = new_figure((10, 3.6))
+    axes = fig.subplots(1, 2)
+    for i, (label, runs) in enumerate(logs.items()):
+        color = f"C{i}"
+        for j, log in enumerate(runs):
+            for ax, x in zip(axes, ("iteration", "wall_s")):
+                ax.plot(log[x], log["return_post"], color=color, alpha=0.7, lw=1, label=label if j == 0 else None)
+    for ax, xlabel in zip(axes, ("meta-iteration", "training seconds")):
+        ax.set(xlabel=xlabel, ylabel="training return after 1 update",
+               title=f"nav2d, {len(logs)} learners, each seed a line")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "curves.png", dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         return compare(argv[1:])
+    if argv[:1] == ["equal"]:
+        return equal(argv[1:])
+    if argv[:1] == ["table"]:
+        return table(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", default="nav2d,halfcheetah-vel")
     ap.add_argument("--episodes", type=int, default=40)

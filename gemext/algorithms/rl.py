@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from ..gaussian import Posterior
 from ..tasks.rl.envs import Task
+from ..tasks.rl.natural import TrustRegionVI, natural_fit
 from ..tasks.rl.optim import mean_kl, pg_surrogate, reinforce_step, trpo_step, trpo_surrogate
 from ..tasks.rl.rollouts import EpisodeBatch, Sampler, mean_returns, stack
 from ..vi import VIConfig
@@ -67,9 +69,13 @@ class RLLearner(MetaLearner):
     def _update(self, state: Any, batches: list[EpisodeBatch]) -> Any:
         """One inner update of every task on its rollouts."""
 
+    def draw_policies(self, state: Any, n: int, generator: torch.Generator) -> list[list[dict[str, Tensor]]] | None:
+        """`n` weight draws per task from the posterior of `state`; None for point estimates."""
+        return None
+
     def _path(self, tasks: list[Task], steps: int, episodes: int | None, on_step) -> list[dict[str, Tensor]]:
         """Adapt each task for `steps` inner updates, each on fresh rollouts of its current
-        policy; on_step(rollouts) after 0..steps updates. Returns the adapted weights."""
+        policy; on_step(rollouts, state) after 0..steps updates. Returns the adapted weights."""
         state = self._start(len(tasks))
         for k in range(steps + 1):
             params = self._policies(state)
@@ -77,7 +83,7 @@ class RLLearner(MetaLearner):
                 break
             batches = [self.sampler.rollouts(p, t, episodes) for p, t in zip(params, tasks)]
             if on_step is not None:
-                on_step(batches)
+                on_step(batches, state)
             if k < steps:
                 state = self._update(state, batches)
         return params
@@ -90,14 +96,34 @@ class RLLearner(MetaLearner):
                    on_step: Callable[[int], None] | None = None) -> list[list[EpisodeBatch]]:
         """Rollouts of each task after 0..steps inner updates (`episodes` each); `on_step(k)` is
         called once the rollouts after k updates are in (progress of a long meta-test)."""
-        path: list[list[EpisodeBatch]] = []
+        return self.adapt_path_with_draws(tasks, steps, episodes, on_step=on_step)[0]
 
-        def add(batches: list[EpisodeBatch]) -> None:
+    def adapt_path_with_draws(self, tasks: list[Task], steps: int, episodes: int | None = None, draws: int = 0,
+                              draw_episodes: int = 5, on_step: Callable[[int], None] | None = None
+                              ) -> tuple[list[list[EpisodeBatch]], list[list[list[EpisodeBatch]]] | None]:
+        """`adapt_path`, and for a learner with a posterior the rollouts of `draws` weight draws from
+        each task's posterior after 0..steps updates (`draw_episodes` each; [step][task][draw]),
+        else None. The draws are rolled out after the whole path, so the path is the same with or
+        without them; their noise comes from a stream of its own (seed 0)."""
+        path: list[list[EpisodeBatch]] = []
+        states: list[Any] = []
+
+        def add(batches: list[EpisodeBatch], state: Any) -> None:
             path.append(batches)
+            states.append(state)
             if on_step is not None:
                 on_step(len(path) - 1)
         self._path(tasks, steps, episodes, add)
-        return path
+        if draws < 1:
+            return path, None
+        generator = torch.Generator().manual_seed(0)
+        drawn = []
+        for state in states:
+            policies = self.draw_policies(state, draws, generator)
+            if policies is None:
+                return path, None
+            drawn.append([[self.sampler.rollouts(p, t, draw_episodes) for p in ps] for ps, t in zip(policies, tasks)])
+        return path, drawn
 
 
 class GEMRL(RLLearner):
@@ -110,9 +136,12 @@ class GEMRL(RLLearner):
     sigma0 (the prior std; Reptile: the fixed C₀), learn_sigma and sigma0_range (GEM-BML(+) meta-learn
     the prior std within (σ₀/10, σ₀), "shrink", as the sinusoid and vision presets: measured in
     benchmarks/HISTORY.md, "nav2d: learned prior std and the von inner VI"; None: unbounded),
-    inner_optimizer ("sgd": a policy-gradient step of inner_lr; "von" with inner_options
-    {"curvature": "reparam", "coupling": "diag"}, lr inner_lr unscaled: the surrogate is not a
-    likelihood, so there is no Gauss-Newton factor for the coupled step), beta, mc_samples and
+    inner_optimizer ("sgd": a policy-gradient step of inner_lr; "natural": the trust-region
+    natural-gradient VI of gemext.tasks.rl.natural, the policy's Fisher as the curvature, lr
+    inner_lr (1: the full step before the trust region clips it), inner_options the fields of
+    `TrustRegionVI` (max_kl, cg_iters, ...), GEM-BML(+) only; "von" with inner_options
+    {"curvature": "reparam", "coupling": "diag"}, lr inner_lr unscaled: IVON's single-sample
+    curvature of the surrogate), beta, mc_samples and
     likelihood_scale (s; None: the sampler's episodes × horizon). Reptile has point posteriors:
     learn_sigma, sigma0_range, beta and mc_samples are GEM-BML(+) options only."""
 
@@ -130,11 +159,22 @@ class GEMRL(RLLearner):
         _check_range(variant, 0, strict=True, inner_lr=inner_lr, sigma0=sigma0)
         _check_range(variant, 0, inner_steps=inner_steps, query_steps=query_steps)
         _check_range(variant, 1, mc_samples=mc_samples)
-        if inner_optimizer not in ("sgd", "von"):
-            raise ValueError(f"{variant}: option inner_optimizer must be 'sgd' or 'von', got {inner_optimizer!r}")
+        if inner_optimizer not in ("sgd", "von", "natural"):
+            raise ValueError(f"{variant}: option inner_optimizer must be 'sgd', 'von' or 'natural', "
+                             f"got {inner_optimizer!r}")
+        self.natural, self._inner_info = None, {}
+        if inner_optimizer == "natural":
+            if variant == "reptile" or mc_samples != 1:
+                raise ValueError(f"{variant}: inner_optimizer 'natural' fits GEM-BML(+) posteriors from the gradient "
+                                 "at the mean (mc_samples 1); use 'sgd' for reptile")
+            try:
+                self.natural = TrustRegionVI(lr=inner_lr, **(inner_options or {}))
+            except TypeError as err:
+                raise ValueError(f"{variant}: inner_options of 'natural' are the fields of TrustRegionVI (max_kl, "
+                                 f"cg_iters, damping, ls_max_steps, ls_backtrack_ratio, diag_chunk): {err}") from None
         self.sampler = sampler
         self.scale = float(likelihood_scale or sampler.episodes * sampler.horizon)
-        von = inner_optimizer == "von"
+        von = inner_optimizer != "sgd"
         pull = inner_lr / self.scale * beta / sigma0 ** 2
         if not von and variant != "reptile" and pull >= 1:
             # the SGD step of the KL term moves μ − μ₀ by the factor 1 − pull: at 1 it undoes all
@@ -144,8 +184,10 @@ class GEMRL(RLLearner):
                 f"inner_lr/(episodes·horizon)·beta/sigma0² = {inner_lr:g}/{self.scale:g}·{beta:g}/"
                 f"{sigma0:g}² = {pull:.3g} per step, which must stay below 1 (it undoes or overshoots the "
                 "adaptation); raise episodes, sigma0 or likelihood_scale, or lower beta or inner_lr")
-        inner = VIConfig(steps=inner_steps, optimizer=inner_optimizer, lr=inner_lr if von else inner_lr / self.scale,
-                         optimizer_kwargs=dict(inner_options or {}), mc_samples=mc_samples, beta=beta)
+        inner = VIConfig(steps=inner_steps, optimizer="sgd" if self.natural else inner_optimizer,
+                         lr=inner_lr if von else inner_lr / self.scale,
+                         optimizer_kwargs={} if self.natural else dict(inner_options or {}), mc_samples=mc_samples,
+                         beta=beta)
         bayes = {} if variant == "reptile" else dict(learn_sigma=learn_sigma, sigma0_range=sigma0_range)
         self.core = GEMLearner(model, variant=variant, sigma0=sigma0, inner=inner, query_steps=query_steps,
                                vectorize=True, seed=seed, **bayes)
@@ -179,8 +221,13 @@ class GEMRL(RLLearner):
             return self.scale * frac * losses.sum()
         return nll
 
-    def _fit(self, batches: list[EpisodeBatch], prior, init, steps: int):
-        return self.core.fit_posterior(self._nll(batches), batches[0].num_episodes, prior, init, steps)
+    def _fit(self, batches: list[EpisodeBatch], prior: Posterior, init: Posterior, steps: int) -> Posterior:
+        if self.natural is not None:
+            post, info = natural_fit(self.sampler.policy, self.names, batches, self.scale, prior, init, steps,
+                                     self.core.inner.beta, self.natural)
+            self._inner_info = info
+            return post
+        return self.core.fit_posterior(self._nll(batches), batches[0].num_episodes, prior, init, steps).posterior
 
     def meta_backward(self, tasks: list[Task], task_range: tuple[int, int] | None = None) -> dict[str, float]:
         _no_shard(self.name, task_range, len(tasks))
@@ -189,11 +236,12 @@ class GEMRL(RLLearner):
         support = [self.sampler.rollouts(self._params(mu0), t) for t in tasks]
         expanded = prior.expand(T)
         tr = self._fit(support, expanded, self.core.start(expanded), self.inner_steps)
-        query = [self.sampler.rollouts(self._params(tr.posterior.task(i).mu), t) for i, t in enumerate(tasks)]
-        all_ = self._fit(query, tr.posterior, tr.posterior, self.core.query_steps)
-        self.core.accumulate_meta_grad(tr.posterior, all_.posterior)
+        info = {f"inner_{k}": v for k, v in self._inner_info.items()}
+        query = [self.sampler.rollouts(self._params(tr.task(i).mu), t) for i, t in enumerate(tasks)]
+        all_ = self._fit(query, tr, tr, self.core.query_steps)
+        self.core.accumulate_meta_grad(tr, all_)
         return {"return_pre": mean_returns(support).mean().item(), "return_post": mean_returns(query).mean().item(),
-                "sigma0_mean": float(torch.cat([r.detach().exp().flatten() for r in prior.rho0]).mean())}
+                "sigma0_mean": float(torch.cat([r.detach().exp().flatten() for r in prior.rho0]).mean()), **info}
 
     def after_step(self) -> dict[str, float]:
         return self.core.after_step()  # σ₀ within its range
@@ -210,7 +258,15 @@ class GEMRL(RLLearner):
 
     def _update(self, state: tuple, batches: list[EpisodeBatch]) -> tuple:
         prior, post = state
-        return prior, self._fit(batches, prior, post, self.inner_steps).posterior
+        return prior, self._fit(batches, prior, post, self.inner_steps)
+
+    def draw_policies(self, state: tuple, n: int, generator: torch.Generator) -> list[list[dict[str, Tensor]]] | None:
+        if self.core.delta:
+            return None
+        post = state[1]
+        return [[self._params([m + r.exp() * torch.randn(m.shape, generator=generator, dtype=m.dtype)
+                               for m, r in zip(task.mu, task.rho)]) for _ in range(n)]
+                for task in (post.task(i) for i in range(post.mu[0].shape[0]))]
 
 
 class TRPO(torch.optim.Optimizer):

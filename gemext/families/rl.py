@@ -37,8 +37,8 @@ def _is_number(v: Any) -> bool:
 # setting -> (what it must be, the test of its JSON value)
 _RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **{k: ("an integer >= 1", lambda v: _is_int(v, 1))
-       for k in ("episodes", "meta_batch", "num_envs", "eval_tasks", "eval_episodes")},
-    "eval_steps": ("an integer >= 0", lambda v: _is_int(v, 0)),
+       for k in ("episodes", "meta_batch", "num_envs", "eval_tasks", "eval_episodes", "eval_draw_episodes")},
+    **{k: ("an integer >= 0", lambda v: _is_int(v, 0)) for k in ("eval_steps", "eval_draws")},
     **{k: ("a number", _is_number) for k in ("init_log_std", "gamma", "gae_lambda")},
     "horizon": ("an integer >= 1 or null (the environment's)", lambda v: v is None or _is_int(v, 1)),
     "hidden": ("a list of layer widths >= 1", lambda v: isinstance(v, (list, tuple)) and all(_is_int(h, 1) for h in v)),
@@ -64,6 +64,8 @@ class RLRunSettings:
     eval_tasks: int = 40
     eval_episodes: int = 40
     eval_steps: int = 3
+    eval_draws: int = 8  # posterior draws per task whose returns give the predictive spread (0: none)
+    eval_draw_episodes: int = 5  # rollouts of each draw
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -187,7 +189,11 @@ class RLFamily(TaskFamily):
         """Returns after 0..steps inner updates of `eval_episodes` (40) rollouts each, on fixed-seed
         new tasks (`tasks`: default the run's --eval-tasks, else the RL option eval_tasks, 40; `steps`:
         the run's --eval-steps, else the RL option eval_steps, 3); return_by_step is the mean over
-        tasks of the mean episode return. Plots return_vs_steps.png and, for nav2d, trajectories.png."""
+        tasks of the mean episode return of the adapted policy (the posterior mean for GEM). For a
+        learner with a posterior, eval_draws (8) weight draws per task are rolled out too
+        (eval_draw_episodes, 5, each): return_draws_by_step is their mean return, return_spread_by_step
+        the mean over tasks of the standard deviation over draws of a draw's mean return. Plots
+        return_vs_steps.png and, for nav2d, trajectories.png."""
         config, settings, n = self.config, self.settings, self.eval_tasks(tasks)
         k = steps if steps is not None else (
             config.eval_steps if config.eval_steps is not None else settings.eval_steps)
@@ -196,12 +202,18 @@ class RLFamily(TaskFamily):
         bar = Progress(range(k + 1), k + 1, f"meta-test {config.algo} ({n} tasks, {k} updates)", every=1,
                        enabled=progress)
         try:
-            path = learner.adapt_path(test_tasks, k, settings.eval_episodes, on_step=lambda _: bar.tick())
+            path, drawn = learner.adapt_path_with_draws(test_tasks, k, settings.eval_episodes, settings.eval_draws,
+                                                        settings.eval_draw_episodes, on_step=lambda _: bar.tick())
         finally:
             bar.close()
         by_step = [mean_ci95(mean_returns(b)) for b in path]
         result = {"return_by_step": [m for m, _ in by_step], "return_ci95_by_step": [c for _, c in by_step],
                   "eval_tasks": n, "eval_steps": k, "eval_episodes": settings.eval_episodes}
+        if drawn is not None:  # the posterior's predictive: each draw's mean return, [task, draw] per step
+            per_draw = [torch.stack([mean_returns(d) for d in tasks_]) for tasks_ in drawn]
+            result.update(return_draws_by_step=[float(r.mean()) for r in per_draw],
+                          return_spread_by_step=[float(r.std(1).mean()) for r in per_draw],
+                          eval_draws=settings.eval_draws, eval_draw_episodes=settings.eval_draw_episodes)
         if plots:
             from ..plots import plot_curve
 

@@ -48,6 +48,11 @@ def test_train_eval_nav2d_end_to_end(tmp_path, algo, capsys):
     assert m["algo"] == algo and m["iterations"] == 2 and len(m["return_by_step"]) == 2
     assert all(math.isfinite(r) for r in m["return_by_step"])
     assert json.loads((run / "metrics.json").read_text())["return_by_step"] == m["return_by_step"]
+    if algo in ("gem-bml", "gem-bml+"):  # the posterior's predictive spread: 8 draws per task
+        assert len(m["return_spread_by_step"]) == len(m["return_draws_by_step"]) == 2 and m["eval_draws"] == 8
+        assert all(s > 0 for s in m["return_spread_by_step"])
+    else:
+        assert "return_spread_by_step" not in m
     assert (run / "return_vs_steps.png").exists() and (run / "trajectories.png").exists()
     from gemext.families.rl import RLFamily
     assert set(RLFamily.eval_outputs) == {"return_vs_steps.png", "trajectories.png"}  # removed on a longer resume
@@ -116,7 +121,7 @@ def test_point_posterior_vi_step_equals_policy_gradient_step():
     mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
     batches = [sampler.rollouts(mu0, t) for t in tasks]
     prior = learner.core.prior.expand(2)
-    fitted = learner._fit(batches, prior, learner.core.start(prior), 1).posterior
+    fitted = learner._fit(batches, prior, learner.core.start(prior), 1)
     for i, b in enumerate(batches):
         expect = rl.reinforce_step(sampler.policy, mu0, b, opts["inner_lr"])
         for n, m in zip(learner.names, fitted.task(i).mu):
@@ -148,7 +153,7 @@ def test_gem_rl_von_inner_fit_moves_mean_and_variance():
     mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
     batches = [sampler.rollouts(mu0, t) for t in tasks]
     prior = learner.core.prior.expand(2)
-    post = learner._fit(batches, prior, prior, 1).posterior
+    post = learner._fit(batches, prior, prior, 1)
     family.close()
     moved_mu = max(float((m - m0).abs().max()) for m, m0 in zip(post.mu, prior.mu))
     shrunk = min(float((r - r0).min()) for r, r0 in zip(post.rho, prior.rho))
@@ -257,3 +262,59 @@ def test_mujoco_meta_training_smoke(tmp_path):
     run = train(_run(tmp_path, "gem-bml+", iterations=1, task="halfcheetah-dir", horizon=8), progress=False)
     assert len(evaluate(run, plots=False)["return_by_step"]) == 2
 
+
+
+def test_gem_rl_natural_inner_fit_stays_in_its_trust_region_and_fits_variances():
+    natural = dict(TINY, **TINY_GEM, inner_optimizer="natural", inner_lr=1.0, inner_options={"max_kl": 1e-3})
+    _, sampler, learner, family = _build_rl("gem-bml+", natural)
+    tasks = rl.sample_tasks("nav2d", 2, 1)
+    mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
+    batches = [sampler.rollouts(mu0, t) for t in tasks]
+    prior = learner.core.prior.expand(2)
+    post = learner._fit(batches, prior, prior, 1)
+    for i, b in enumerate(batches):
+        kl = rl.mean_kl(sampler.policy, dict(zip(learner.names, [m[i] for m in post.mu])), b,
+                        dict(zip(learner.names, [m[i] for m in prior.mu])))
+        assert 0 < float(kl) <= 1e-3
+    assert all(bool((r <= r0).all()) for r, r0 in zip(post.rho, prior.rho))  # never less certain
+    assert min(float((r - r0).min()) for r, r0 in zip(post.rho, prior.rho)) < -1e-3  # some weights informed
+    from gemext.train import meta_step
+    opt = learner.meta_optimizer(1e-2)
+    info = meta_step(learner, opt, tasks)
+    family.close()
+    assert info.stepped and all(torch.isfinite(p).all() for p in learner.core.prior.mu0)
+
+
+@pytest.mark.parametrize("algo,options,word", [
+    ("reptile", {"inner_optimizer": "natural"}, "use 'sgd' for reptile"),
+    ("gem-bml+", {"inner_optimizer": "natural", "inner_options": {"max_k": 1}}, "fields of TrustRegionVI"),
+    ("gem-bml+", {"inner_optimizer": "natural", "inner_options": {"max_kl": -1}}, "max_kl must be > 0"),
+    ("gem-bml+", {"inner_optimizer": "adam"}, "'sgd', 'von' or 'natural'"),
+])
+def test_natural_inner_options_are_refused_by_name(algo, options, word):
+    with pytest.raises(ValueError, match=re.escape(word)):
+        _build_rl(algo, dict(TINY, **TINY_GEM, **options))
+
+
+def test_posterior_draws_leave_the_meta_test_path_unchanged_and_are_the_posterior():
+    _, sampler, learner, family = _build_rl("gem-bml+", dict(TINY, **TINY_GEM))
+    tasks = rl.sample_tasks("nav2d", 2, 5)
+    sampler.reseed(3)
+    learner.generator.manual_seed(3)  # the inner VI's noise
+    plain, none = learner.adapt_path_with_draws(tasks, 1, 3)
+    sampler.reseed(3)
+    learner.generator.manual_seed(3)
+    path, drawn = learner.adapt_path_with_draws(tasks, 1, 3, draws=4, draw_episodes=2)
+    assert none is None and len(drawn) == 2 and len(drawn[0]) == 2 and len(drawn[0][0]) == 4
+    for a, b in zip(plain, path):
+        for x, y in zip(a, b):
+            assert torch.equal(x.observations, y.observations) and torch.equal(x.rewards, y.rewards)
+    # the draws are μ + σε of the state's posterior: their spread around μ is σ
+    state = learner._start(2)
+    draws = learner.draw_policies(state, 400, torch.Generator().manual_seed(0))
+    w = torch.stack([d["mean.0.weight"] for d in draws[1]])
+    post = state[1].task(1)
+    i = learner.names.index("mean.0.weight")
+    torch.testing.assert_close(w.std(0), post.rho[i].exp(), rtol=0.15, atol=0)
+    torch.testing.assert_close(w.mean(0), post.mu[i], rtol=0, atol=float(post.rho[i].exp().max()) * 0.25)
+    family.close()

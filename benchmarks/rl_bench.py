@@ -86,6 +86,8 @@ def equal(argv: list[str]) -> None:
     ap.add_argument("--meta-lr", type=float, default=1e-2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-tasks", type=int, default=None, help="meta-test tasks (default: the family's, 40)")
+    ap.add_argument("--resume-existing", action="store_true",
+                    help="keep the runs already meta-tested in --out (MAML's gives its seed's budget)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     entries = [parse_run(a) for a in args.algos.split(",") if a] + [parse_run(v) for v in args.variant]
@@ -107,16 +109,26 @@ def equal(argv: list[str]) -> None:
         subprocess.run(cmd, env=env, check=True)
         return json.loads((run / "metrics.json").read_text())
 
+    def done(run: Path, budget: float | None = None) -> dict | None:
+        path = run / "metrics.json"
+        if not (args.resume_existing and path.exists()):
+            return None
+        m = json.loads(path.read_text())
+        return m if budget is None or m.get("stopped_by") == "time_budget" else None
+
     for seed in (int(s) for s in args.seeds.split(",")):
         budget = None
         for label, algo, options in entries:
-            m = gemext_train(label, algo, options, seed, "--iterations", str(args.iterations), "--overwrite")
-            shutil.copytree(out / f"{label}-s{seed}", out / f"{label}-s{seed}-it{args.iterations}", dirs_exist_ok=True)
+            first = out / f"{label}-s{seed}-it{args.iterations}"
+            m = done(first)
+            if m is None:
+                m = gemext_train(label, algo, options, seed, "--iterations", str(args.iterations), "--overwrite")
+                shutil.copytree(out / f"{label}-s{seed}", first, dirs_exist_ok=True)
             if algo == "maml":
                 budget = m["wall_s"]
-                continue
-            gemext_train(label, algo, options, seed, "--iterations", str(100 * args.iterations), "--time-budget",
-                         str(budget), "--resume")
+            elif done(out / f"{label}-s{seed}", budget) is None:
+                gemext_train(label, algo, options, seed, "--iterations", str(500 * args.iterations), "--time-budget",
+                             str(budget), "--resume")
 
 
 def table(argv: list[str]) -> None:

@@ -1,7 +1,8 @@
 """Rollout-collector throughput: `python benchmarks/rl_bench.py [--tasks nav2d,halfcheetah-vel]`;
 meta-RL comparison: `python benchmarks/rl_bench.py compare --algos maml,gem-bml+ --iterations 30`;
 equal meta-iterations and equal wall-clock over seeds: `python benchmarks/rl_bench.py equal --out DIR`
-then `python benchmarks/rl_bench.py table --runs DIR` (see `equal`).
+then `python benchmarks/rl_bench.py table --runs DIR` (see `equal`); how far one inner update
+moves a trained run's policy: `python benchmarks/rl_bench.py stepkl --run RUN`.
 Run with gemext installed (`pip install ".[rl]"`).
 
 Prints environment steps per second (policy sampling included: the 2×100 Gaussian MLP) for
@@ -202,6 +203,39 @@ def table(argv: list[str]) -> None:
     fig.savefig(root / "curves.png", dpi=120)
 
 
+def step_kl(argv: list[str]) -> None:
+    """How far one inner update moves a trained GEM run's policy: the mean KL(π_μ₀ ‖ π_adapted) over
+    the states of π_μ₀'s rollouts on --tasks new tasks, for the run's own inner step and for the
+    natural-gradient step (inner_optimizer "natural", lr 1) from the same prior."""
+    import dataclasses
+
+    from gemext.record import load_run, open_family
+    from gemext.tasks.rl import mean_kl
+
+    ap = argparse.ArgumentParser(prog="rl_bench.py stepkl")
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--tasks", type=int, default=10)
+    args = ap.parse_args(argv)
+    config, family, learner, _ = load_run(args.run)
+    # the natural step's learner: a family of its own (a learner owns its policy), the same prior
+    options = {**config.algo_options, "inner_optimizer": "natural", "inner_lr": 1.0, "inner_options": None}
+    natural_family = open_family(dataclasses.replace(config, algo_options=options))
+    try:
+        natural = natural_family.build_learner()
+        natural.load_state_dict(learner.state_dict())
+        tasks = sample_tasks(config.task, args.tasks, 3)
+        prior = learner.adapt(tasks, 0)
+        states = [family.sampler.rollouts(p, t) for p, t in zip(prior, tasks)]
+        for name, lrn in (("own step", learner), ("natural step", natural)):
+            adapted = lrn.adapt(tasks, 1)
+            kls = [float(mean_kl(family.sampler.policy, a, b, p)) for a, b, p in zip(adapted, states, prior)]
+            print(json.dumps({"run": args.run, "step": name, "kl": [round(k, 4) for k in kls],
+                              "median": round(statistics.median(kls), 4)}), flush=True)
+    finally:
+        family.close()
+        natural_family.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
@@ -210,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         return equal(argv[1:])
     if argv[:1] == ["table"]:
         return table(argv[1:])
+    if argv[:1] == ["stepkl"]:
+        return step_kl(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", default="nav2d,halfcheetah-vel")
     ap.add_argument("--episodes", type=int, default=40)

@@ -180,6 +180,8 @@ def _read_config(run: Path) -> RunConfig:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run} is not a gemext run folder (no config.json)")
     cfg = json.loads(cfg_path.read_text())
+    if isinstance(cfg.get("algo_options"), dict):  # RL runs of gemext ≤ 0.1.0 kept a retired pseudo-option
+        cfg["algo_options"] = {k: v for k, v in cfg["algo_options"].items() if k != "resolved"}
     return RunConfig(**{k: v for k, v in cfg.items() if k not in RECORD_KEYS})  # the settings alone
 
 

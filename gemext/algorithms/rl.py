@@ -139,7 +139,9 @@ class GEMRL(RLLearner):
     inner_optimizer ("sgd": a policy-gradient step of inner_lr; "natural": the trust-region
     natural-gradient VI of gemext.tasks.rl.natural, the policy's Fisher as the curvature, lr
     inner_lr (1: the full step before the trust region clips it), inner_options the fields of
-    `TrustRegionVI` (max_kl, cg_iters, ...), GEM-BML(+) only; "von" with inner_options
+    `TrustRegionVI` (max_kl, cg_iters, ...), GEM-BML(+) only; on nav2d it meta-learns a prior that
+    one update barely moves, where the SGD step's prior learns to move far, benchmarks/RESULTS.md
+    RL; "von" with inner_options
     {"curvature": "reparam", "coupling": "diag"}, lr inner_lr unscaled: IVON's single-sample
     curvature of the surrogate), beta, mc_samples and
     likelihood_scale (s; None: the sampler's episodes × horizon). Reptile has point posteriors:

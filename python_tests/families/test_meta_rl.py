@@ -318,3 +318,16 @@ def test_posterior_draws_leave_the_meta_test_path_unchanged_and_are_the_posterio
     torch.testing.assert_close(w.std(0), post.rho[i].exp(), rtol=0.15, atol=0)
     torch.testing.assert_close(w.mean(0), post.mu[i], rtol=0, atol=float(post.rho[i].exp().max()) * 0.25)
     family.close()
+
+
+def test_a_run_saved_with_the_retired_resolved_option_still_evaluates(tmp_path):
+    """RL runs saved before the options went through the registry kept algo_options["resolved"]."""
+    import json
+
+    from gemext.train import evaluate, train
+
+    run = train(_run(tmp_path, "gem-bml+", iterations=1), progress=False)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["algo_options"]["resolved"] = {"inner_lr": 0.1}
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert len(evaluate(run, plots=False)["return_by_step"]) == 2

@@ -146,14 +146,20 @@ def test_gem_rl_learned_prior_std_stays_in_its_range(sigma0_range):
         assert float(s0.max()) > opts["sigma0"] * 1.1 or float(s0.min()) < opts["sigma0"] / 10
 
 
-def test_gem_rl_von_inner_fit_moves_mean_and_variance():
-    von = dict(TINY, inner_optimizer="von", inner_lr=1.0, inner_options={"curvature": "reparam", "coupling": "diag"})
-    _, sampler, learner, family = _build_rl("gem-bml+", von)
+def _support_fit(options):
+    """(sampler, learner, family, tasks, support rollouts, expanded prior, posterior) of one inner fit
+    of GEM-BML+ from its prior on 2 nav2d tasks (close the family when done)."""
+    _, sampler, learner, family = _build_rl("gem-bml+", options)
     tasks = rl.sample_tasks("nav2d", 2, 1)
     mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
     batches = [sampler.rollouts(mu0, t) for t in tasks]
     prior = learner.core.prior.expand(2)
-    post = learner._fit(batches, prior, prior, 1)
+    return sampler, learner, family, tasks, batches, prior, learner._fit(batches, prior, prior, 1)
+
+
+def test_gem_rl_von_inner_fit_moves_mean_and_variance():
+    von = dict(TINY, inner_optimizer="von", inner_lr=1.0, inner_options={"curvature": "reparam", "coupling": "diag"})
+    *_, family, _, _, prior, post = _support_fit(von)
     family.close()
     moved_mu = max(float((m - m0).abs().max()) for m, m0 in zip(post.mu, prior.mu))
     shrunk = min(float((r - r0).min()) for r, r0 in zip(post.rho, prior.rho))
@@ -263,15 +269,9 @@ def test_mujoco_meta_training_smoke(tmp_path):
     assert len(evaluate(run, plots=False)["return_by_step"]) == 2
 
 
-
 def test_gem_rl_natural_inner_fit_stays_in_its_trust_region_and_fits_variances():
     natural = dict(TINY, **TINY_GEM, inner_optimizer="natural", inner_lr=1.0, inner_options={"max_kl": 1e-3})
-    _, sampler, learner, family = _build_rl("gem-bml+", natural)
-    tasks = rl.sample_tasks("nav2d", 2, 1)
-    mu0 = {n: m.detach() for n, m in zip(learner.names, learner.core.prior.mu0)}
-    batches = [sampler.rollouts(mu0, t) for t in tasks]
-    prior = learner.core.prior.expand(2)
-    post = learner._fit(batches, prior, prior, 1)
+    sampler, learner, family, tasks, batches, prior, post = _support_fit(natural)
     for i, b in enumerate(batches):
         kl = rl.mean_kl(sampler.policy, dict(zip(learner.names, [m[i] for m in post.mu])), b,
                         dict(zip(learner.names, [m[i] for m in prior.mu])))

@@ -80,7 +80,8 @@ def equal(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="rl_bench.py equal")
     ap.add_argument("--task", default="nav2d")
     ap.add_argument("--algos", default="maml,gem-bml+,gem-bml,reptile")
-    ap.add_argument("--variant", action="append", default=[], help="'LABEL=ALGO:{json options}'")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="'LABEL=ALGO:{json options}' (meta_lr and meta_batch there override the flags)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--meta-batch", type=int, default=10)
@@ -101,8 +102,10 @@ def equal(argv: list[str]) -> None:
 
     def gemext_train(label: str, algo: str, options: dict, seed: int, *extra: str) -> dict:
         run = out / f"{label}-s{seed}"
-        cmd = [sys.executable, "-m", "gemext", "train", args.task, "--algo", algo, "--meta-batch", str(args.meta_batch),
-               "--meta-lr", str(args.meta_lr), "--seed", str(seed), "--out", str(run), "--log-every", "5",
+        options = dict(options)  # a variant's meta_lr and meta_batch are flags
+        meta_lr, meta_batch = options.pop("meta_lr", args.meta_lr), options.pop("meta_batch", args.meta_batch)
+        cmd = [sys.executable, "-m", "gemext", "train", args.task, "--algo", algo, "--meta-batch", str(meta_batch),
+               "--meta-lr", str(meta_lr), "--seed", str(seed), "--out", str(run), "--log-every", "5",
                "--checkpoint-every", "50", "--options", json.dumps(options), "--no-progress", *extra]
         if args.eval_tasks is not None:
             cmd += ["--eval-tasks", str(args.eval_tasks)]

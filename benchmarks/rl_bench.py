@@ -209,7 +209,9 @@ def table(argv: list[str]) -> None:
 def step_kl(argv: list[str]) -> None:
     """How far one inner update moves a trained GEM run's policy: the mean KL(π_μ₀ ‖ π_adapted) over
     the states of π_μ₀'s rollouts on --tasks new tasks, for the run's own inner step and for the
-    natural-gradient step (inner_optimizer "natural", lr 1) from the same prior."""
+    natural-gradient step (inner_optimizer "natural", lr 1) from the same prior; and the median
+    |action mean| of π_μ₀ on those states (nav2d clips actions at ±0.1: far beyond it, updates that
+    move the mean change no action)."""
     import dataclasses
 
     from gemext.record import load_run, open_family
@@ -229,6 +231,9 @@ def step_kl(argv: list[str]) -> None:
         tasks = sample_tasks(config.task, args.tasks, 3)
         prior = learner.adapt(tasks, 0)
         states = [family.sampler.rollouts(p, t) for p, t in zip(prior, tasks)]
+        means = torch.cat([family.sampler.policy.mean_log_std(b.observations, p)[0].flatten()
+                           for b, p in zip(states, prior)])
+        print(json.dumps({"run": args.run, "median |action mean|": round(float(means.abs().median()), 3)}))
         for name, lrn in (("own step", learner), ("natural step", natural)):
             adapted = lrn.adapt(tasks, 1)
             kls = [float(mean_kl(family.sampler.policy, a, b, p)) for a, b, p in zip(adapted, states, prior)]

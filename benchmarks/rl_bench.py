@@ -170,7 +170,9 @@ def table(argv: list[str]) -> None:
     steps = sorted({int(k[6:]) for r in rows for k in r if k.startswith("return")})
     lines = [stamp(), "", command_line("rl_bench.py", ["table"] + argv), ""]
     for view in ("iterations", "wall-clock"):
-        lines += [f"At equal {view} (mean ± 95% CI over seeds; MAML's {args.iterations}-iteration time as the budget):",
+        what = f"{args.iterations} meta-iterations each" if view == "iterations" else \
+            f"each seed's budget the training time of MAML's {args.iterations} iterations"
+        lines += [f"At equal {view} ({what}; mean ± 95% Student-t CI over seeds):",
                   "", "| learner | seeds | iterations | train s | " + " | ".join(f"return after {k}" for k in steps)
                   + " | spread over posterior draws after 0 / " + str(steps[-1]) + " |",
                   "|---|---:|---:|---:|" + "---:|" * len(steps) + "---|"]

@@ -67,6 +67,9 @@ def compare(argv: list[str]) -> None:
     plot_return_comparison(runs, Path(args.out) / f"{args.task}_return_vs_steps.png", f"{args.task} meta-test")
 
 
+FAILED = "failed.txt"  # in a run folder of `equal` whose training stopped with an error
+
+
 def equal(argv: list[str]) -> None:
     """Per seed, MAML-TRPO trains N meta-iterations and is meta-tested; its training wall-clock W
     (metrics.json wall_s) is that seed's budget. Every other learner trains N iterations and is
@@ -110,11 +113,18 @@ def equal(argv: list[str]) -> None:
         if args.eval_tasks is not None:
             cmd += ["--eval-tasks", str(args.eval_tasks)]
         print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, env=env, check=True)
+        done = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(done.stderr)
+        if done.returncode:  # e.g. a run that diverged: recorded (the table lists it), the others go on
+            why = [line for line in done.stderr.splitlines() if "error" in line.lower()][-1:] or ["exit status"]
+            (run / FAILED).write_text(f"{' '.join(extra)}: {why[0]}\n")
+            return {}
         return json.loads((run / "metrics.json").read_text())
 
     def done(run: Path, budget: float | None = None) -> dict | None:
         path = run / "metrics.json"
+        if args.resume_existing and (run / FAILED).exists():
+            return {}
         if not (args.resume_existing and path.exists()):
             return None
         m = json.loads(path.read_text())
@@ -128,6 +138,8 @@ def equal(argv: list[str]) -> None:
             if m is None:
                 m = gemext_train(label, algo, options, seed, "--iterations", str(args.iterations), "--overwrite")
                 shutil.copytree(out / f"{label}-s{seed}", first, dirs_exist_ok=True)
+            if not m:
+                continue  # failed before N iterations: no equal-time run either
             if algo == "maml":
                 budget = m["wall_s"]
             elif done(out / f"{label}-s{seed}", budget) is None:
@@ -159,6 +171,9 @@ def table(argv: list[str]) -> None:
         if label == "maml" and not equal_its:
             continue  # MAML's equal-time run is its N-iteration run
         m = json.loads(metrics.read_text())
+        if (metrics.parent / FAILED).exists():  # the metrics of its N-iteration meta-test, not of this run
+            logs.setdefault(label, []).append(np.genfromtxt(metrics.parent / "log.csv", delimiter=",", names=True))
+            continue
         row = {"label": label, "seed": seed, "view": "iterations" if equal_its else "wall-clock",
                "iterations": m["iterations"], "wall_s": round(m["wall_s"], 1)}
         row.update({f"return{k}": r for k, r in enumerate(m["return_by_step"])})
@@ -166,6 +181,11 @@ def table(argv: list[str]) -> None:
         rows.append(row)
         if not equal_its or label == "maml":
             logs.setdefault(label, []).append(np.genfromtxt(metrics.parent / "log.csv", delimiter=",", names=True))
+    for failed in sorted(root.glob(f"*/{FAILED}")):
+        match = re.fullmatch(r"(.+)-s(\d+)", failed.parent.name)
+        if match:
+            rows.append({"label": match.group(1), "seed": int(match.group(2)), "view": "wall-clock",
+                         "failed": failed.read_text().strip()})
     write_csv(root / "runs.csv", rows)
     steps = sorted({int(k[6:]) for r in rows for k in r if k.startswith("return")})
     lines = [stamp(), "", command_line("rl_bench.py", ["table"] + argv), ""]
@@ -178,6 +198,8 @@ def table(argv: list[str]) -> None:
                   "|---|---:|---:|---:|" + "---:|" * len(steps) + "---|"]
         for label in dict.fromkeys(r["label"] for r in rows):
             rs = [r for r in rows if r["label"] == label and (r["view"] == view or label == "maml")]
+            failed = [r for r in rs if "failed" in r]
+            rs = [r for r in rs if "failed" not in r]
             if not rs:
                 continue
 
@@ -186,7 +208,9 @@ def table(argv: list[str]) -> None:
                 return f"{np.mean(v):.{digits}f} ± {ci95(v):.{digits}f}" if len(v) > 1 else \
                     (f"{v[0]:.{digits}f}" if v else "—")
             spread = f"{cell('spread0')} / {cell(f'spread{steps[-1]}')}" if "spread0" in rs[0] else "—"
-            lines.append(f"| {label} | {len(rs)} | {np.mean([r['iterations'] for r in rs]):.0f} | "
+            seeds = f"{len(rs)}" + (f" (+{len(failed)} failed: seed {', '.join(str(r['seed']) for r in failed)})"
+                                    if failed else "")
+            lines.append(f"| {label} | {seeds} | {np.mean([r['iterations'] for r in rs]):.0f} | "
                          f"{np.mean([r['wall_s'] for r in rs]):.0f} | " + " | ".join(cell(f"return{k}") for k in steps)
                          + f" | {spread} |")
         lines.append("")

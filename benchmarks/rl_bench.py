@@ -223,9 +223,14 @@ def table(argv: list[str]) -> None:
         for j, log in enumerate(runs):
             for ax, x in zip(axes, ("iteration", "wall_s")):
                 ax.plot(log[x], log["return_post"], color=color, alpha=0.7, lw=1, label=label if j == 0 else None)
+    low = min(float(np.min(log["return_post"])) for runs in logs.values() for log in runs)
+    robust = float(np.percentile(np.concatenate([log["return_post"] for runs in logs.values() for log in runs]), 1))
     for ax, xlabel in zip(axes, ("meta-iteration", "training seconds")):
         ax.set(xlabel=xlabel, ylabel="training return after 1 update",
                title=f"nav2d, {len(logs)} learners, each seed a line")
+        if low < 2 * robust:  # a diverging run would flatten every other curve
+            ax.set_ylim(bottom=2 * robust)
+            ax.set_title(f"{ax.get_title()} (clipped at {2 * robust:.0f}; lowest {low:.0f})", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -28,7 +28,8 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from ...gaussian import Posterior
 from ...linalg import conjugate_gradient
-from .policy import GaussianMLPPolicy, gaussian_kl
+from .optim import mean_kl, trpo_surrogate
+from .policy import GaussianMLPPolicy
 from .rollouts import EpisodeBatch, stack
 
 Theta = tuple[Tensor, ...]
@@ -184,31 +185,30 @@ def natural_fit(policy: GaussianMLPPolicy, names: list[str], batches: list[Episo
     act = b.actions.reshape(T, -1, b.actions.shape[-1])
     adv = b.advantages.detach().reshape(T, -1)
     mask = b.mask.reshape(T, -1)
-    n = mask.sum(1).clamp_min(1.0)
-    weight = mask * (scale / n).unsqueeze(1)  # s·L = −Σ_t weight_t·r_t·Â_t
+    weight = mask * (scale / mask.sum(1).clamp_min(1.0)).unsqueeze(1)  # the Fisher's per-state weight s/N
     mu_p = tuple(m.detach() for m in prior.mu)
     prec_p = tuple(beta * torch.exp(-2 * r.detach()) for r in prior.rho)
     mu = tuple(m.detach().clone() for m in init.mu)
 
-    def logp(theta: Theta, x: Tensor, a: Tensor) -> Tensor:
-        return policy.log_prob(x, a, dict(zip(names, theta)))
+    def params(theta: Theta) -> dict[str, Tensor]:
+        return dict(zip(names, theta))
+
+    def states(x: Tensor, a: Tensor, ad: Tensor, m: Tensor) -> EpisodeBatch:  # one task's, flattened
+        return EpisodeBatch(x, a, ad, m, advantages=ad)
 
     with torch.no_grad():
-        logp_b = vmap(logp)(mu, obs, act)
+        logp_b = vmap(lambda th, x, a: policy.log_prob(x, a, params(th)))(mu, obs, act)
 
-    def objective(theta: Theta, x, a, ad, w, lb, m_p, p_p) -> Tensor:
-        data = -(w * torch.exp(logp(theta, x, a) - lb) * ad).sum()
-        return data + 0.5 * sum((p * (t - m).square()).sum() for t, m, p in zip(theta, m_p, p_p))
+    def objective(theta: Theta, x, a, ad, m, lb, m_p, p_p) -> Tensor:
+        data = scale * trpo_surrogate(policy, params(theta), states(x, a, ad, m), lb)  # s·L
+        return data + 0.5 * sum((p * (t - mp).square()).sum() for t, mp, p in zip(theta, m_p, p_p))
 
     batched_objective = vmap(objective)
     grad_objective = vmap(grad(objective))
 
-    def mean_kl(old: Theta, new: Theta) -> Tensor:
-        def one(o: Theta, nw: Theta, x: Tensor, m: Tensor) -> Tensor:
-            kl = gaussian_kl(*functional_call(policy, dict(zip(names, o)), (x,)),
-                             *functional_call(policy, dict(zip(names, nw)), (x,)))
-            return (kl * m).sum() / m.sum().clamp_min(1.0)
-        return vmap(one)(old, new, obs, mask)
+    def policy_kl(old: Theta, new: Theta) -> Tensor:
+        return vmap(lambda o, nw, x, a, ad, m: mean_kl(policy, params(nw), states(x, a, ad, m), params(o)))(
+            old, new, obs, act, adv, mask)
 
     def bc(x: Tensor, like: Tensor) -> Tensor:
         return x.view(-1, *([1] * (like.dim() - 1)))
@@ -221,19 +221,19 @@ def natural_fit(policy: GaussianMLPPolicy, names: list[str], batches: list[Episo
             diag = fisher.diagonal()
             prec = [p + d for p, d in zip(prec_p, diag)]
             rho = [-0.5 * torch.log(p) for p in prec]
-            r = grad_objective(mu, obs, act, adv, weight, logp_b, mu_p, prec_p)
+            r = grad_objective(mu, obs, act, adv, mask, logp_b, mu_p, prec_p)
             d = _solve(fisher, prec_p, prec, r, options)
             quad = sum((di * f).flatten(1).sum(1) for di, f in zip(d, fisher.fvp(d))) / scale  # dᵀF̄d, [T]
             alpha = torch.clamp(torch.sqrt(2 * options.max_kl / quad.clamp_min(1e-30)), max=options.lr)
-            now = batched_objective(mu, obs, act, adv, weight, logp_b, mu_p, prec_p)
+            now = batched_objective(mu, obs, act, adv, mask, logp_b, mu_p, prec_p)
             pending = torch.isfinite(alpha) & torch.isfinite(now)
             new = [m.clone() for m in mu]
             step_kl = torch.zeros(T, dtype=obs.dtype)
             for k in range(options.ls_max_steps):
                 frac = alpha * options.ls_backtrack_ratio ** k
                 cand = tuple(m - bc(frac, m) * di for m, di in zip(mu, d))
-                kl = mean_kl(mu, cand)
-                ok = pending & (batched_objective(cand, obs, act, adv, weight, logp_b, mu_p, prec_p) < now) \
+                kl = policy_kl(mu, cand)
+                ok = pending & (batched_objective(cand, obs, act, adv, mask, logp_b, mu_p, prec_p) < now) \
                     & (kl <= options.max_kl)
                 for nw, c in zip(new, cand):
                     nw[ok] = c[ok]

@@ -1,7 +1,8 @@
 """Rollout-collector throughput: `python benchmarks/rl_bench.py [--tasks nav2d,halfcheetah-vel]`;
 meta-RL comparison: `python benchmarks/rl_bench.py compare --algos maml,gem-bml+ --iterations 30`;
 equal meta-iterations and equal wall-clock over seeds: `python benchmarks/rl_bench.py equal --out DIR`
-then `python benchmarks/rl_bench.py table --runs DIR` (see `equal`); how far one inner update
+then `python benchmarks/rl_bench.py table --runs DIR` (see `equal`); several tasks at equal
+iterations: `python benchmarks/rl_bench.py tasks --runs DIR`; how far one inner update
 moves a trained run's policy: `python benchmarks/rl_bench.py stepkl --run RUN`.
 Run with gemext installed (`pip install ".[rl]"`).
 
@@ -237,6 +238,75 @@ def table(argv: list[str]) -> None:
     fig.savefig(root / "curves.png", dpi=120)
 
 
+def tasks_table(argv: list[str]) -> None:
+    """Runs of several tasks trained for the same iterations (hence the same environment steps), in
+    --runs as TASK-ALGO-sSEED folders (`gemext train` outputs): per task and learner the meta-test
+    return after 0..K updates, mean ± 95% Student-t CI over seeds (or ± the CI over test tasks for a
+    single seed), and the spread over posterior draws (tasks.md, runs.csv); per task the training
+    return after one update against iterations, each seed a line (curves.png)."""
+    import re
+
+    import numpy as np
+
+    from gemext.plots import new_figure
+
+    ap = argparse.ArgumentParser(prog="rl_bench.py tasks")
+    ap.add_argument("--runs", required=True)
+    args = ap.parse_args(argv)
+    root = Path(args.runs)
+    rows, logs = [], {}
+    for metrics in sorted(root.glob("*/metrics.json")):
+        match = re.fullmatch(r"(.+?)-(maml|gem-bml\+?|reptile)-s(\d+)", metrics.parent.name)
+        if not match:
+            continue
+        task, algo, seed = match.group(1), match.group(2), int(match.group(3))
+        m = json.loads(metrics.read_text())
+        row = {"task": task, "algo": algo, "seed": seed, "iterations": m["iterations"],
+               "env_steps": m["env_steps"], "wall_s": round(m["wall_s"], 1)}
+        row.update({f"return{k}": r for k, r in enumerate(m["return_by_step"])})
+        row.update({f"ci{k}": r for k, r in enumerate(m["return_ci95_by_step"])})
+        row.update({f"spread{k}": r for k, r in enumerate(m.get("return_spread_by_step", []))})
+        rows.append(row)
+        logs.setdefault(task, {}).setdefault(algo, []).append(
+            np.genfromtxt(metrics.parent / "log.csv", delimiter=",", names=True))
+    write_csv(root / "runs.csv", rows)
+    steps = sorted({int(k[6:]) for r in rows for k in r if k.startswith("return")})
+    lines = [stamp(), "", command_line("rl_bench.py", ["tasks"] + argv), "",
+             "Meta-test return after k updates: mean ± 95% Student-t CI over seeds; with one seed, ± the 95% CI",
+             "over its test tasks (marked *).", ""]
+    lines += ["| task | learner | seeds | iterations | env steps | train s | "
+              + " | ".join(f"after {k}" for k in steps) + f" | spread over posterior draws after 0 / {steps[-1]} |",
+              "|---|---|---:|---:|---:|---:|" + "---:|" * len(steps) + "---|"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for algo in dict.fromkeys(r["algo"] for r in rows if r["task"] == task):
+            rs = [r for r in rows if r["task"] == task and r["algo"] == algo]
+
+            def cell(k: int, rs: list[dict] = rs) -> str:
+                v = [r[f"return{k}"] for r in rs]
+                return f"{np.mean(v):.1f} ± {ci95(v):.1f}" if len(v) > 1 else f"{v[0]:.1f} ± {rs[0][f'ci{k}']:.1f}*"
+            spread = " / ".join(f"{np.mean([r[f'spread{k}'] for r in rs]):.1f}" for k in (0, steps[-1])) \
+                if "spread0" in rs[0] else "—"
+            mean = lambda key, rs=rs: np.mean([r[key] for r in rs])
+            lines.append(f"| {task} | {algo} | {', '.join(str(r['seed']) for r in rs)} | "
+                         f"{mean('iterations'):.0f} | {mean('env_steps') / 1e6:.1f} M | "
+                         f"{mean('wall_s'):.0f} | " + " | ".join(cell(k) for k in steps)
+                         + f" | {spread} |")
+    (root / "tasks.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    fig = new_figure((5 * len(logs), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, len(logs)))
+    for ax, (task, by_algo) in zip(axes, logs.items()):
+        for i, (algo, runs) in enumerate(by_algo.items()):
+            for j, log in enumerate(runs):
+                ax.plot(log["iteration"], log["return_post"], color=f"C{i}", alpha=0.7, lw=1,
+                        label=algo if j == 0 else None)
+        ax.set(xlabel="meta-iteration", ylabel="training return after 1 update", title=task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "curves.png", dpi=120)
+
+
 def step_kl(argv: list[str]) -> None:
     """How far one inner update moves a trained GEM run's policy: the mean KL(π_μ₀ ‖ π_adapted) over
     the states of π_μ₀'s rollouts on --tasks new tasks, for the run's own inner step and for the
@@ -283,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         return equal(argv[1:])
     if argv[:1] == ["table"]:
         return table(argv[1:])
+    if argv[:1] == ["tasks"]:
+        return tasks_table(argv[1:])
     if argv[:1] == ["stepkl"]:
         return step_kl(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__)

@@ -278,6 +278,23 @@ def test_async_collector_matches_sync():
     torch.testing.assert_close(out[0].rewards, out[1].rewards)
 
 
+def test_fewer_episodes_than_copies_step_only_their_copies():
+    """3 episodes on a sync pool of 5 are the 3 episodes of a pool of 3 (same reset seeds, same noise
+    draws), and the 2 spare copies are never stepped; the async pool, which steps every worker, agrees."""
+    task = {"goal": np.array([0.2, 0.4])}
+    pol = rl.GaussianMLPPolicy(2, 2, hidden=(8,))
+    out = []
+    for n, mode in ((3, "sync"), (5, "sync"), (5, "async")):
+        with rl.RolloutCollector("nav2d", num_envs=n, mode=mode, horizon=10, seed=0) as col:
+            out.append(col.collect(pol, None, task, 3, torch.Generator().manual_seed(1)))
+            if mode == "sync":
+                assert [e._elapsed_steps for e in col.envs.envs] == [10] * 3 + [None] * (n - 3)
+    assert out[0].rewards.shape == (10, 3) and out[0].num_steps == 30
+    for other in out[1:]:
+        torch.testing.assert_close(other.rewards, out[0].rewards)
+        torch.testing.assert_close(other.actions, out[0].actions)
+
+
 def test_policy_from_a_generator_starts_as_nn_linear_does_and_leaves_the_global_stream():
     torch.manual_seed(5)
     expect = [p.detach().clone() for p in rl.GaussianMLPPolicy(2, 3, hidden=(8, 4)).parameters()]

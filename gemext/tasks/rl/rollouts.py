@@ -166,7 +166,8 @@ class RolloutCollector:
 
     The pool (`num_envs` copies of `env`, `mode` "sync" = SyncVectorEnv in this process,
     "async" = AsyncVectorEnv with one worker process per copy) is built once and reused across
-    tasks: `collect` sets the task on every copy, then runs ⌈K/num_envs⌉ waves of episodes.
+    tasks: `collect` sets the task on every copy, then runs ⌈K/num_envs⌉ waves of episodes (a wave of
+    fewer episodes than copies steps only as many copies in sync mode).
     Action noise comes from `generator`; MuJoCo reset noise from `rng`, a numpy stream seeded by
     `seed` (a caller may replace it, e.g. to restart the meta-test's stream).
     """
@@ -185,6 +186,7 @@ class RolloutCollector:
         cls = gym.vector.SyncVectorEnv if mode == "sync" else gym.vector.AsyncVectorEnv
         # copy=False: we copy each observation into a tensor immediately.
         self.envs = cls([make] * self.num_envs, copy=False)
+        self._views: dict[int, gym.vector.SyncVectorEnv] = {}
         self.obs_dim = int(np.prod(self.envs.single_observation_space.shape))
         self.act_dim = int(np.prod(self.envs.single_action_space.shape))
         self.rng = np.random.default_rng(seed)
@@ -208,33 +210,46 @@ class RolloutCollector:
         # busy 2-core machine a descheduled worker thread stalls every step (measured 10x slower).
         torch.set_num_threads(1)
         try:
-            waves = [self._wave(policy, params, generator, deterministic)
-                     for _ in range(-(-num_episodes // self.num_envs))]
+            waves = [self._wave(min(self.num_envs, num_episodes - start), policy, params, generator, deterministic)
+                     for start in range(0, num_episodes, self.num_envs)]
         finally:
             torch.set_num_threads(threads)
         length = max(int(w[3].sum(0).max()) for w in waves)  # drop all-padding tail steps
-        cat = lambda i: torch.cat([w[i] for w in waves], dim=1)[:length, :num_episodes]
+        cat = lambda i: torch.cat([w[i] for w in waves], dim=1)[:length]
         batch = EpisodeBatch(cat(0), cat(1), cat(2), cat(3))
         self.total_steps += batch.num_steps
         return batch
 
-    def _wave(self, policy: GaussianMLPPolicy, params: Params | None, generator: torch.Generator | None,
+    def _pool(self, m: int) -> gym.vector.VectorEnv:
+        """The vector env a wave of m episodes steps: in sync mode a view over the first m copies, so
+        fewer episodes than copies cost only their own steps; in async mode the whole pool (its
+        workers step together; the spare ones get zero actions)."""
+        if self.mode == "async" or m == self.num_envs:
+            return self.envs
+        if m not in self._views:
+            self._views[m] = gym.vector.SyncVectorEnv([lambda e=e: e for e in self.envs.envs[:m]], copy=False)
+        return self._views[m]
+
+    def _wave(self, m: int, policy: GaussianMLPPolicy, params: Params | None, generator: torch.Generator | None,
               deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        n, h = self.num_envs, self.horizon
-        obs_buf = torch.zeros(h, n, self.obs_dim)
-        act_buf = torch.zeros(h, n, self.act_dim)
-        rew_buf = torch.zeros(h, n)
-        mask = torch.zeros(h, n)
-        obs, _ = self.envs.reset(seed=int(self.rng.integers(2**31 - 1)))
-        alive = np.ones(n, dtype=bool)
+        envs, h = self._pool(m), self.horizon
+        n = envs.num_envs
+        obs_buf = torch.zeros(h, m, self.obs_dim)
+        act_buf = torch.zeros(h, m, self.act_dim)
+        rew_buf = torch.zeros(h, m)
+        mask = torch.zeros(h, m)
+        obs, _ = envs.reset(seed=int(self.rng.integers(2**31 - 1)))
+        alive = np.ones(m, dtype=bool)
+        spare = torch.zeros(n - m, self.act_dim)
         for t in range(h):
-            o = torch.tensor(np.asarray(obs, dtype=np.float32).reshape(n, -1))  # copy: buffer is reused
+            o = torch.tensor(np.asarray(obs, dtype=np.float32).reshape(n, -1)[:m])  # copy: buffer is reused
             a = policy.act(o, params, generator, deterministic)
-            obs, rew, term, trunc, _ = self.envs.step(a.numpy().reshape((n,) + self.envs.single_action_space.shape))
+            obs, rew, term, trunc, _ = envs.step(torch.cat([a, spare]).numpy().reshape(
+                (n,) + self.envs.single_action_space.shape))
             live = torch.from_numpy(alive.astype(np.float32))
             obs_buf[t], act_buf[t], mask[t] = o * live[:, None], a * live[:, None], live
-            rew_buf[t] = torch.as_tensor(np.asarray(rew, dtype=np.float32)) * live
-            alive &= ~(np.asarray(term) | np.asarray(trunc))
+            rew_buf[t] = torch.as_tensor(np.asarray(rew[:m], dtype=np.float32)) * live
+            alive &= ~(np.asarray(term[:m]) | np.asarray(trunc[:m]))
             if not alive.any():
                 break
         return obs_buf, act_buf, rew_buf, mask

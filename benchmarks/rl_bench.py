@@ -308,9 +308,9 @@ def tasks_table(argv: list[str]) -> None:
 
 
 def step_kl(argv: list[str]) -> None:
-    """How far one inner update moves a trained GEM run's policy: the mean KL(π_μ₀ ‖ π_adapted) over
-    the states of π_μ₀'s rollouts on --tasks new tasks, for the run's own inner step and for the
-    natural-gradient step (inner_optimizer "natural", lr 1) from the same prior; and the median
+    """How far one inner update moves a trained run's policy: the mean KL(π_μ₀ ‖ π_adapted) over
+    the states of π_μ₀'s rollouts on --tasks new tasks, for the run's own inner step and, for a GEM
+    run, the natural-gradient step (inner_optimizer "natural", lr 1) from the same prior; and the median
     |action mean| of π_μ₀ on those states (nav2d clips actions at ±0.1: far beyond it, updates that
     move the mean change no action)."""
     import dataclasses
@@ -323,26 +323,28 @@ def step_kl(argv: list[str]) -> None:
     ap.add_argument("--tasks", type=int, default=10)
     args = ap.parse_args(argv)
     config, family, learner, _ = load_run(args.run)
-    # the natural step's learner: a family of its own (a learner owns its policy), the same prior
-    options = {**config.algo_options, "inner_optimizer": "natural", "inner_lr": 1.0, "inner_options": None}
-    natural_family = open_family(dataclasses.replace(config, algo_options=options))
+    steps, families = {"own step": learner}, [family]
     try:
-        natural = natural_family.build_learner()
-        natural.load_state_dict(learner.state_dict())
+        if config.algo in ("gem-bml", "gem-bml+"):
+            # the natural step's learner: a family of its own (a learner owns its policy), the same prior
+            options = {**config.algo_options, "inner_optimizer": "natural", "inner_lr": 1.0, "inner_options": None}
+            families.append(open_family(dataclasses.replace(config, algo_options=options)))
+            steps["natural step"] = families[-1].build_learner()
+            steps["natural step"].load_state_dict(learner.state_dict())
         tasks = sample_tasks(config.task, args.tasks, 3)
         prior = learner.adapt(tasks, 0)
         states = [family.sampler.rollouts(p, t) for p, t in zip(prior, tasks)]
         means = torch.cat([family.sampler.policy.mean_log_std(b.observations, p)[0].flatten()
                            for b, p in zip(states, prior)])
         print(json.dumps({"run": args.run, "median |action mean|": round(float(means.abs().median()), 3)}))
-        for name, lrn in (("own step", learner), ("natural step", natural)):
+        for name, lrn in steps.items():
             adapted = lrn.adapt(tasks, 1)
             kls = [float(mean_kl(family.sampler.policy, a, b, p)) for a, b, p in zip(adapted, states, prior)]
             print(json.dumps({"run": args.run, "step": name, "kl": [round(k, 4) for k in kls],
                               "median": round(statistics.median(kls), 4)}), flush=True)
     finally:
-        family.close()
-        natural_family.close()
+        for f in families:
+            f.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,8 @@
 meta-RL comparison: `python benchmarks/rl_bench.py compare --algos maml,gem-bml+ --iterations 30`;
 equal meta-iterations and equal wall-clock over seeds: `python benchmarks/rl_bench.py equal --out DIR`
 then `python benchmarks/rl_bench.py table --runs DIR` (see `equal`); several tasks at equal
-iterations: `python benchmarks/rl_bench.py tasks --runs DIR`; how far one inner update
+iterations: `python benchmarks/rl_bench.py tasks --runs DIR`; the parts of a vector step (env step,
+policy action, async round trip): `python benchmarks/rl_bench.py parts`; how far one inner update
 moves a trained run's policy: `python benchmarks/rl_bench.py stepkl --run RUN`.
 Run with gemext installed (`pip install ".[rl]"`).
 
@@ -39,6 +40,56 @@ def throughput(task: str, mode: str, num_envs: int, episodes: int, repeats: int 
             batch = col.collect(policy, None, t, episodes, gen)
             rates.append(batch.num_steps / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def parts(argv: list[str]) -> None:
+    """What one vector step of a collection is made of, in µs: a single environment's step (zero
+    action, no wrappers beyond gymnasium's), the policy's action for --envs observations, and an async
+    pool's round trip (1 and --envs workers of nav2d, whose step is negligible), each the median of --steps.
+    The figures from which a many-core collection can be estimated."""
+    import gymnasium as gym
+    import numpy as np
+
+    from gemext.tasks.rl import env_id, register_envs
+
+    ap = argparse.ArgumentParser(prog="rl_bench.py parts")
+    ap.add_argument("--tasks", default="halfcheetah-vel,ant-vel")
+    ap.add_argument("--envs", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=2000)
+    args = ap.parse_args(argv)
+    register_envs()
+
+    def median_us(fn, n: int) -> float:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return round(1e6 * statistics.median(times), 1)
+
+    torch.set_num_threads(1)
+    for task in args.tasks.split(","):
+        env = gym.make(env_id(task), disable_env_checker=True)
+        env.unwrapped.set_task(sample_tasks(task, 1, 0)[0])
+        env.reset(seed=0)
+        zero = np.zeros(env.action_space.shape, dtype=np.float32)
+
+        def step(env=env, zero=zero):
+            if any(env.step(zero)[2:4]):
+                env.reset()
+        with RolloutCollector(task, num_envs=1, seed=0) as col:
+            policy = col.make_policy()
+        obs = torch.zeros(args.envs, policy.obs_dim)
+        act = median_us(lambda policy=policy, obs=obs: policy.act(obs, None, None, False), args.steps)
+        print(json.dumps({"task": task, "env_step_us": median_us(step, args.steps),
+                          f"policy_act_us_{args.envs}": act}), flush=True)
+        env.close()
+    for workers in dict.fromkeys((1, args.envs)):
+        with RolloutCollector("nav2d", num_envs=workers, mode="async", seed=0) as col:
+            col.envs.reset(seed=0)
+            zeros = np.zeros((workers, 2), dtype=np.float32)
+            trip = median_us(lambda col=col, zeros=zeros: col.envs.step(zeros), args.steps)
+            print(json.dumps({"async_round_trip_us": trip, "workers": workers}), flush=True)
 
 
 def compare(argv: list[str]) -> None:
@@ -355,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         return equal(argv[1:])
     if argv[:1] == ["table"]:
         return table(argv[1:])
+    if argv[:1] == ["parts"]:
+        return parts(argv[1:])
     if argv[:1] == ["tasks"]:
         return tasks_table(argv[1:])
     if argv[:1] == ["stepkl"]:

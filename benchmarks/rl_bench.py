@@ -344,8 +344,10 @@ def tasks_table(argv: list[str]) -> None:
                          + f" | {spread} |")
     (root / "tasks.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    fig = new_figure((5 * len(logs), 3.6))
-    axes = np.atleast_1d(fig.subplots(1, len(logs)))
+    cols = min(2, len(logs))
+    rows_ = -(-len(logs) // cols)
+    fig = new_figure((5 * cols, 3.4 * rows_))
+    axes = np.atleast_1d(fig.subplots(rows_, cols)).flatten()
     for ax, (task, by_algo) in zip(axes, logs.items()):
         for i, (algo, runs) in enumerate(by_algo.items()):
             for j, log in enumerate(runs):

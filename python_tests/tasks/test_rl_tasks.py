@@ -336,6 +336,24 @@ def test_sampler_rollouts_are_fixed_by_its_streams_alone():
 
 
 @needs_mujoco
+def test_episodes_that_end_early_stop_their_copy_and_match_the_async_pool():
+    """Ant episodes end when the ant falls: the sync collector steps only live copies, the async pool
+    steps every worker on; their recorded episodes are the same."""
+    task = rl.sample_tasks("ant-vel", 1, 0)[0]
+    pol = rl.GaussianMLPPolicy(105, 8, hidden=(8,), init_log_std=1.0)
+    out = []
+    for mode in ("sync", "async"):
+        with rl.RolloutCollector("ant-vel", num_envs=3, mode=mode, horizon=120, seed=0) as col:
+            out.append(col.collect(pol, None, task, 3, torch.Generator().manual_seed(2)))
+            if mode == "sync":  # each copy stepped exactly its episode's length
+                assert [e._elapsed_steps for e in col.envs.envs] == out[0].mask.sum(0).int().tolist()
+    lengths = out[0].mask.sum(0)
+    assert lengths.min() < lengths.max()  # the episodes end at different steps
+    for key in ("observations", "actions", "rewards", "mask"):
+        torch.testing.assert_close(getattr(out[0], key), getattr(out[1], key))
+
+
+@needs_mujoco
 def test_mujoco_smoke_collect_process_update():
     with rl.RolloutCollector("ant-dir", num_envs=2, horizon=15, seed=0) as col:
         pol = col.make_policy(hidden=(16,))

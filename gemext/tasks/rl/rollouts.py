@@ -166,8 +166,8 @@ class RolloutCollector:
 
     The pool (`num_envs` copies of `env`, `mode` "sync" = SyncVectorEnv in this process,
     "async" = AsyncVectorEnv with one worker process per copy) is built once and reused across
-    tasks: `collect` sets the task on every copy, then runs ⌈K/num_envs⌉ waves of episodes (a wave of
-    fewer episodes than copies steps only as many copies in sync mode).
+    tasks: `collect` sets the task on every copy, then runs ⌈K/num_envs⌉ waves of episodes (in sync
+    mode only the copies of live episodes are stepped).
     Action noise comes from `generator`; MuJoCo reset noise from `rng`, a numpy stream seeded by
     `seed` (a caller may replace it, e.g. to restart the meta-test's stream).
     """
@@ -186,7 +186,6 @@ class RolloutCollector:
         cls = gym.vector.SyncVectorEnv if mode == "sync" else gym.vector.AsyncVectorEnv
         # copy=False: we copy each observation into a tensor immediately.
         self.envs = cls([make] * self.num_envs, copy=False)
-        self._views: dict[int, gym.vector.SyncVectorEnv] = {}
         self.obs_dim = int(np.prod(self.envs.single_observation_space.shape))
         self.act_dim = int(np.prod(self.envs.single_action_space.shape))
         self.rng = np.random.default_rng(seed)
@@ -220,36 +219,42 @@ class RolloutCollector:
         self.total_steps += batch.num_steps
         return batch
 
-    def _pool(self, m: int) -> gym.vector.VectorEnv:
-        """The vector env a wave of m episodes steps: in sync mode a view over the first m copies, so
-        fewer episodes than copies cost only their own steps; in async mode the whole pool (its
-        workers step together; the spare ones get zero actions)."""
-        if self.mode == "async" or m == self.num_envs:
-            return self.envs
-        if m not in self._views:
-            self._views[m] = gym.vector.SyncVectorEnv([lambda e=e: e for e in self.envs.envs[:m]], copy=False)
-        return self._views[m]
-
     def _wave(self, m: int, policy: GaussianMLPPolicy, params: Params | None, generator: torch.Generator | None,
               deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        envs, h = self._pool(m), self.horizon
-        n = envs.num_envs
+        """m episodes on the first m copies. In sync mode each live copy is stepped by itself, so a copy
+        whose episode has ended (Ant falls) or that the wave does not need costs nothing; in async mode
+        the whole pool steps together (spare and finished copies step on, their data masked)."""
+        h, seed, shape = self.horizon, int(self.rng.integers(2**31 - 1)), self.envs.single_action_space.shape
         obs_buf = torch.zeros(h, m, self.obs_dim)
         act_buf = torch.zeros(h, m, self.act_dim)
         rew_buf = torch.zeros(h, m)
         mask = torch.zeros(h, m)
-        obs, _ = envs.reset(seed=int(self.rng.integers(2**31 - 1)))
+        copies = self.envs.envs[:m] if self.mode == "sync" else None
+        obs = np.zeros((m, self.obs_dim), dtype=np.float32)
+        if copies is not None:  # the seeds a vector env's reset(seed) gives its copies
+            for i, env in enumerate(copies):
+                obs[i] = np.ravel(env.reset(seed=seed + i)[0])
+        else:
+            obs[:] = np.asarray(self.envs.reset(seed=seed)[0]).reshape(self.num_envs, -1)[:m]
         alive = np.ones(m, dtype=bool)
-        spare = torch.zeros(n - m, self.act_dim)
+        spare = torch.zeros(self.num_envs - m, self.act_dim)
         for t in range(h):
-            o = torch.tensor(np.asarray(obs, dtype=np.float32).reshape(n, -1)[:m])  # copy: buffer is reused
+            o = torch.from_numpy(obs.copy())
             a = policy.act(o, params, generator, deterministic)
-            obs, rew, term, trunc, _ = envs.step(torch.cat([a, spare]).numpy().reshape(
-                (n,) + self.envs.single_action_space.shape))
             live = torch.from_numpy(alive.astype(np.float32))
             obs_buf[t], act_buf[t], mask[t] = o * live[:, None], a * live[:, None], live
-            rew_buf[t] = torch.as_tensor(np.asarray(rew[:m], dtype=np.float32)) * live
-            alive &= ~(np.asarray(term[:m]) | np.asarray(trunc[:m]))
+            rew, done = np.zeros(m, dtype=np.float32), np.zeros(m, dtype=bool)
+            if copies is not None:
+                actions = a.numpy()
+                for i in np.flatnonzero(alive):
+                    ob, rew[i], term, trunc, _ = copies[i].step(actions[i].reshape(shape))
+                    obs[i], done[i] = np.ravel(ob), term or trunc
+            else:
+                ob, r, term, trunc, _ = self.envs.step(torch.cat([a, spare]).numpy().reshape((self.num_envs,) + shape))
+                obs[:] = np.asarray(ob).reshape(self.num_envs, -1)[:m]
+                rew[:], done[:] = np.asarray(r)[:m], (np.asarray(term) | np.asarray(trunc))[:m]
+            rew_buf[t] = torch.from_numpy(rew) * live
+            alive &= ~done
             if not alive.any():
                 break
         return obs_buf, act_buf, rew_buf, mask

@@ -320,6 +320,8 @@ def tasks_table(argv: list[str]) -> None:
         rows.append(row)
         logs.setdefault(task, {}).setdefault(algo, []).append(
             np.genfromtxt(metrics.parent / "log.csv", delimiter=",", names=True))
+    if not rows:
+        sys.exit(f"rl_bench.py tasks: no meta-tested TASK-ALGO-sSEED runs in {root}")
     write_csv(root / "runs.csv", rows)
     steps = sorted({int(k[6:]) for r in rows for k in r if k.startswith("return")})
     lines = [stamp(), "", command_line("rl_bench.py", ["tasks"] + argv), "",

@@ -199,6 +199,15 @@ def equal(argv: list[str]) -> None:
                              str(budget), "--resume")
 
 
+def _meta_test(m: dict) -> dict:
+    """A run's meta-test figures by update k, as flat columns: return{k}, ci{k} (over its test tasks)
+    and, with a posterior, spread{k} (over posterior draws)."""
+    out = {f"return{k}": r for k, r in enumerate(m["return_by_step"])}
+    out.update({f"ci{k}": r for k, r in enumerate(m["return_ci95_by_step"])})
+    out.update({f"spread{k}": r for k, r in enumerate(m.get("return_spread_by_step", []))})
+    return out
+
+
 def table(argv: list[str]) -> None:
     """The runs of `equal` in --runs: per learner mean ± 95% Student-t CI over seeds of the meta-test
     return after 0..K updates at equal iterations and at equal wall-clock (table.md, runs.csv) and
@@ -227,9 +236,7 @@ def table(argv: list[str]) -> None:
             logs.setdefault(label, []).append(np.genfromtxt(metrics.parent / "log.csv", delimiter=",", names=True))
             continue
         row = {"label": label, "seed": seed, "view": "iterations" if equal_its else "wall-clock",
-               "iterations": m["iterations"], "wall_s": round(m["wall_s"], 1)}
-        row.update({f"return{k}": r for k, r in enumerate(m["return_by_step"])})
-        row.update({f"spread{k}": r for k, r in enumerate(m.get("return_spread_by_step", []))})
+               "iterations": m["iterations"], "wall_s": round(m["wall_s"], 1), **_meta_test(m)}
         rows.append(row)
         if not equal_its or label == "maml":
             logs.setdefault(label, []).append(np.genfromtxt(metrics.parent / "log.csv", delimiter=",", names=True))
@@ -238,6 +245,8 @@ def table(argv: list[str]) -> None:
         if match:
             rows.append({"label": match.group(1), "seed": int(match.group(2)), "view": "wall-clock",
                          "failed": failed.read_text().strip()})
+    if not rows:
+        sys.exit(f"rl_bench.py table: no meta-tested LABEL-sSEED runs of `equal` in {root}")
     write_csv(root / "runs.csv", rows)
     steps = sorted({int(k[6:]) for r in rows for k in r if k.startswith("return")})
     lines = [stamp(), "", command_line("rl_bench.py", ["table"] + argv), ""]
@@ -312,12 +321,8 @@ def tasks_table(argv: list[str]) -> None:
             continue
         task, algo, seed = match.group(1), match.group(2), int(match.group(3))
         m = json.loads(metrics.read_text())
-        row = {"task": task, "algo": algo, "seed": seed, "iterations": m["iterations"],
-               "env_steps": m["env_steps"], "wall_s": round(m["wall_s"], 1)}
-        row.update({f"return{k}": r for k, r in enumerate(m["return_by_step"])})
-        row.update({f"ci{k}": r for k, r in enumerate(m["return_ci95_by_step"])})
-        row.update({f"spread{k}": r for k, r in enumerate(m.get("return_spread_by_step", []))})
-        rows.append(row)
+        rows.append({"task": task, "algo": algo, "seed": seed, "iterations": m["iterations"],
+                     "env_steps": m["env_steps"], "wall_s": round(m["wall_s"], 1), **_meta_test(m)})
         logs.setdefault(task, {}).setdefault(algo, []).append(
             np.genfromtxt(metrics.parent / "log.csv", delimiter=",", names=True))
     if not rows:
@@ -358,6 +363,8 @@ def tasks_table(argv: list[str]) -> None:
         ax.set(xlabel="meta-iteration", ylabel="training return after 1 update", title=task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    for ax in axes[len(logs):]:  # an odd number of tasks leaves one panel empty
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(root / "curves.png", dpi=120)
 

@@ -8,9 +8,12 @@ machine slows them alike and the ratios stay meaningful.
 
 --settings: a named set (`fit`, the default: von / ngvi × joint / sequential second fit;
 `inner-vi`: ngvi at its former default settings, von, von without backtracking, with diagonal
-coupling, and with 1 + 1 steps) or JSON {"label": {options}}. Each setting is the learner `gemext
-train sinusoid --algo ALGO --options OPTIONS` builds. Writes variants.md and variants.json (median
-ms per meta-iteration, ratio to the first setting)."""
+coupling, and with 1 + 1 steps; `second-fit`: cheaper second fits (fewer steps; the sequential
+fit, which forms the query's rows only and so bounds from below the cost of any second fit that
+reuses the support fit's rows) beside MAML) or JSON {"label": {options}}. Each setting is the
+learner `gemext train sinusoid --algo ALGO --options OPTIONS` builds; an "algo" key in a setting
+names another learner than --algo. Writes variants.md and variants.json (median ms per
+meta-iteration, ratio to the first setting)."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +39,13 @@ SETTINGS = {
         "von, coupling diag": {"inner": {"optimizer": "von", "optimizer_kwargs": {"coupling": "diag"}}},
         "von, 1 + 1 steps": {"inner_steps": 1, "query_steps": 1},
     },
+    "second-fit": {
+        "joint, 5 + 5 (default)": {},
+        "sequential, 5 + 5": {"all_fit": "sequential"},
+        "joint, 5 + 2": {"query_steps": 2},
+        "sequential, 5 + 2": {"all_fit": "sequential", "query_steps": 2},
+        "maml (its default)": {"algo": "maml"},
+    },
 }
 
 
@@ -57,7 +67,8 @@ def main() -> None:
     learners = {}
     for label, options in settings.items():
         torch.manual_seed(0)
-        family, learner, _ = family_learner("sinusoid", args.algo, algo_options=options)
+        options = dict(options)
+        family, learner, _ = family_learner("sinusoid", options.pop("algo", args.algo), algo_options=options)
         learners[label] = (learner, learner.meta_optimizer(1e-3))
     g = torch.Generator().manual_seed(0)
     batch = [None]

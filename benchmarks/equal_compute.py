@@ -175,7 +175,7 @@ def plot(family: str, rows: list[dict], path: Path) -> None:
                    s=14)
         (x, dx), (y, dy) = summary(rs, "wall_s"), summary(rs, column, scale)
         ax.errorbar([x], [y], xerr=[0 if math.isnan(dx) else dx], yerr=[0 if math.isnan(dy) else dy], color=color,
-                    marker="o", capsize=3, label=f"{label} ({len(rs)} seeds)")
+                    marker="o", capsize=3, label=f"{label} ({len(rs)} seed{'' if len(rs) == 1 else 's'})")
     ax.set(xlabel="training wall-clock (s)", ylabel=f"meta-test {head}", title=f"{family}: equal compute, "
            "runs and mean ± 95% CI")
     if kind(family) == "sinusoid":

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ci95, command_line, parse_run, stamp, write_csv
+from common import ci95, command_line, interleaved, parse_run, stamp, write_csv
 
 from gemext.tasks.rl import RolloutCollector, sample_tasks
 from gemext.train import RunConfig, evaluate, train
@@ -60,12 +60,7 @@ def parts(argv: list[str]) -> None:
     register_envs()
 
     def median_us(fn, n: int) -> float:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return round(1e6 * statistics.median(times), 1)
+        return round(1e6 * statistics.median(interleaved({"fn": fn}, n, warmup=0)["fn"]), 1)
 
     torch.set_num_threads(1)
     for task in args.tasks.split(","):
